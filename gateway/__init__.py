@@ -1,0 +1,3 @@
+"""Sluice: a streaming gateway for LLM traffic."""
+
+__version__ = "0.1.0"

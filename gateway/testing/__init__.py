@@ -1,0 +1,1 @@
+"""Helpers for testing Sluice and its plugins: fake upstreams, context builders."""

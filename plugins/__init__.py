@@ -1,0 +1,1 @@
+"""Built-in Sluice plugins; each module holds one plugin."""
