@@ -1,0 +1,142 @@
+"""Assemble the aiohttp application from a validated config."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.chain import Chain, build_chain, discover_plugins
+from gateway.config import DemoUpstream, GatewayConfig, OpenAIUpstream, PluginConfig
+from gateway.errors import GatewayError
+from gateway.proxy import Proxy
+from gateway.routing import Router
+from gateway.upstreams.base import Upstream
+from gateway.upstreams.demo import Demo
+from gateway.upstreams.openai import OpenAICompatible
+
+log = logging.getLogger("sluice.app")
+
+
+@dataclass
+class GatewayState:
+    """Everything the gateway holds for its lifetime; stored on the app under `STATE`."""
+
+    config: GatewayConfig
+    router: Router
+    upstreams: dict[str, Upstream]
+    chains: dict[str, Chain]
+    default_chain: Chain
+    ready: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+STATE = web.AppKey("sluice_state", GatewayState)
+
+
+def build_upstream(name: str, config: OpenAIUpstream | DemoUpstream) -> Upstream:
+    """The adapter for one configured upstream."""
+    if isinstance(config, OpenAIUpstream):
+        return OpenAICompatible(name, config)
+    return Demo(name, config)
+
+
+def build_chains(
+    config: GatewayConfig, registry: Mapping[str, type[Any]]
+) -> tuple[dict[str, Chain], Chain]:
+    """One chain per route (global plugins minus skipped ones, then its own), plus a global one."""
+    global_specs = [(f"plugins[{i}]", spec) for i, spec in enumerate(config.plugins)]
+    chains: dict[str, Chain] = {}
+    for r, route in enumerate(config.routes):
+        specs: list[tuple[str, PluginConfig]] = [
+            (where, spec) for where, spec in global_specs if spec.name not in route.skip_plugins
+        ]
+        specs += [(f"routes[{r}].plugins[{i}]", spec) for i, spec in enumerate(route.plugins)]
+        chains[route.model] = build_chain(specs, registry)
+    return chains, build_chain(global_specs, registry)
+
+
+def build_state(
+    config: GatewayConfig, registry: Mapping[str, type[Any]] | None = None
+) -> GatewayState:
+    """Validate plugin options and build every long-lived object; raises ConfigError."""
+    registry = discover_plugins() if registry is None else registry
+    chains, default_chain = build_chains(config, registry)
+    upstreams = {name: build_upstream(name, up) for name, up in config.upstreams.items()}
+    return GatewayState(config, Router(config), upstreams, chains, default_chain)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own HTTP errors (404, 405, 413) as OpenAI-shaped JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+            exc.status
+        )
+        return GatewayError(exc.status, exc.reason, code=code).to_response()
+
+
+async def _models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    data = [
+        {"id": model, "object": "model", "created": 0, "owned_by": "sluice"}
+        for model in state.router.models
+    ]
+    return web.Response(
+        body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
+    )
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ready = request.app[STATE].ready
+    return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+
+async def _lifecycle(app: web.Application) -> Any:
+    state = app[STATE]
+    for upstream in state.upstreams.values():
+        await upstream.start()
+    state.ready = True
+    yield
+    state.ready = False
+    for upstream in state.upstreams.values():
+        await upstream.close()
+
+
+async def _not_ready_on_shutdown(app: web.Application) -> None:
+    app[STATE].ready = False
+
+
+def build_app(state: GatewayState) -> web.Application:
+    """The aiohttp application: routes, middleware and lifecycle for `state`."""
+    app = web.Application(
+        middlewares=[openai_errors], client_max_size=state.config.server.max_body_bytes
+    )
+    app[STATE] = state
+    proxy = Proxy(
+        state.config.server, state.router, state.upstreams, state.chains, state.default_chain
+    )
+    app.router.add_post("/v1/chat/completions", proxy.chat)
+    app.router.add_post("/v1/completions", proxy.completions)
+    app.router.add_post("/v1/embeddings", proxy.embeddings)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_not_ready_on_shutdown)
+    return app

@@ -1,0 +1,226 @@
+"""The plugin chain: built once from config; runs hooks in order, each with a failure policy."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+from pydantic import ValidationError
+
+from gateway.config import ConfigError, PluginConfig
+from gateway.context import RequestContext
+from gateway.errors import GatewayError
+from gateway.plugin import (
+    EndStream,
+    OnEnd,
+    OnEvent,
+    OnFlush,
+    OnRequest,
+    OnResponse,
+    OnResponseStart,
+    Reject,
+)
+from gateway.sse import SSEEvent
+
+log = logging.getLogger("sluice.chain")
+
+ENTRY_POINT_GROUP = "sluice.plugins"
+
+
+def discover_plugins() -> dict[str, type[Any]]:
+    """Installed plugin classes by name (built-ins register through the same group)."""
+    return {ep.name: ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def build_plugin(spec: PluginConfig, registry: Mapping[str, type[Any]], where: str) -> Any:
+    """Instantiate one plugin with validated options; ConfigError names the key on failure."""
+    cls = registry.get(spec.name)
+    if cls is None:
+        known = ", ".join(sorted(registry)) or "none installed"
+        raise ConfigError(f"{where}.name: unknown plugin {spec.name!r} (installed: {known})")
+    options_model = getattr(cls, "Options", None)
+    try:
+        options = options_model.model_validate(spec.options) if options_model else spec.options
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ConfigError(f"{where}.options.{loc}: {msg}") from None
+    return cls(options)
+
+
+@dataclass(slots=True)
+class _Entry:
+    name: str
+    plugin: Any
+    fail_closed: bool
+
+
+class PluginFailed(GatewayError):
+    """A fail-closed plugin raised; the request fails with a 500."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(500, f"Plugin {name!r} failed.", type="server_error", code="plugin_error")
+
+
+@dataclass
+class Chain:
+    """Hook lists for one route, in config order. Shared by all requests on that route."""
+
+    entries: list[_Entry]
+    errors: Counter[str] = field(default_factory=Counter)
+    _request: list[tuple[_Entry, OnRequest]] = field(init=False)
+    _response_start: list[tuple[_Entry, OnResponseStart]] = field(init=False)
+    _event: list[tuple[_Entry, OnEvent]] = field(init=False)
+    _flush: list[tuple[_Entry, OnFlush]] = field(init=False)
+    _response: list[tuple[_Entry, OnResponse]] = field(init=False)
+    _end: list[tuple[_Entry, OnEnd]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._request = self._hooks("on_request", want_async=True)
+        self._response_start = self._hooks("on_response_start", want_async=True)
+        self._event = self._hooks("on_event", want_async=False)
+        self._flush = self._hooks("on_flush", want_async=False)
+        self._response = self._hooks("on_response", want_async=True)
+        self._end = self._hooks("on_end", want_async=True)
+
+    def _hooks(self, name: str, *, want_async: bool) -> list[tuple[_Entry, Any]]:
+        found = []
+        for entry in self.entries:
+            hook = getattr(entry.plugin, name, None)
+            if hook is None:
+                continue
+            if inspect.iscoroutinefunction(hook) != want_async:
+                kind = "async" if want_async else "a plain (synchronous) method"
+                raise ConfigError(f"plugin {entry.name!r}: {name} must be {kind}")
+            found.append((entry, hook))
+        return found
+
+    @property
+    def names(self) -> list[str]:
+        """Plugin names in order."""
+        return [e.name for e in self.entries]
+
+    @property
+    def has_event_hooks(self) -> bool:
+        """True if any plugin looks at streamed events."""
+        return bool(self._event)
+
+    def _failed(self, entry: _Entry, hook: str, ctx: RequestContext) -> None:
+        """Count and log a plugin exception; re-raise as PluginFailed if fail-closed."""
+        self.errors[entry.name] += 1
+        log.exception("plugin %s raised in %s (request %s)", entry.name, hook, ctx.request_id)
+        if entry.fail_closed:
+            raise PluginFailed(entry.name) from None
+
+    async def run_request(self, ctx: RequestContext) -> None:
+        """Run `on_request` hooks; Reject propagates."""
+        for entry, hook in self._request:
+            try:
+                await hook(ctx)
+            except Reject:
+                raise
+            except Exception:
+                self._failed(entry, "on_request", ctx)
+
+    async def run_response_start(self, ctx: RequestContext) -> None:
+        """Run `on_response_start` hooks; Reject propagates."""
+        for entry, hook in self._response_start:
+            try:
+                await hook(ctx)
+            except Reject:
+                raise
+            except Exception:
+                self._failed(entry, "on_response_start", ctx)
+
+    def run_events(self, ctx: RequestContext, events: list[SSEEvent]) -> list[SSEEvent]:
+        """Pass data events through every `on_event` hook in order (the hot path)."""
+        for entry, hook in self._event:
+            out: list[SSEEvent] = []
+            for event in events:
+                if event.data_bytes is None:  # keep-alive comments skip plugins
+                    out.append(event)
+                    continue
+                try:
+                    result = hook(ctx, event)
+                except (EndStream, Reject):
+                    raise
+                except Exception:
+                    self._failed(entry, "on_event", ctx)
+                    result = None
+                if result is None:
+                    out.append(event)
+                else:
+                    out.extend(result)
+            events = out
+        return events
+
+    def run_flush(self, ctx: RequestContext) -> list[SSEEvent]:
+        """Collect held-back events at the normal end; later plugins see earlier flushes."""
+        pending: list[SSEEvent] = []
+        for entry, hook in self._flush:
+            try:
+                flushed = hook(ctx) or []
+            except Exception:
+                self._failed(entry, "on_flush", ctx)
+                flushed = []
+            if flushed:
+                pending.extend(self._run_events_after(ctx, flushed, entry))
+        return pending
+
+    def _run_events_after(
+        self, ctx: RequestContext, events: list[SSEEvent], after: _Entry
+    ) -> list[SSEEvent]:
+        """Run events flushed by `after` through the event hooks that follow it."""
+        later = False
+        for entry, hook in self._event:
+            if entry is after:
+                later = True
+                continue
+            if not later:
+                continue
+            out: list[SSEEvent] = []
+            for event in events:
+                result = hook(ctx, event) if event.data_bytes is not None else None
+                out.extend([event] if result is None else result)
+            events = out
+        return events
+
+    async def run_response(self, ctx: RequestContext, body: dict[str, Any]) -> dict[str, Any]:
+        """Run `on_response` hooks over a non-streaming body."""
+        for entry, hook in self._response:
+            try:
+                replaced = await hook(ctx, body)
+            except Reject:
+                raise
+            except Exception:
+                self._failed(entry, "on_response", ctx)
+                replaced = None
+            if replaced is not None:
+                body = replaced
+        return body
+
+    async def run_end(self, ctx: RequestContext) -> None:
+        """Run every `on_end` hook; failures are logged and counted, never raised."""
+        for entry, hook in self._end:
+            try:
+                await hook(ctx)
+            except Exception:
+                self.errors[entry.name] += 1
+                log.exception("plugin %s raised in on_end (request %s)", entry.name, ctx.request_id)
+
+
+def build_chain(
+    specs: Iterable[tuple[str, PluginConfig]], registry: Mapping[str, type[Any]]
+) -> Chain:
+    """Build a chain from (config location, plugin spec) pairs, in order."""
+    entries = [
+        _Entry(spec.name, build_plugin(spec, registry, where), spec.fail == "closed")
+        for where, spec in specs
+    ]
+    return Chain(entries)

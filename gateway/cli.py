@@ -1,0 +1,119 @@
+"""The `sluice` command line: serve, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.app import build_app, build_state
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+log = logging.getLogger("sluice")
+
+
+def _example(host: str, port: int, model: str) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return (
+        f"curl -N http://{shown}:{port}/v1/chat/completions "
+        "-H 'content-type: application/json' "
+        f'-d \'{{"model":"{model}","stream":true,"messages":[{{"role":"user","content":"hi"}}]}}\''
+    )
+
+
+async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool = True) -> None:
+    """Run the gateway until SIGINT or SIGTERM."""
+    state = build_state(config)
+    app = build_app(state)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if announce:
+        bound = runner.addresses
+        real_port = int(bound[0][1]) if bound else port
+        print(f"Sluice listening on http://{host}:{real_port}", flush=True)
+        print("Try:\n  " + _example(host, real_port, config.routes[0].model), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()
+
+
+def _run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro())
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro())
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        build_state(config)  # validate plugin options before binding the port
+    except ConfigError as err:
+        print(f"sluice: {err}", file=sys.stderr)
+        return 2
+    host = args.host or config.server.host
+    port = config.server.port if args.port is None else args.port
+    _run(lambda: serve(config, host, port))
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+        build_state(config)
+    except ConfigError as err:
+        print(f"sluice: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.file}: OK ({len(config.upstreams)} upstreams, {len(config.routes)} routes, "
+        f"{len(config.plugins)} global plugins)"
+    )
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    top = argparse.ArgumentParser(prog="sluice", description="Sluice: a streaming LLM gateway.")
+    top.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = top.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the gateway (embedded demo config without --config)")
+    p.add_argument("--config", type=Path, help="YAML config file")
+    p.add_argument("--host", help="listen address (default from config: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default from config: 8080)")
+    p.set_defaults(func=_cmd_serve)
+    c = sub.add_parser("check-config", help="validate a config file and exit")
+    c.add_argument("file", type=Path)
+    c.set_defaults(func=_cmd_check_config)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `sluice` command."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

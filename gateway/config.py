@@ -1,0 +1,208 @@
+"""Typed gateway configuration: YAML in, validated models out, errors that name the key."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Strict):
+    """Per-upstream timeouts in seconds; each ends the request with a clear error."""
+
+    connect: float = Field(10.0, gt=0, description="TCP/TLS connect")
+    first_byte: float = Field(120.0, gt=0, description="request sent to first event")
+    idle: float = Field(60.0, gt=0, description="longest gap between two events")
+    total: float = Field(1800.0, gt=0, description="whole request")
+
+
+class OpenAIUpstream(_Strict):
+    """Any OpenAI-compatible server: OpenAI, vLLM, llama.cpp, TGI, Ollama /v1, LM Studio."""
+
+    kind: Literal["openai"]
+    base_url: str = Field(pattern=r"^https?://[^\s/]+", description="e.g. http://127.0.0.1:8000/v1")
+    api_key: SecretStr | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = Field(256, ge=1)
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+
+
+class DemoUpstream(_Strict):
+    """The embedded simulated model: streams a canned answer with realistic pacing."""
+
+    kind: Literal["demo"]
+    ttft_ms: float = Field(250.0, ge=0, description="time to first token")
+    itl_ms: float = Field(30.0, ge=0, description="inter-token latency")
+    max_tokens: int = Field(200, ge=1, description="answer length cap")
+    timeouts: Timeouts = Timeouts()
+
+
+UpstreamConfig = Annotated[OpenAIUpstream | DemoUpstream, Field(discriminator="kind")]
+
+
+class PluginConfig(_Strict):
+    """One plugin in the chain: its registered name, its options, and its failure policy."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    fail: Literal["open", "closed"] = Field(
+        "open",
+        description="open: log and continue when the plugin raises; closed: fail the request",
+    )
+
+
+class RouteConfig(_Strict):
+    """A client-facing model name served by an upstream."""
+
+    model: str = Field(min_length=1)
+    upstream: str
+    upstream_model: str | None = None
+    plugins: list[PluginConfig] = Field(
+        default_factory=list, description="run after the global plugins"
+    )
+    skip_plugins: list[str] = Field(
+        default_factory=list, description="global plugins not run on this route"
+    )
+
+    @property
+    def target_model(self) -> str:
+        """The model name sent upstream."""
+        return self.upstream_model or self.model
+
+
+class ServerConfig(_Strict):
+    """Listener and request-handling limits."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(4 << 20, ge=1024)
+    max_line_bytes: int = Field(1 << 20, ge=1024, description="longest SSE line from an upstream")
+    max_event_bytes: int = Field(4 << 20, ge=1024, description="largest SSE event from an upstream")
+    max_response_bytes: int = Field(
+        64 << 20, ge=1024, description="largest non-streaming upstream body"
+    )
+    header_hold_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="how long to wait for the first upstream event before sending 200 headers",
+    )
+
+
+class GatewayConfig(_Strict):
+    """The whole configuration file."""
+
+    server: ServerConfig = ServerConfig()
+    auth: Literal["none"] = "none"
+    upstreams: dict[str, UpstreamConfig]
+    routes: list[RouteConfig] = Field(min_length=1)
+    plugins: list[PluginConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> GatewayConfig:
+        seen: set[str] = set()
+        for i, route in enumerate(self.routes):
+            if route.upstream not in self.upstreams:
+                known = ", ".join(sorted(self.upstreams)) or "none"
+                raise ValueError(
+                    f"routes[{i}].upstream: unknown upstream {route.upstream!r} (known: {known})"
+                )
+            if route.model in seen:
+                raise ValueError(f"routes[{i}].model: {route.model!r} is routed twice")
+            seen.add(route.model)
+        return self
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, path: str, env: Mapping[str, str]) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in every string of a YAML tree."""
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("openai", "demo") and out.count(".") >= 1 and out.startswith("upstreams"):
+            continue  # discriminator tag that pydantic adds; not a key the user wrote
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        loc = _format_loc(item["loc"])
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg.removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: Any, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Validate an already-loaded YAML tree; raises ConfigError naming the bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError("invalid configuration: the top level must be a mapping")
+    expanded = _expand(data, "", os.environ if env is None else env)
+    try:
+        return GatewayConfig.model_validate(expanded)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err)) from None
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Load a YAML file, or the embedded default (the demo model, no keys) when `path` is None."""
+    if path is None:
+        text = resources.files("gateway").joinpath("default_config.yaml").read_text("utf-8")
+        source = "<embedded default>"
+    else:
+        try:
+            text = path.read_text("utf-8")
+        except OSError as err:
+            raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+        source = str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    try:
+        return parse_config(data, env)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None

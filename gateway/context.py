@@ -1,0 +1,140 @@
+"""Per-request context shared by the proxy and every plugin."""
+
+from __future__ import annotations
+
+import enum
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+if TYPE_CHECKING:
+    from gateway.config import RouteConfig
+    from gateway.errors import GatewayError
+
+T = TypeVar("T")
+
+
+class Outcome(enum.StrEnum):
+    """How a request ended; plugins see exactly one per request in `on_end`."""
+
+    COMPLETED = "completed"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    UPSTREAM_ERROR = "upstream_error"
+    TIMEOUT = "timeout"
+    REJECTED = "rejected"
+    ERROR = "error"
+
+
+class Endpoint(enum.StrEnum):
+    """The client-facing API a request came in on."""
+
+    CHAT = "chat.completions"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+
+class StateKey(Generic[T]):
+    """A typed slot for a plugin's per-request state (compare aiohttp's `AppKey`)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"StateKey({self.name!r})"
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts; `source` says whether the upstream reported them or they were counted here."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    source: str = "none"  # "upstream", "local", "local_partial" or "none"
+
+    def set_from_upstream(self, data: dict[str, Any]) -> None:
+        """Record an upstream usage object (the latest value wins; vLLM sends running totals)."""
+        prompt, completion = data.get("prompt_tokens"), data.get("completion_tokens")
+        if isinstance(prompt, int):
+            self.prompt_tokens = prompt
+        if isinstance(completion, int):
+            self.completion_tokens = completion
+        total = data.get("total_tokens")
+        if isinstance(total, int):
+            self.total_tokens = total
+        elif self.prompt_tokens is not None and self.completion_tokens is not None:
+            self.total_tokens = self.prompt_tokens + self.completion_tokens
+        self.source = "upstream"
+
+
+@dataclass(slots=True)
+class Timing:
+    """Monotonic timestamps (seconds, `time.perf_counter()`); None until reached."""
+
+    received: float = field(default_factory=time.perf_counter)
+    upstream_headers: float | None = None
+    first_upstream_event: float | None = None
+    response_started: float | None = None
+    first_event_written: float | None = None
+    last_event_written: float | None = None
+    ended: float | None = None
+
+
+@dataclass(slots=True)
+class Identity:
+    """Who sent the request. Anonymous when auth is `none`."""
+
+    team: str = "anonymous"
+    key_id: str | None = None
+
+
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def request_id_from(header: str | None) -> str:
+    """Keep a client's X-Request-Id if it is sane, else generate one."""
+    if header and _SANE_REQUEST_ID.match(header):
+        return header
+    return f"req_{uuid.uuid4().hex}"
+
+
+@dataclass(slots=True, eq=False)
+class RequestContext:
+    """Everything known about one request, from arrival to its single end."""
+
+    request_id: str
+    endpoint: Endpoint
+    body: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
+    stream: bool = False
+    route: RouteConfig | None = None
+    upstream_name: str | None = None
+    identity: Identity = field(default_factory=Identity)
+    timing: Timing = field(default_factory=Timing)
+    usage: Usage = field(default_factory=Usage)
+    status: int = 200
+    outcome: Outcome | None = None
+    error: GatewayError | None = None
+    events_out: int = 0
+    bytes_out: int = 0
+    response_headers: dict[str, str] = field(default_factory=dict)
+    _state: dict[StateKey[Any], Any] = field(default_factory=dict, repr=False)
+
+    def get(self, key: StateKey[T], default: T | None = None) -> T | None:
+        """A plugin's state for this request, or `default`."""
+        return cast("T | None", self._state.get(key, default))
+
+    def set(self, key: StateKey[T], value: T) -> None:
+        """Store a plugin's state for this request."""
+        self._state[key] = value
+
+    def require(self, key: StateKey[T]) -> T:
+        """A plugin's state that must exist (KeyError names the key otherwise)."""
+        try:
+            return cast(T, self._state[key])
+        except KeyError:
+            raise KeyError(key.name) from None

@@ -1,0 +1,70 @@
+"""Which headers cross the gateway, in each direction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus ones the gateway always sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never forwarded upstream: client credentials, framing, and what the gateway decides.
+_NOT_FORWARDED = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "accept-encoding",
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
+    "x-request-id",
+    "expect",
+}
+
+
+def upstream_headers(client: Mapping[str, str], request_id: str) -> dict[str, str]:
+    """Headers to send upstream: the client's end-to-end headers minus credentials.
+
+    Headers named in the client's `Connection` header are hop-by-hop too and dropped.
+    """
+    listed = {
+        token.strip().lower()
+        for value in _all(client, "connection")
+        for token in value.split(",")
+        if token.strip()
+    }
+    out = {
+        name: value
+        for name, value in client.items()
+        if (low := name.lower()) not in _NOT_FORWARDED and low not in listed
+    }
+    out["X-Request-Id"] = request_id
+    out["Content-Type"] = "application/json"
+    return out
+
+
+def _all(headers: Mapping[str, str], name: str) -> list[str]:
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return list(getall(name, []))
+    value = headers.get(name)
+    return [value] if value is not None else []
+
+
+SSE_RESPONSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}

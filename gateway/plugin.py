@@ -1,0 +1,95 @@
+"""The public plugin interface.
+
+A plugin is a class registered under the entry-point group ``sluice.plugins`` and
+enabled by name in the config. It is built once per chain with its validated options
+and implements any subset of these hooks (the chain detects them once, when it is built):
+
+``async on_request(ctx)``
+    After the request body is parsed and routed, before anything is sent upstream.
+    May change ``ctx.body`` or raise :class:`Reject` (the client gets that status).
+``async on_response_start(ctx)``
+    The upstream answered and its first event is in hand; response headers are not sent
+    yet. May add ``ctx.response_headers`` or raise :class:`Reject`.
+``on_event(ctx, event) -> list[SSEEvent] | None``
+    Synchronous, once per upstream data event, in client wire format. Return None to pass
+    the event on unchanged (its original bytes go out), a list to replace it: empty to
+    drop, several to split, or hold events back and release them later. Raise
+    :class:`EndStream` to finish the stream early with final events of your own.
+``on_flush(ctx) -> list[SSEEvent] | None``
+    The upstream finished normally; release anything held back, before the terminal event.
+``async on_response(ctx, body) -> dict | None``
+    Non-streaming responses: the parsed upstream JSON; return a replacement or None.
+``async on_end(ctx)``
+    Exactly once per request, whatever happened; ``ctx.outcome`` says how it ended.
+
+Hooks must not block: no network I/O in ``on_event``; hand heavy work to a thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from gateway.context import Outcome, RequestContext
+from gateway.errors import GatewayError
+from gateway.sse import SSEEvent
+
+OnRequest = Callable[[RequestContext], Awaitable[None]]
+OnResponseStart = Callable[[RequestContext], Awaitable[None]]
+OnEvent = Callable[[RequestContext, SSEEvent], "list[SSEEvent] | None"]
+OnFlush = Callable[[RequestContext], "list[SSEEvent] | None"]
+OnResponse = Callable[[RequestContext, dict[str, Any]], Awaitable["dict[str, Any] | None"]]
+OnEnd = Callable[[RequestContext], Awaitable[None]]
+
+HOOK_NAMES = ("on_request", "on_response_start", "on_event", "on_flush", "on_response", "on_end")
+
+
+class NoOptions(BaseModel):
+    """Options model for plugins that take none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Plugin:
+    """Convenience base: holds the name and validated options. Defines no hooks.
+
+    Subclasses set ``name`` and, if they take options, ``Options`` (a pydantic model;
+    unknown keys should be rejected with ``extra="forbid"``).
+    """
+
+    name: ClassVar[str] = "unnamed"
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, options: BaseModel) -> None:
+        self.options = options
+
+
+class Reject(GatewayError):
+    """Raised by a plugin to deny a request: an HTTP status before headers, else a final event."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status, message, type=type, code=code, headers=headers)
+
+
+class EndStream(Exception):
+    """Raised from ``on_event`` to finish a stream now: `events` go out, then the terminal event.
+
+    The upstream is closed; the request ends with `outcome` (completed unless said otherwise).
+    """
+
+    def __init__(
+        self, events: Sequence[SSEEvent] = (), *, outcome: Outcome = Outcome.COMPLETED
+    ) -> None:
+        super().__init__("stream ended by plugin")
+        self.events = list(events)
+        self.outcome = outcome

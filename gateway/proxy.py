@@ -1,0 +1,470 @@
+"""The request handler: parse, route, run the chain, and re-stream the upstream's events.
+
+Streaming is one pull loop per request: read upstream bytes, decode events, pass them
+through the chain, `await` the write to the client. Nothing queues between upstream and
+client, so a slow reader stops the upstream reads (backpressure) and memory per stream
+stays bounded by the decoder's limits and the sockets' buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway.chain import Chain
+from gateway.config import ServerConfig
+from gateway.context import Endpoint, Outcome, RequestContext, request_id_from
+from gateway.errors import GatewayError, internal_error, timeout_error, upstream_error
+from gateway.headers import SSE_RESPONSE_HEADERS, upstream_headers
+from gateway.plugin import EndStream, Reject
+from gateway.routing import Router
+from gateway.sse import SSEDecoder, SSEError, SSEEvent, encode_events
+from gateway.upstreams.base import StreamObserver, Upstream, UpstreamCall
+from gateway.upstreams.errors import error_from_event
+from gateway.validation import read_json_body, validate_body
+from gateway.watchdog import Watchdog
+
+log = logging.getLogger("sluice.proxy")
+
+
+class _ClientGone(Exception):
+    """Writing to the client failed: it disconnected."""
+
+
+class _Ended(Exception):
+    """A plugin ended the stream early; its final events are written."""
+
+
+class _StreamFailed(Exception):
+    """The stream must end with an error event (after headers were sent)."""
+
+    def __init__(self, error: GatewayError, outcome: Outcome) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.outcome = outcome
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Upstream events sorted for the client: what to pass on, and how the batch ended."""
+
+    events: list[SSEEvent]
+    terminal: SSEEvent | None = None
+    error: GatewayError | None = None
+    has_data: bool = False
+
+
+def _classify(ctx: RequestContext, observer: StreamObserver, events: list[SSEEvent]) -> _Batch:
+    batch = _Batch([])
+    for event in events:
+        if event.data_bytes is None:
+            batch.events.append(event)
+            continue
+        batch.has_data = True
+        error = observer.observe(ctx, event)
+        if error is not None:
+            batch.error = error
+            break
+        if observer.done:
+            batch.terminal = event
+            break
+        batch.events.append(event)
+    return batch
+
+
+def _parse_unary(raw: bytes) -> Any:
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise upstream_error("The upstream answered with a body that is not JSON.") from None
+    if not isinstance(payload, dict):
+        raise upstream_error("The upstream answered with JSON that is not an object.")
+    return payload
+
+
+class Proxy:
+    """Handlers for the OpenAI-compatible endpoints; shared state is read-only per request."""
+
+    def __init__(
+        self,
+        server: ServerConfig,
+        router: Router,
+        upstreams: Mapping[str, Upstream],
+        chains: Mapping[str, Chain],
+        default_chain: Chain,
+    ) -> None:
+        self.server = server
+        self.router = router
+        self.upstreams = upstreams
+        self.chains = chains
+        self.default_chain = default_chain
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions."""
+        return await self.handle(request, Endpoint.CHAT)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/completions."""
+        return await self.handle(request, Endpoint.COMPLETIONS)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/embeddings (never streamed)."""
+        return await self.handle(request, Endpoint.EMBEDDINGS)
+
+    async def handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        """One request from arrival to its single end (`on_end` runs exactly once)."""
+        ctx = RequestContext(request_id_from(request.headers.get("X-Request-Id")), endpoint)
+        chain = self.default_chain
+        try:
+            try:
+                await self._admit(request, ctx)
+                assert ctx.route is not None
+                chain = self.chains[ctx.route.model]
+                await chain.run_request(ctx)
+                upstream = self.upstreams[ctx.route.upstream]
+                if ctx.stream:
+                    return await self._stream(request, ctx, chain, upstream)
+                return await self._unary(request, ctx, chain, upstream)
+            except GatewayError as err:
+                return self._error_response(ctx, err)
+        except asyncio.CancelledError:
+            ctx.outcome = ctx.outcome or Outcome.CLIENT_DISCONNECTED
+            raise
+        except Exception:
+            log.exception("unhandled error (request %s)", ctx.request_id)
+            ctx.outcome = Outcome.ERROR
+            return self._error_response(ctx, internal_error())
+        finally:
+            ctx.timing.ended = time.perf_counter()
+            await chain.run_end(ctx)
+
+    async def _admit(self, request: web.Request, ctx: RequestContext) -> None:
+        body = await read_json_body(request, self.server.max_body_bytes)
+        validate_body(ctx.endpoint, body)
+        ctx.body = body
+        ctx.model = body["model"]
+        ctx.stream = ctx.endpoint is not Endpoint.EMBEDDINGS and body.get("stream") is True
+        ctx.route = self.router.resolve(ctx.model)
+        ctx.upstream_name = ctx.route.upstream
+
+    def _error_response(self, ctx: RequestContext, err: GatewayError) -> web.Response:
+        ctx.error = err
+        ctx.status = err.status
+        if ctx.outcome is None:
+            ctx.outcome = Outcome.REJECTED if err.status < 500 else Outcome.UPSTREAM_ERROR
+        return err.to_response({"X-Request-Id": ctx.request_id, **ctx.response_headers})
+
+    def _outgoing(
+        self, request: web.Request, ctx: RequestContext
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        assert ctx.route is not None
+        body = {**ctx.body, "model": ctx.route.target_model}
+        return body, upstream_headers(request.headers, ctx.request_id)
+
+    async def _open(
+        self, request: web.Request, ctx: RequestContext, upstream: Upstream
+    ) -> UpstreamCall:
+        """Send upstream and wait for its headers; errors before a byte reached the client."""
+        body, headers = self._outgoing(request, ctx)
+        limit = min(upstream.timeouts.first_byte, upstream.timeouts.total)
+        try:
+            async with asyncio.timeout(limit):
+                call = await upstream.open(ctx, body, headers)
+        except TimeoutError:
+            ctx.outcome = Outcome.TIMEOUT
+            raise timeout_error("first_byte") from None
+        except GatewayError:
+            ctx.outcome = Outcome.UPSTREAM_ERROR
+            raise
+        ctx.timing.upstream_headers = time.perf_counter()
+        if call.status >= 400:
+            try:
+                async with asyncio.timeout(limit):
+                    raw = await call.read_body(64 << 10)
+            except (TimeoutError, GatewayError, aiohttp.ClientError):
+                raw = b""
+            finally:
+                call.abort()
+            ctx.outcome = Outcome.UPSTREAM_ERROR
+            raise upstream.map_status_error(call.status, raw)
+        return call
+
+    async def _unary(
+        self, request: web.Request, ctx: RequestContext, chain: Chain, upstream: Upstream
+    ) -> web.Response:
+        """A non-streaming request: the one place a whole (bounded) body is held."""
+        call = await self._open(request, ctx, upstream)
+        try:
+            async with asyncio.timeout(upstream.timeouts.total):
+                raw = await call.read_body(self.server.max_response_bytes)
+        except TimeoutError:
+            ctx.outcome = Outcome.TIMEOUT
+            raise timeout_error("total") from None
+        except (aiohttp.ClientError, ConnectionError) as err:
+            ctx.outcome = Outcome.UPSTREAM_ERROR
+            raise upstream_error(f"The upstream connection broke ({type(err).__name__}).") from None
+        finally:
+            call.abort()
+        payload = _parse_unary(raw)
+        if isinstance(payload, dict):
+            usage = payload.get("usage")
+            if isinstance(usage, dict):
+                ctx.usage.set_from_upstream(usage)
+            error = error_from_event(payload) if "error" in payload else None
+            if error is not None:
+                ctx.outcome = Outcome.UPSTREAM_ERROR
+                raise error
+            payload = await chain.run_response(ctx, payload)
+        ctx.outcome = Outcome.COMPLETED
+        return web.Response(
+            body=orjson.dumps(payload),
+            content_type="application/json",
+            headers={"X-Request-Id": ctx.request_id, **ctx.response_headers},
+        )
+
+    # ----- streaming -------------------------------------------------------------------
+
+    async def _stream(
+        self, request: web.Request, ctx: RequestContext, chain: Chain, upstream: Upstream
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        watchdog = Watchdog(loop, upstream.timeouts, loop.time())
+        call: UpstreamCall | None = None
+        try:
+            call = await self._open(request, ctx, upstream)
+            watchdog.attach(call)
+            stream = _Stream(self.server, ctx, chain, upstream.observer(ctx), call, watchdog)
+            response = await stream.start(request)
+            await stream.run(response)
+            return response
+        finally:
+            watchdog.cancel()
+            if call is not None:
+                call.abort()
+
+
+class _Stream:
+    """The state of one streamed response; `start` commits headers, `run` pumps events."""
+
+    def __init__(
+        self,
+        server: ServerConfig,
+        ctx: RequestContext,
+        chain: Chain,
+        observer: StreamObserver,
+        call: UpstreamCall,
+        watchdog: Watchdog,
+    ) -> None:
+        self.server = server
+        self.ctx = ctx
+        self.chain = chain
+        self.observer = observer
+        self.call = call
+        self.watchdog = watchdog
+        self.decoder = SSEDecoder(
+            max_line_bytes=server.max_line_bytes, max_event_bytes=server.max_event_bytes
+        )
+        self.response: web.StreamResponse | None = None
+        self.finished = False
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def _read(self) -> bytes:
+        """The next upstream chunk; timeouts and broken connections become _StreamFailed."""
+        wd = self.watchdog
+        wd.waiting_since = wd._loop.time()
+        try:
+            chunk = await self.call.read_chunk()
+        except (aiohttp.ClientError, ConnectionError, OSError) as err:
+            raise self._read_failure(
+                f"the upstream connection broke ({type(err).__name__})"
+            ) from None
+        finally:
+            wd.waiting_since = None
+        if wd.fired is not None:
+            raise self._read_failure("")
+        return chunk
+
+    def _read_failure(self, detail: str) -> _StreamFailed:
+        if self.watchdog.fired is not None:
+            return _StreamFailed(timeout_error(self.watchdog.fired), Outcome.TIMEOUT)
+        return _StreamFailed(
+            upstream_error(f"The upstream stream failed: {detail}."), Outcome.UPSTREAM_ERROR
+        )
+
+    def _decode(self, chunk: bytes) -> list[SSEEvent]:
+        try:
+            return self.decoder.feed(chunk)
+        except SSEError as err:
+            raise _StreamFailed(
+                upstream_error(f"The upstream sent a malformed stream: {err}."),
+                Outcome.UPSTREAM_ERROR,
+            ) from None
+
+    def _eof_failure(self) -> _StreamFailed:
+        what = "in the middle of an event" if self.decoder.has_pending else "before its final event"
+        return _StreamFailed(
+            upstream_error(f"The upstream closed the stream {what}.", code="upstream_truncated"),
+            Outcome.UPSTREAM_ERROR,
+        )
+
+    # -- phase 1: hold headers until the first event tells success from failure -------
+
+    async def start(self, request: web.Request) -> web.StreamResponse:
+        """Read up to the first data event (bounded wait), then commit 200 and write it."""
+        held: list[SSEEvent] = []
+        batch = _Batch([])
+        hold = self.server.header_hold_seconds
+        try:
+            async with asyncio.timeout(hold):
+                while not (batch.has_data or batch.terminal or batch.error):
+                    chunk = await self._read()
+                    if not chunk:
+                        raise self._eof_failure()
+                    batch = _classify(self.ctx, self.observer, self._decode(chunk))
+                    held.extend(batch.events)
+        except TimeoutError:
+            pass  # slow first token: send headers now, keep streaming
+        except _StreamFailed as failed:
+            self.ctx.outcome = failed.outcome
+            raise failed.error from None
+        if batch.error is not None:
+            self.ctx.outcome = Outcome.UPSTREAM_ERROR
+            raise batch.error
+        if batch.has_data:
+            self._mark_first()
+        await self.chain.run_response_start(self.ctx)
+        response = web.StreamResponse(
+            status=200,
+            headers={
+                **SSE_RESPONSE_HEADERS,
+                "X-Request-Id": self.ctx.request_id,
+                **self.ctx.response_headers,
+            },
+        )
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        self.ctx.timing.response_started = time.perf_counter()
+        self.response = response
+        try:
+            await self._deliver(_Batch(held, batch.terminal))
+        except _ClientGone:
+            self.ctx.outcome = Outcome.CLIENT_DISCONNECTED
+            self.finished = True
+        except _Ended:
+            self.finished = True
+            await self._finish(response)
+        return response
+
+    def _mark_first(self) -> None:
+        self.watchdog.got_first = True
+        self.ctx.timing.first_upstream_event = time.perf_counter()
+
+    # -- phase 2: the pump ---------------------------------------------------------------
+
+    async def run(self, response: web.StreamResponse) -> None:
+        """Pump events until the terminal event, a failure, or the client leaving."""
+        if self.finished:
+            return
+        ctx = self.ctx
+        try:
+            with contextlib.suppress(_Ended):
+                await self._pump()
+            ctx.outcome = ctx.outcome or Outcome.COMPLETED
+            await self._finish(response)
+        except _StreamFailed as failed:
+            ctx.outcome = failed.outcome
+            ctx.error = failed.error
+            await self._fail(response, failed.error)
+        except Reject as err:
+            ctx.outcome = Outcome.REJECTED
+            ctx.error = err
+            await self._fail(response, err)
+        except _ClientGone:
+            ctx.outcome = Outcome.CLIENT_DISCONNECTED
+        except asyncio.CancelledError:
+            ctx.outcome = Outcome.CLIENT_DISCONNECTED
+            self.call.abort()
+            raise
+
+    async def _pump(self) -> None:
+        observer, ctx = self.observer, self.ctx
+        if observer.done:
+            return
+        while True:
+            chunk = await self._read()
+            if not chunk:
+                raise self._eof_failure()
+            events = self._decode(chunk)
+            if not events:
+                continue
+            batch = _classify(ctx, observer, events)
+            if batch.has_data and not self.watchdog.got_first:
+                self._mark_first()
+            await self._deliver(batch)
+            if batch.error is not None:
+                raise _StreamFailed(batch.error, Outcome.UPSTREAM_ERROR)
+            if batch.terminal is not None:
+                return
+
+    async def _deliver(self, batch: _Batch) -> None:
+        """Run a batch through the chain and write it in one go (plus the flush at the end)."""
+        if self.chain.has_event_hooks:
+            try:
+                out = self.chain.run_events(self.ctx, batch.events)
+            except EndStream as end:
+                await self._end_early(end)
+                raise _Ended() from None
+        else:
+            out = batch.events
+        if batch.terminal is not None:
+            out = [*out, *self.chain.run_flush(self.ctx), batch.terminal]
+        if out:
+            await self._write(out)
+
+    async def _write(self, events: list[SSEEvent]) -> None:
+        assert self.response is not None
+        data = encode_events(events)
+        try:
+            await self.response.write(data)
+        except (ConnectionError, aiohttp.ClientConnectionResetError) as err:
+            raise _ClientGone() from err
+        now = time.perf_counter()
+        timing = self.ctx.timing
+        if timing.first_event_written is None:
+            timing.first_event_written = now
+        timing.last_event_written = now
+        self.ctx.events_out += len(events)
+        self.ctx.bytes_out += len(data)
+
+    async def _end_early(self, end: EndStream) -> None:
+        self.call.abort()
+        self.ctx.outcome = end.outcome
+        terminal = self.observer.terminal_event()
+        await self._write([*end.events, *([terminal] if terminal else [])])
+
+    async def _finish(self, response: web.StreamResponse) -> None:
+        self.call.release()
+        try:
+            await response.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            self.ctx.outcome = Outcome.CLIENT_DISCONNECTED
+
+    async def _fail(self, response: web.StreamResponse, err: GatewayError) -> None:
+        """The contract after headers: one final error event, then the stream ends."""
+        self.call.abort()
+        self.ctx.status = err.status
+        try:
+            await self._write([self.observer.error_event(err)])
+            await response.write_eof()
+        except (_ClientGone, ConnectionError, aiohttp.ClientConnectionResetError):
+            self.ctx.outcome = Outcome.CLIENT_DISCONNECTED

@@ -1,0 +1,110 @@
+"""What every upstream adapter provides: open a call, read it, recognise its events."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.config import Timeouts
+from gateway.context import Endpoint, RequestContext
+from gateway.errors import GatewayError
+from gateway.sse import SSEEvent
+from gateway.upstreams.errors import error_from_upstream
+
+
+class UpstreamCall(abc.ABC):
+    """One in-flight request to an upstream, after its response headers arrived."""
+
+    status: int
+    headers: Mapping[str, str]
+
+    @abc.abstractmethod
+    async def read_chunk(self) -> bytes:
+        """The next body bytes as they arrive; b"" at the end. Safe to cancel."""
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body, failing with a 502 past `limit` bytes."""
+        parts: list[bytes] = []
+        size = 0
+        while chunk := await self.read_chunk():
+            size += len(chunk)
+            if size > limit:
+                raise GatewayError(
+                    502,
+                    f"The upstream response exceeded {limit} bytes.",
+                    type="upstream_error",
+                    code="upstream_response_too_large",
+                )
+            parts.append(chunk)
+        return b"".join(parts)
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Close the upstream connection now (client gone, timeout, error). Idempotent."""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Return a fully read connection to the pool. Idempotent."""
+
+
+class StreamObserver(abc.ABC):
+    """Per-request view of an upstream's SSE stream, in the client's wire format.
+
+    Recognises the terminal event, in-band errors, and usage; one instance per request.
+    """
+
+    done: bool = False
+
+    @abc.abstractmethod
+    def observe(self, ctx: RequestContext, event: SSEEvent) -> GatewayError | None:
+        """Look at one upstream data event; return an error if the event is an in-band error.
+
+        Sets `done` when the event is the terminal one; records usage into `ctx.usage`.
+        """
+
+    @abc.abstractmethod
+    def error_event(self, err: GatewayError) -> SSEEvent:
+        """The final event that reports `err` to the client after streaming started."""
+
+    @abc.abstractmethod
+    def terminal_event(self) -> SSEEvent | None:
+        """The event that ends a stream the gateway cut short normally (e.g. `[DONE]`)."""
+
+
+class Upstream(abc.ABC):
+    """An adapter for one configured upstream; shared by every request routed to it."""
+
+    def __init__(self, name: str, timeouts: Timeouts) -> None:
+        self.name = name
+        self.timeouts = timeouts
+
+    async def start(self) -> None:  # noqa: B027 - optional lifecycle hook
+        """Create pools and sessions (called once, at app start-up)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional lifecycle hook
+        """Release pools and sessions (called once, at shutdown)."""
+
+    @abc.abstractmethod
+    async def open(
+        self,
+        ctx: RequestContext,
+        body: dict[str, Any],
+        headers: Mapping[str, str],
+    ) -> UpstreamCall:
+        """Send the request; return once the upstream's response headers are in.
+
+        Raises GatewayError for connection failures (502) and TimeoutError past `connect`.
+        """
+
+    @abc.abstractmethod
+    def observer(self, ctx: RequestContext) -> StreamObserver:
+        """A fresh stream observer for one streaming request."""
+
+    def map_status_error(self, status: int, body: bytes) -> GatewayError:
+        """Turn an upstream error response into the client's error (message sanitised)."""
+        return error_from_upstream(status, body)
+
+    def supports(self, endpoint: Endpoint) -> bool:
+        """Whether this upstream serves `endpoint`."""
+        return True

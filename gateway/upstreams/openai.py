@@ -1,0 +1,147 @@
+"""Upstream kind `openai`: OpenAI, vLLM, llama.cpp, TGI, Ollama /v1 and other compatibles."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.config import OpenAIUpstream
+from gateway.context import Endpoint, RequestContext
+from gateway.errors import GatewayError, timeout_error, upstream_error
+from gateway.sse import SSEEvent
+from gateway.upstreams.base import StreamObserver, Upstream, UpstreamCall
+from gateway.upstreams.errors import error_from_event
+
+_PATHS = {
+    Endpoint.CHAT: "/chat/completions",
+    Endpoint.COMPLETIONS: "/completions",
+    Endpoint.EMBEDDINGS: "/embeddings",
+}
+_DONE = SSEEvent(data="[DONE]")
+
+
+class AiohttpCall(UpstreamCall):
+    """An upstream response read through aiohttp's client."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers = response.headers
+        self._content = response.content
+
+    async def read_chunk(self) -> bytes:
+        return await self._content.readany()
+
+    def abort(self) -> None:
+        self._response.close()
+
+    def release(self) -> None:
+        self._response.release()
+
+
+class OpenAIObserver(StreamObserver):
+    """OpenAI's chunk stream: `[DONE]` ends it, `usage` may ride on any chunk."""
+
+    def observe(self, ctx: RequestContext, event: SSEEvent) -> GatewayError | None:
+        data = event.data_bytes
+        if data is None:
+            return None
+        if event.is_done:
+            self.done = True
+            return None
+        # Cheap byte checks first: parse JSON only for events that may carry what we need.
+        if b'"error"' in data:
+            payload = _parse(event)
+            if isinstance(payload, dict) and (
+                "error" in payload or payload.get("object") == "error"
+            ):
+                return error_from_event(payload)
+        if b'"usage":{' in data or b'"usage": {' in data:
+            payload = _parse(event)
+            usage = payload.get("usage") if isinstance(payload, dict) else None
+            if isinstance(usage, dict):
+                ctx.usage.set_from_upstream(usage)
+        return None
+
+    def error_event(self, err: GatewayError) -> SSEEvent:
+        return SSEEvent.from_json(err.body())
+
+    def terminal_event(self) -> SSEEvent | None:
+        return _DONE
+
+
+def _parse(event: SSEEvent) -> Any:
+    try:
+        return event.json()
+    except ValueError:
+        return None
+
+
+class OpenAICompatible(Upstream):
+    """Adapter for `kind: openai`; one pooled aiohttp session per upstream."""
+
+    def __init__(self, name: str, config: OpenAIUpstream) -> None:
+        super().__init__(name, config.timeouts)
+        self.config = config
+        self._base = config.base_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        self._auth: dict[str, str] = dict(config.headers)
+        if config.api_key is not None and config.api_key.get_secret_value():
+            self._auth["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if not self.config.verify_tls:
+            return False
+        if self.config.ca_bundle is not None:
+            return ssl.create_default_context(cafile=str(self.config.ca_bundle))
+        return True
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_connections, ssl=self._ssl(), keepalive_timeout=30
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.timeouts.connect, connect=self.timeouts.connect
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=True,
+            json_serialize=lambda obj: orjson.dumps(obj).decode(),
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def open(
+        self, ctx: RequestContext, body: dict[str, Any], headers: Mapping[str, str]
+    ) -> UpstreamCall:
+        if self._session is None:
+            raise RuntimeError(f"upstream {self.name} used before start()")
+        url = self._base + _PATHS[ctx.endpoint]
+        try:
+            response = await self._session.post(
+                url, data=orjson.dumps(body), headers={**headers, **self._auth}
+            )
+        except aiohttp.ServerTimeoutError:
+            raise timeout_error("connect") from None
+        except aiohttp.ClientConnectorError as err:
+            raise upstream_error(
+                f"Could not connect to upstream {self.name!r}: {err.strerror or 'refused'}.",
+                code="upstream_connect_error",
+            ) from None
+        except aiohttp.ClientError as err:
+            raise upstream_error(
+                f"Upstream {self.name!r} failed before answering ({type(err).__name__}).",
+            ) from None
+        return AiohttpCall(response)
+
+    def observer(self, ctx: RequestContext) -> StreamObserver:
+        return OpenAIObserver()
