@@ -5,10 +5,11 @@ from __future__ import annotations
 import inspect
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from time import perf_counter
+from typing import Any, cast
 
 from pydantic import ValidationError
 
@@ -32,14 +33,36 @@ log = logging.getLogger("sluice.chain")
 ENTRY_POINT_GROUP = "sluice.plugins"
 
 
-def discover_plugins() -> dict[str, type[Any]]:
+class _EntryPointRegistry(Mapping[str, type[Any]]):
+    """Installed plugins by name; a plugin's module is imported only when it is used."""
+
+    def __init__(self) -> None:
+        self._eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+    def __getitem__(self, name: str) -> type[Any]:
+        try:
+            loaded = self._eps[name].load()
+        except KeyError:
+            raise
+        except Exception as err:
+            raise ConfigError(f"plugin {name!r} is installed but failed to load: {err}") from err
+        return cast(type[Any], loaded)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._eps)
+
+    def __len__(self) -> int:
+        return len(self._eps)
+
+
+def discover_plugins() -> Mapping[str, type[Any]]:
     """Installed plugin classes by name (built-ins register through the same group)."""
-    return {ep.name: ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return _EntryPointRegistry()
 
 
 def build_plugin(spec: PluginConfig, registry: Mapping[str, type[Any]], where: str) -> Any:
     """Instantiate one plugin with validated options; ConfigError names the key on failure."""
-    cls = registry.get(spec.name)
+    cls = registry.get(spec.name) if spec.name in registry else None
     if cls is None:
         known = ", ".join(sorted(registry)) or "none installed"
         raise ConfigError(f"{where}.name: unknown plugin {spec.name!r} (installed: {known})")
@@ -140,7 +163,9 @@ class Chain:
 
     def run_events(self, ctx: RequestContext, events: list[SSEEvent]) -> list[SSEEvent]:
         """Pass data events through every `on_event` hook in order (the hot path)."""
+        spent = ctx.plugin_seconds
         for entry, hook in self._event:
+            started = perf_counter()
             out: list[SSEEvent] = []
             for event in events:
                 if event.data_bytes is None:  # keep-alive comments skip plugins
@@ -158,6 +183,7 @@ class Chain:
                 else:
                     out.extend(result)
             events = out
+            spent[entry.name] = spent.get(entry.name, 0.0) + (perf_counter() - started)
         return events
 
     def run_flush(self, ctx: RequestContext) -> list[SSEEvent]:

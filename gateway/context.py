@@ -119,7 +119,10 @@ class RequestContext:
     status: int = 200
     outcome: Outcome | None = None
     error: GatewayError | None = None
+    events_in: int = 0
     events_out: int = 0
+    overhead_seconds: float = 0.0  # upstream bytes in hand to handed to the client socket
+    plugin_seconds: dict[str, float] = field(default_factory=dict)  # on_event time per plugin
     bytes_out: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)
     _state: dict[StateKey[Any], Any] = field(default_factory=dict, repr=False)

@@ -275,6 +275,7 @@ class _Stream:
         )
         self.response: web.StreamResponse | None = None
         self.finished = False
+        self._arrived: float | None = None  # when the bytes being processed came in
 
     # -- reading ---------------------------------------------------------------------
 
@@ -330,7 +331,9 @@ class _Stream:
                     chunk = await self._read()
                     if not chunk:
                         raise self._eof_failure()
-                    batch = _classify(self.ctx, self.observer, self._decode(chunk))
+                    events = self._decode(chunk)
+                    self.ctx.events_in += len(events)
+                    batch = _classify(self.ctx, self.observer, events)
                     held.extend(batch.events)
         except TimeoutError:
             pass  # slow first token: send headers now, keep streaming
@@ -404,9 +407,11 @@ class _Stream:
             chunk = await self._read()
             if not chunk:
                 raise self._eof_failure()
+            self._arrived = time.perf_counter()
             events = self._decode(chunk)
             if not events:
                 continue
+            ctx.events_in += len(events)
             batch = _classify(ctx, observer, events)
             if batch.has_data and not self.watchdog.got_first:
                 self._mark_first()
@@ -434,6 +439,9 @@ class _Stream:
     async def _write(self, events: list[SSEEvent]) -> None:
         assert self.response is not None
         data = encode_events(events)
+        if self._arrived is not None:
+            self.ctx.overhead_seconds += time.perf_counter() - self._arrived
+            self._arrived = None
         try:
             await self.response.write(data)
         except (ConnectionError, aiohttp.ClientConnectionResetError) as err:

@@ -1,4 +1,9 @@
-"""Latency meter: time to first token and inter-event gaps, recorded in the request context."""
+"""Latency meter: time to first token, inter-token gaps, tokens/s and the gateway's own time.
+
+Put it last in the chain: it timestamps events as they leave the chain, right before they
+are written, so a plugin that holds text back (a content filter) delays what it measures
+exactly as it delays the client.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +11,31 @@ import time
 from dataclasses import dataclass
 
 from gateway.context import RequestContext, StateKey
+from gateway.deltas import event_texts
 from gateway.plugin import Plugin
 from gateway.sse import SSEEvent
 
 
 @dataclass(slots=True)
 class LatencyStats:
-    """Per-request stream latency figures, in seconds. Read them from `LATENCY` in `on_end`."""
+    """Per-request stream latency figures in seconds; complete once `on_end` ran."""
 
-    ttft: float | None = None
-    events: int = 0
+    ttft: float | None = None  # request received -> first event carrying generated text
+    events: int = 0  # data events after the first token
     gap_count: int = 0
     gap_total: float = 0.0
     gap_max: float = 0.0
-    duration: float | None = None
+    duration: float | None = None  # request received -> request ended
+    time_per_output_token: float | None = None
+    tokens_per_second: float | None = None
+    overhead: float = 0.0  # gateway time: upstream bytes in hand -> handed to the client socket
+    overhead_per_event: float | None = None
+    _first: float | None = None
     _last: float | None = None
 
     @property
     def gap_mean(self) -> float | None:
-        """Mean time between two consecutive events, or None with fewer than two."""
+        """Mean time between two consecutive events after the first token."""
         return self.gap_total / self.gap_count if self.gap_count else None
 
 
@@ -32,8 +43,7 @@ LATENCY: StateKey[LatencyStats] = StateKey("latency")
 
 
 class LatencyMeter(Plugin):
-    """Records time to first token (request received to first event leaving the chain),
-    inter-event gaps and duration in `ctx` under `LATENCY`."""
+    """Records `LatencyStats` in the request context under `LATENCY`."""
 
     name = "latency"
 
@@ -45,10 +55,15 @@ class LatencyMeter(Plugin):
         if stats is None:
             return None
         now = time.perf_counter()
-        if stats._last is None:
+        last = stats._last
+        if last is None:
+            # Until the first token only: role-only chunks do not count as a token.
+            if not event_texts(ctx, event):
+                return None
             stats.ttft = now - ctx.timing.received
+            stats._first = now
         else:
-            gap = now - stats._last
+            gap = now - last
             stats.gap_count += 1
             stats.gap_total += gap
             if gap > stats.gap_max:
@@ -63,8 +78,12 @@ class LatencyMeter(Plugin):
             return
         if ctx.timing.ended is not None:
             stats.duration = ctx.timing.ended - ctx.timing.received
-        written = ctx.timing.first_event_written
-        if written is not None and stats.ttft is not None:
-            # The first event actually delivered can be later than the first one seen here
-            # when a later plugin holds text back; the client's view is what counts.
-            stats.ttft = max(stats.ttft, written - ctx.timing.received)
+        stats.overhead = ctx.overhead_seconds
+        if ctx.events_in:
+            stats.overhead_per_event = ctx.overhead_seconds / ctx.events_in
+        tokens = ctx.usage.completion_tokens or stats.events
+        if stats._first is not None and stats._last is not None and tokens > 1:
+            span = stats._last - stats._first
+            stats.time_per_output_token = span / (tokens - 1)
+            if span > 0:
+                stats.tokens_per_second = (tokens - 1) / span
