@@ -8,8 +8,7 @@ Events are meant to be treated as immutable: derive changed ones with :meth:`SSE
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
-from itertools import repeat
+from collections.abc import Iterable
 from typing import Any, Final, NoReturn
 
 import orjson
@@ -20,7 +19,6 @@ _BOM: Final = b"\xef\xbb\xbf"
 _DONE: Final = b"[DONE]"
 _DONE_STR: Final = "[DONE]"
 _UNSET: Final[Any] = object()  # "json not parsed yet" marker
-_SPLIT_KEEP_EOL: Final = re.compile(rb"(\r\n|\r|\n)")
 _SPLIT_EOL_BYTES: Final = re.compile(rb"\r\n|\r|\n")
 _FIELDS: Final = frozenset({"data", "event", "id", "retry", "comments"})
 
@@ -32,13 +30,18 @@ class SSEError(Exception):
 def _single_line(value: str, what: str) -> bytes:
     """UTF-8 encode a field value that must fit on one SSE line."""
     out = value.encode()
-    if b"\n" in out or b"\r" in out:
+    if 10 in out or 13 in out:
         raise ValueError(f"SSE {what} must not contain CR or LF: {value!r}")
     return out
 
 
 class SSEEvent:
-    """One dispatched event: its fields, any comment lines, and the bytes it came from."""
+    """One event: its fields, its comment lines, and ``raw``, the bytes it was decoded from.
+
+    ``raw`` (None for built events) runs from the end of the previous event to the end of this
+    one's blank line, so it may start with stray blank lines; ``encode()`` returns it verbatim.
+    ``id`` is this block's own id field (not the sticky last-event-ID of the browser API).
+    """
 
     __slots__ = ("_data", "_json", "comments", "event", "id", "raw", "retry")
 
@@ -136,7 +139,7 @@ class SSEEvent:
         if self.event is None and self.id is None and self.retry is None and not self.comments:
             if d is None:
                 return b""  # nothing to send; a lone blank line would be ignored anyway
-            if b"\n" not in d and b"\r" not in d:
+            if 10 not in d and 13 not in d:
                 return b"data: " + d + b"\n\n"
         return self._serialise(d)
 
@@ -177,6 +180,24 @@ _new_event = SSEEvent.__new__
 def encode_events(events: Iterable[SSEEvent]) -> bytes:
     """Concatenate the wire bytes of ``events``."""
     return b"".join([ev.encode() for ev in events])
+
+
+def _split_cr(chunk: bytes) -> list[bytes]:
+    """Cut ``chunk`` at every LF and lone CR (one-byte cuts); CRLF lines keep their CR."""
+    pieces = chunk.split(b"\n")
+    tail = pieces.pop()  # cannot end in the CR of a CRLF: a final CR is a line end
+    lines: list[bytes] = []
+    for piece in pieces:
+        if 13 in piece:
+            if piece[-1] == 13:
+                lines.extend(piece[:-1].split(b"\r"))
+                lines[-1] += b"\r"
+            else:
+                lines.extend(piece.split(b"\r"))
+        else:
+            lines.append(piece)
+    lines.extend(tail.split(b"\r"))
+    return lines
 
 
 class SSEDecoder:
@@ -244,14 +265,16 @@ class SSEDecoder:
         return []
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        """Parse the next chunk of the stream; return the events it completed."""
+        """Parse the next chunk of the stream; return the events it completed.
+
+        Raises SSEError if a line or an event outgrows its limit.
+        """
         if self._slow:
             chunk = self._prelude(chunk)
         if 13 in chunk:  # int membership is a plain memchr, much faster than b"\r"
-            parts = _SPLIT_KEEP_EOL.split(chunk)
             self._skip_lf = self._slow = chunk[-1] == 13
-            return self._run(chunk, parts[::2], map(len, parts[1::2]))
-        return self._run(chunk, chunk.split(b"\n"), repeat(1))
+            return self._run(chunk, _split_cr(chunk), True)
+        return self._run(chunk, chunk.split(b"\n"), False)
 
     def _prelude(self, chunk: bytes) -> bytes:
         """Handle the sticky error, the leading BOM, and the "\\n" of a CRLF split over chunks."""
@@ -272,8 +295,11 @@ class SSEDecoder:
                 chunk = chunk[1:]
         return chunk
 
-    def _run(self, chunk: bytes, lines: list[bytes], eols: Iterator[int]) -> list[SSEEvent]:
-        """Consume ``chunk`` split into ``lines`` (the last one unterminated) and EOL lengths."""
+    def _run(self, chunk: bytes, lines: list[bytes], crlf: bool) -> list[SSEEvent]:
+        """Consume ``chunk`` cut into ``lines`` at one-byte line ends (the last one unterminated).
+
+        If ``crlf``, a line may end in the CR of a CRLF, which is dropped from its content.
+        """
         buf = self._buf
         tail = lines.pop()
         partial = self._partial
@@ -284,13 +310,16 @@ class SSEDecoder:
         # Below the smaller limit no line or event can break one: skip the checks.
         careful = len(buf) + len(chunk) > self._check_above
         if careful:
-            self._check_lines(lines)
+            self._check_lines(lines, crlf)
         events: list[SSEEvent] = []
         start = 0
         in_block = self._in_block
         dl = self._dl
-        for line, eol in zip(lines, eols, strict=False):
-            end = pos + len(line) + eol
+        for line in lines:
+            end = pos + len(line) + 1
+            pos = end
+            if crlf and line[-1:] == b"\r":
+                line = line[:-1]
             if line:
                 in_block = True
                 if line[:6] == b"data: ":
@@ -316,14 +345,17 @@ class SSEDecoder:
                     events.append(self._dispatch(raw))
                 in_block = False
                 start = end
-            pos = end
         self._in_block = in_block
+        self._hold(chunk, start, len(tail) if lines else partial + len(tail), careful)
+        return events
+
+    def _hold(self, chunk: bytes, start: int, partial: int, careful: bool) -> None:
+        """Keep the bytes of the unfinished event, ``partial`` of them an unterminated line."""
         if start < len(chunk):
-            buf += chunk[start:] if start else chunk
-        self._partial = len(tail) if lines else partial + len(tail)
+            self._buf += chunk[start:] if start else chunk
+        self._partial = partial
         if careful:
             self._check_held()
-        return events
 
     def _field(self, line: bytes) -> None:
         """Apply one non-blank line other than ``data:...`` to the event in progress."""
@@ -374,10 +406,13 @@ class SSEDecoder:
             ev.comments = ()
         return ev
 
-    def _check_lines(self, lines: list[bytes]) -> None:
-        """Raise if a complete line is longer than max_line_bytes."""
-        if lines and max(map(len, lines)) > self._max_line:
-            self._fail(f"SSE line exceeds max_line_bytes={self._max_line}")
+    def _check_lines(self, lines: list[bytes], crlf: bool) -> None:
+        """Raise if a complete line (without its line end) is longer than max_line_bytes."""
+        limit = self._max_line
+        if lines and max(map(len, lines)) > limit:
+            for line in lines:
+                if len(line) - (crlf and line[-1:] == b"\r") > limit:
+                    self._fail(f"SSE line exceeds max_line_bytes={limit}")
 
     def _check_event(self, raw: bytes) -> None:
         """Raise if a complete event is longer than max_event_bytes."""
