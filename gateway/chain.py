@@ -163,8 +163,13 @@ class Chain:
 
     def run_events(self, ctx: RequestContext, events: list[SSEEvent]) -> list[SSEEvent]:
         """Pass data events through every `on_event` hook in order (the hot path)."""
+        return self._apply(ctx, events, self._event)
+
+    def _apply(
+        self, ctx: RequestContext, events: list[SSEEvent], hooks: list[tuple[_Entry, OnEvent]]
+    ) -> list[SSEEvent]:
         spent = ctx.plugin_seconds
-        for entry, hook in self._event:
+        for entry, hook in hooks:
             started = perf_counter()
             out: list[SSEEvent] = []
             for event in events:
@@ -187,7 +192,11 @@ class Chain:
         return events
 
     def run_flush(self, ctx: RequestContext) -> list[SSEEvent]:
-        """Collect held-back events at the normal end; later plugins see earlier flushes."""
+        """Collect held-back events at the normal end, in chain order.
+
+        Events a plugin flushes pass through the `on_event` hooks of the plugins after it,
+        whose own flushes come later, so nothing skips a plugin downstream of its source.
+        """
         pending: list[SSEEvent] = []
         for entry, hook in self._flush:
             try:
@@ -196,26 +205,10 @@ class Chain:
                 self._failed(entry, "on_flush", ctx)
                 flushed = []
             if flushed:
-                pending.extend(self._run_events_after(ctx, flushed, entry))
+                position = self.entries.index(entry)
+                later = [(e, h) for e, h in self._event if self.entries.index(e) > position]
+                pending.extend(self._apply(ctx, flushed, later))
         return pending
-
-    def _run_events_after(
-        self, ctx: RequestContext, events: list[SSEEvent], after: _Entry
-    ) -> list[SSEEvent]:
-        """Run events flushed by `after` through the event hooks that follow it."""
-        later = False
-        for entry, hook in self._event:
-            if entry is after:
-                later = True
-                continue
-            if not later:
-                continue
-            out: list[SSEEvent] = []
-            for event in events:
-                result = hook(ctx, event) if event.data_bytes is not None else None
-                out.extend([event] if result is None else result)
-            events = out
-        return events
 
     async def run_response(self, ctx: RequestContext, body: dict[str, Any]) -> dict[str, Any]:
         """Run `on_response` hooks over a non-streaming body."""

@@ -170,6 +170,16 @@ def _format_validation(err: ValidationError) -> str:
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif item["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc = f"{loc}.kind"
+            ctx = item.get("ctx") or {}
+            found = ctx.get("tag")
+            known = "openai, demo"
+            msg = (
+                f"unknown kind {found!r} (known: {known})"
+                if found
+                else f"required (one of: {known})"
+            )
         elif msg.startswith("Value error, "):
             msg = msg.removeprefix("Value error, ")
         lines.append(f"{loc}: {msg}" if loc else msg)
@@ -197,6 +207,8 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Gate
             text = path.read_text("utf-8")
         except OSError as err:
             raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"cannot read {path}: it is not UTF-8 text") from None
         source = str(path)
     try:
         data = yaml.safe_load(text)

@@ -97,7 +97,7 @@ _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 def request_id_from(header: str | None) -> str:
     """Keep a client's X-Request-Id if it is sane, else generate one."""
-    if header and _SANE_REQUEST_ID.match(header):
+    if header and _SANE_REQUEST_ID.fullmatch(header):
         return header
     return f"req_{uuid.uuid4().hex}"
 

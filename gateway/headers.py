@@ -59,8 +59,7 @@ def _all(headers: Mapping[str, str], name: str) -> list[str]:
     getall = getattr(headers, "getall", None)
     if getall is not None:
         return list(getall(name, []))
-    value = headers.get(name)
-    return [value] if value is not None else []
+    return [value for key, value in headers.items() if key.lower() == name]
 
 
 SSE_RESPONSE_HEADERS = {

@@ -9,6 +9,13 @@ import orjson
 from gateway.errors import GatewayError, sanitise_message
 
 
+def _code_of(payload: Any) -> str | None:
+    """The upstream's own string error code (e.g. `context_length_exceeded`), if any."""
+    err = payload.get("error") if isinstance(payload, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    return code if isinstance(code, str) and len(code) <= 64 else None
+
+
 def _message_of(payload: Any) -> tuple[str | None, str | None, int | None]:
     """(message, type, code-as-status) from the common error shapes.
 
@@ -66,7 +73,7 @@ def error_from_upstream(status: int, body: bytes) -> GatewayError:
         out_status,
         sanitise_message(message),
         type=typ if typ and out_status < 500 else "upstream_error",
-        code=code if out_status >= 500 else (typ or "upstream_error"),
+        code=code if out_status >= 500 else (_code_of(payload) or typ or "upstream_error"),
     )
 
 

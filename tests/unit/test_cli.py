@@ -1,0 +1,260 @@
+"""The `sluice` command line: check-config, serve's config handling, and one real serve run."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+import gateway.cli
+from gateway.cli import main, parser
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = """\
+upstreams:
+  sim:
+    kind: demo
+    ttft_ms: 0
+    itl_ms: 0
+routes:
+  - model: demo
+    upstream: sim
+plugins:
+  - name: latency
+"""
+
+BAD_ROUTE = """\
+upstreams:
+  sim: {kind: demo}
+routes:
+  - model: demo
+    upstream: elsewhere
+"""
+
+BAD_PLUGIN_OPTION = """\
+upstreams:
+  sim: {kind: demo}
+routes:
+  - model: demo
+    upstream: sim
+plugins:
+  - name: latency
+    options: {colour: red}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _no_logging_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """main() configures root logging; keep that from leaking into other tests."""
+
+    def noop(**kwargs: Any) -> None:
+        pass
+
+    monkeypatch.setattr(logging, "basicConfig", noop)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sluice.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- check-config --------------------------------------------------------------------------
+
+
+def test_check_config_good_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, GOOD)
+    assert main(["check-config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"{path}: OK (1 upstreams, 1 routes, 1 global plugins)"
+    assert err == ""
+
+
+def test_check_config_bad_file_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, BAD_ROUTE)
+    assert main(["check-config", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("sluice: ")
+    assert str(path) in err
+    assert "routes[0].upstream" in err
+    assert "'elsewhere'" in err
+
+
+def test_check_config_validates_plugin_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, BAD_PLUGIN_OPTION)
+    assert main(["check-config", str(path)]) == 1
+    assert "plugins[0].options.colour: unknown key" in capsys.readouterr().err
+
+
+def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "nope.yaml"
+    assert main(["check-config", str(path)]) == 1
+    assert str(path) in capsys.readouterr().err
+
+
+def test_check_config_example_needs_its_env_var(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example = str(REPO_ROOT / "config.example.yaml")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert main(["check-config", example]) == 1
+    assert "OPENAI_API_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-real")
+    assert main(["check-config", example]) == 0
+
+
+# --- serve (in process, never binding) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (BAD_ROUTE, "routes[0].upstream"),
+        (BAD_PLUGIN_OPTION, "plugins[0].options.colour"),
+        ("- not a mapping\n", "mapping"),
+    ],
+)
+def test_serve_with_bad_config_returns_2_without_binding(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    needle: str,
+) -> None:
+    def must_not_run(*args: Any, **kwargs: Any) -> None:
+        pytest.fail("serve tried to start the server with a bad config")
+
+    monkeypatch.setattr(gateway.cli, "_run", must_not_run)
+    path = _write(tmp_path, text)
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sluice: ")
+    assert needle in err
+
+
+def test_serve_uses_config_host_and_port_unless_overridden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, int]] = []
+
+    async def fake_serve(config: Any, host: str, port: int, *, announce: bool = True) -> None:
+        seen.append((host, port))
+
+    monkeypatch.setattr(gateway.cli, "serve", fake_serve)
+    path = _write(tmp_path, GOOD + "server: {host: 0.0.0.0, port: 9123}\n")
+    assert main(["serve", "--config", str(path)]) == 0
+    assert main(["serve", "--config", str(path), "--host", "::1", "--port", "0"]) == 0
+    assert seen == [("0.0.0.0", 9123), ("::1", 0)]
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def test_parser_serve_options() -> None:
+    args = parser().parse_args(
+        ["serve", "--config", "conf.yaml", "--host", "0.0.0.0", "--port", "9000"]
+    )
+    assert args.command == "serve"
+    assert args.config == Path("conf.yaml")
+    assert args.host == "0.0.0.0"
+    assert args.port == 9000
+
+
+def test_parser_serve_defaults() -> None:
+    args = parser().parse_args(["serve"])
+    assert args.config is None
+    assert args.host is None
+    assert args.port is None
+    assert args.log_level == "INFO"
+
+
+def test_parser_check_config_takes_a_path() -> None:
+    args = parser().parse_args(["check-config", "x.yaml"])
+    assert args.file == Path("x.yaml")
+
+
+@pytest.mark.parametrize("argv", [[], ["serve", "--port", "eighty"], ["check-config"], ["nope"]])
+def test_parser_rejects_bad_usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parser().parse_args(argv)
+    assert info.value.code == 2
+    assert "usage: sluice" in capsys.readouterr().err
+
+
+# --- serve (real process) ------------------------------------------------------------------
+
+LISTENING = re.compile(rb"Sluice listening on http://127\.0\.0\.1:(\d+)")
+
+
+async def _wait_for_port(proc: asyncio.subprocess.Process) -> int:
+    assert proc.stdout is not None
+    seen: list[bytes] = []
+    async with asyncio.timeout(30):
+        while line := await proc.stdout.readline():
+            seen.append(line)
+            if match := LISTENING.search(line):
+                return int(match.group(1))
+    pytest.fail(f"server exited before announcing its port: {b''.join(seen)!r}")
+
+
+async def test_serve_subprocess_streams_the_demo_and_stops_on_sigterm() -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+        env=env,
+    )
+    try:
+        port = await _wait_for_port(proc)
+        assert port > 0
+        base = f"http://127.0.0.1:{port}"
+        request = {
+            "model": "demo",
+            "stream": True,
+            "max_tokens": 3,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        async with asyncio.timeout(30), aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/readyz") as ready:
+                assert ready.status == 200
+                assert await ready.json() == {"ready": True}
+            async with session.post(f"{base}/v1/chat/completions", json=request) as resp:
+                assert resp.status == 200
+                assert resp.content_type == "text/event-stream"
+                body = await resp.read()
+        assert b'"chat.completion.chunk"' in body
+        assert body.rstrip().endswith(b"data: [DONE]")
+
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            code = await proc.wait()
+        assert code == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        await proc.stdout.read()
+        await proc.stderr.read()
