@@ -74,7 +74,10 @@ def build_plugin(spec: PluginConfig, registry: Mapping[str, type[Any]], where: s
         loc = ".".join(str(p) for p in first["loc"])
         msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
         raise ConfigError(f"{where}.options.{loc}: {msg}") from None
-    return cls(options)
+    try:
+        return cls(options)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 @dataclass(slots=True)

@@ -225,8 +225,10 @@ class Proxy:
                 raise error
             payload = await chain.run_response(ctx, payload)
         ctx.outcome = Outcome.COMPLETED
+        out = orjson.dumps(payload)
+        ctx.bytes_out = len(out)
         return web.Response(
-            body=orjson.dumps(payload),
+            body=out,
             content_type="application/json",
             headers={"X-Request-Id": ctx.request_id, **ctx.response_headers},
         )
@@ -469,8 +471,7 @@ class _Stream:
 
     async def _fail(self, response: web.StreamResponse, err: GatewayError) -> None:
         """The contract after headers: one final error event, then the stream ends."""
-        self.call.abort()
-        self.ctx.status = err.status
+        self.call.abort()  # ctx.status stays 200: that is what the client got; ctx.error says why
         try:
             await self._write([self.observer.error_event(err)])
             await response.write_eof()
