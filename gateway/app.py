@@ -84,7 +84,8 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
             exc.status
         )
-        return GatewayError(exc.status, exc.reason, code=code).to_response()
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return GatewayError(exc.status, exc.reason, code=code, headers=allow).to_response()
 
 
 async def _models(request: web.Request) -> web.Response:

@@ -172,7 +172,7 @@ class Chain:
         self, ctx: RequestContext, events: list[SSEEvent], hooks: list[tuple[_Entry, OnEvent]]
     ) -> list[SSEEvent]:
         spent = ctx.plugin_seconds
-        for entry, hook in hooks:
+        for position, (entry, hook) in enumerate(hooks):
             started = perf_counter()
             out: list[SSEEvent] = []
             for event in events:
@@ -181,7 +181,12 @@ class Chain:
                     continue
                 try:
                     result = hook(ctx, event)
-                except (EndStream, Reject):
+                except EndStream as end:
+                    # What this plugin already let through still goes out, before its final
+                    # events, and both pass the plugins after it.
+                    end.events = self._apply(ctx, [*out, *end.events], hooks[position + 1 :])
+                    raise
+                except Reject:
                     raise
                 except Exception:
                     self._failed(entry, "on_event", ctx)

@@ -38,7 +38,9 @@ class OpenAIUpstream(_Strict):
     api_key: SecretStr | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     timeouts: Timeouts = Timeouts()
-    max_connections: int = Field(256, ge=1)
+    max_connections: int = Field(
+        4096, ge=1, description="pooled connections to this upstream (one per open stream)"
+    )
     verify_tls: bool = True
     ca_bundle: Path | None = None
 

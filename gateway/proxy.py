@@ -9,7 +9,6 @@ stays bounded by the decoder's limits and the sockets' buffers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -278,6 +277,7 @@ class _Stream:
         self.response: web.StreamResponse | None = None
         self.finished = False
         self._arrived: float | None = None  # when the bytes being processed came in
+        self._first = _Batch([])  # what `start` read before committing headers
 
     # -- reading ---------------------------------------------------------------------
 
@@ -323,7 +323,11 @@ class _Stream:
     # -- phase 1: hold headers until the first event tells success from failure -------
 
     async def start(self, request: web.Request) -> web.StreamResponse:
-        """Read up to the first data event (bounded wait), then commit 200 and write it."""
+        """Read up to the first data event (bounded wait), then commit 200 headers.
+
+        Errors found here are real HTTP errors. The events read so far are delivered by
+        `run`, so any failure from then on follows the after-headers contract.
+        """
         held: list[SSEEvent] = []
         batch = _Batch([])
         hold = self.server.header_hold_seconds
@@ -342,11 +346,15 @@ class _Stream:
         except _StreamFailed as failed:
             self.ctx.outcome = failed.outcome
             raise failed.error from None
-        if batch.error is not None:
+        good_data = any(event.data_bytes is not None for event in held)
+        if batch.error is not None and not good_data:
             self.ctx.outcome = Outcome.UPSTREAM_ERROR
             raise batch.error
         if batch.has_data:
             self._mark_first()
+        # An error after good events in the same read is reported after them, exactly as
+        # if it had arrived in a later read: the result must not depend on chunking.
+        self._first = _Batch(held, batch.terminal, batch.error)
         await self.chain.run_response_start(self.ctx)
         response = web.StreamResponse(
             status=200,
@@ -357,41 +365,45 @@ class _Stream:
             },
         )
         response.enable_chunked_encoding()
-        await response.prepare(request)
-        self.ctx.timing.response_started = time.perf_counter()
-        self.response = response
         try:
-            await self._deliver(_Batch(held, batch.terminal))
-        except _ClientGone:
+            await response.prepare(request)
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
             self.ctx.outcome = Outcome.CLIENT_DISCONNECTED
             self.finished = True
-        except _Ended:
-            self.finished = True
-            await self._finish(response)
+            return response
+        self.ctx.timing.response_started = time.perf_counter()
+        self.response = response
         return response
 
     def _mark_first(self) -> None:
-        self.watchdog.got_first = True
+        self.watchdog.mark_first()
         self.ctx.timing.first_upstream_event = time.perf_counter()
 
     # -- phase 2: the pump ---------------------------------------------------------------
 
     async def run(self, response: web.StreamResponse) -> None:
-        """Pump events until the terminal event, a failure, or the client leaving."""
+        """Deliver what `start` read, then pump until the end, a failure or the client leaving."""
         if self.finished:
             return
         ctx = self.ctx
         try:
-            with contextlib.suppress(_Ended):
-                await self._pump()
+            try:
+                first = self._first
+                await self._deliver(first)
+                if first.error is not None:
+                    raise _StreamFailed(first.error, Outcome.UPSTREAM_ERROR)
+                if first.terminal is None:
+                    await self._pump()
+            except _Ended:
+                pass
             ctx.outcome = ctx.outcome or Outcome.COMPLETED
             await self._finish(response)
         except _StreamFailed as failed:
             ctx.outcome = failed.outcome
             ctx.error = failed.error
             await self._fail(response, failed.error)
-        except Reject as err:
-            ctx.outcome = Outcome.REJECTED
+        except GatewayError as err:  # Reject from a plugin, or a fail-closed plugin's failure
+            ctx.outcome = Outcome.REJECTED if isinstance(err, Reject) else Outcome.ERROR
             ctx.error = err
             await self._fail(response, err)
         except _ClientGone:
@@ -403,8 +415,6 @@ class _Stream:
 
     async def _pump(self) -> None:
         observer, ctx = self.observer, self.ctx
-        if observer.done:
-            return
         while True:
             chunk = await self._read()
             if not chunk:
@@ -425,16 +435,19 @@ class _Stream:
 
     async def _deliver(self, batch: _Batch) -> None:
         """Run a batch through the chain and write it in one go (plus the flush at the end)."""
-        if self.chain.has_event_hooks:
-            try:
-                out = self.chain.run_events(self.ctx, batch.events)
-            except EndStream as end:
-                await self._end_early(end)
-                raise _Ended() from None
-        else:
-            out = batch.events
-        if batch.terminal is not None:
-            out = [*out, *self.chain.run_flush(self.ctx), batch.terminal]
+        chain = self.chain
+        out: list[SSEEvent] = []
+        try:
+            if chain.has_event_hooks:
+                out = chain.run_events(self.ctx, batch.events)
+            else:
+                out = batch.events
+            if batch.terminal is not None:
+                out = [*out, *chain.run_flush(self.ctx), batch.terminal]
+        except EndStream as end:
+            # What passed the chain before a flush-time EndStream still goes out first.
+            await self._end_early([*out, *end.events], end.outcome)
+            raise _Ended() from None
         if out:
             await self._write(out)
 
@@ -456,11 +469,11 @@ class _Stream:
         self.ctx.events_out += len(events)
         self.ctx.bytes_out += len(data)
 
-    async def _end_early(self, end: EndStream) -> None:
+    async def _end_early(self, events: list[SSEEvent], outcome: Outcome) -> None:
         self.call.abort()
-        self.ctx.outcome = end.outcome
+        self.ctx.outcome = outcome
         terminal = self.observer.terminal_event()
-        await self._write([*end.events, *([terminal] if terminal else [])])
+        await self._write([*events, *([terminal] if terminal else [])])
 
     async def _finish(self, response: web.StreamResponse) -> None:
         self.call.release()

@@ -47,6 +47,16 @@ class Watchdog:
         if self.fired is not None:
             call.abort()
 
+    def mark_first(self) -> None:
+        """The first event arrived: from now on the idle limit applies (re-arms the timer)."""
+        if self.got_first or self.fired is not None:
+            return
+        self.got_first = True
+        if self._handle is not None:
+            self._handle.cancel()
+            now = self._loop.time()
+            self._handle = self._loop.call_at(self._next_check(now), self._check)
+
     def _next_check(self, now: float) -> float:
         at = self._total_deadline
         if not self.got_first:

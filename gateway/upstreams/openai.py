@@ -104,9 +104,9 @@ class OpenAICompatible(Upstream):
         connector = aiohttp.TCPConnector(
             limit=self.config.max_connections, ssl=self._ssl(), keepalive_timeout=30
         )
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self.timeouts.connect, connect=self.timeouts.connect
-        )
+        # sock_connect only: `connect` would also count the wait for a free pooled
+        # connection, which is not a connect failure (concurrency limits live elsewhere).
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=timeout,

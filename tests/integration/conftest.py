@@ -1,0 +1,28 @@
+"""Fixtures for the loopback integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from tests.integration._support import GatedUpstream
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An aiohttp client session (no timeouts of its own: tests bound their waits)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        yield session
+
+
+@pytest.fixture
+async def gated() -> AsyncIterator[GatedUpstream]:
+    """A fake upstream whose GatedScripts can hold any chunk until the test releases it."""
+    upstream = GatedUpstream()
+    await upstream.start()
+    try:
+        yield upstream
+    finally:
+        await upstream.close()
