@@ -8,8 +8,7 @@ Currently: OpenAI chat completions and completions.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from gateway.context import Endpoint, RequestContext
@@ -61,29 +60,29 @@ def finish_reasons(ctx: RequestContext, event: SSEEvent) -> dict[int, str]:
     }
 
 
-def _iter_choices(obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for choice in obj.get("choices") or ():
-        if isinstance(choice, dict):
-            yield choice
-
-
 def with_texts(ctx: RequestContext, event: SSEEvent, texts: Mapping[int, str]) -> SSEEvent:
     """A copy of `event` whose text for each choice index in `texts` is replaced."""
     obj = _parsed(event)
     if obj is None:
         return event
-    obj = copy.deepcopy(obj)
-    for choice in _iter_choices(obj):
-        index = int(choice.get("index", 0))
+    # Copy only the path that changes: the event's cached JSON must stay as it was.
+    choices: list[Any] = []
+    for choice in obj.get("choices") or ():
+        index = int(choice.get("index", 0)) if isinstance(choice, dict) else -1
         if index not in texts:
+            choices.append(choice)
             continue
+        choice = dict(choice)
         if ctx.endpoint is Endpoint.CHAT:
-            delta = choice.setdefault("delta", {})
-            if isinstance(delta, dict):
-                delta["content"] = texts[index]
+            delta = choice.get("delta")
+            choice["delta"] = {
+                **(delta if isinstance(delta, dict) else {}),
+                "content": texts[index],
+            }
         else:
             choice["text"] = texts[index]
-    return SSEEvent.from_json(obj, event=event.event, id=event.id)
+        choices.append(choice)
+    return SSEEvent.from_json({**obj, "choices": choices}, event=event.event, id=event.id)
 
 
 def text_event(

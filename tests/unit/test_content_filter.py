@@ -1,0 +1,821 @@
+"""The content filter: detectors, rules, options, prompts, hold-back streaming, responses."""
+
+from __future__ import annotations
+
+import timeit
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.chain import build_plugin, discover_plugins
+from gateway.config import ConfigError, PluginConfig
+from gateway.context import Endpoint, RequestContext
+from gateway.deltas import event_texts, finish_reasons
+from gateway.plugin import EndStream, Reject
+from gateway.sse import SSEEvent
+from gateway.testing.fake_upstream import openai_chunk, openai_completion
+from plugins.content_filter import (
+    DETECTOR_MAX_CHARS,
+    FILTER,
+    ContentFilter,
+    ContentFilterOptions,
+    FilterStats,
+    luhn_valid,
+)
+
+CARD = "4111 1111 1111 1111"
+EMAIL = "jane.doe+x@mail.example.co.uk"
+KEY = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"
+PHONE = "(555) 123-4567"
+WORD_RULES = [{"name": "banned", "words": ["foo", "bar baz"]}]
+
+
+def make(**options: Any) -> ContentFilter:
+    return ContentFilter(ContentFilterOptions.model_validate(options))
+
+
+def redact(text: str, **options: Any) -> str:
+    return make(**options).scanner.redact(text)[0]
+
+
+async def start(
+    plugin: ContentFilter,
+    *,
+    endpoint: Endpoint = Endpoint.CHAT,
+    body: dict[str, Any] | None = None,
+    stream: bool = True,
+) -> RequestContext:
+    ctx = RequestContext("req-1", endpoint, body=body or {"stream": stream}, stream=stream)
+    await plugin.on_request(ctx)
+    return ctx
+
+
+def chunk(
+    text: str | None,
+    index: int = 0,
+    finish: str | None = None,
+    *,
+    role: bool = False,
+) -> SSEEvent:
+    obj = openai_chunk(text, index=index, finish_reason=finish, role=role, cid="chatcmpl-xyz")
+    return SSEEvent(orjson.dumps(obj))
+
+
+def text_chunk(text: str, index: int = 0, finish: str | None = None) -> SSEEvent:
+    obj = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "gpt-test",
+        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+    }
+    return SSEEvent(orjson.dumps(obj))
+
+
+@dataclass
+class Run:
+    """What a stream looked like after the filter."""
+
+    events: list[SSEEvent]
+    ended: bool  # EndStream was raised
+    ctx: RequestContext
+    held: list[int]  # the filter's peak of held characters after each event
+
+    def text(self, index: int = 0) -> str:
+        return "".join(event_texts(self.ctx, e).get(index, "") for e in self.events)
+
+    def finishes(self, index: int = 0) -> list[str]:
+        return [
+            r for e in self.events for i, r in finish_reasons(self.ctx, e).items() if i == index
+        ]
+
+    @property
+    def stats(self) -> FilterStats:
+        return self.ctx.require(FILTER)
+
+
+def feed(
+    plugin: ContentFilter, ctx: RequestContext, events: Sequence[SSEEvent], *, flush: bool = True
+) -> Run:
+    out: list[SSEEvent] = []
+    held: list[int] = []
+    try:
+        for event in events:
+            result = plugin.on_event(ctx, event)
+            out.extend([event] if result is None else result)
+            held.append(ctx.require(FILTER).held_max)
+    except EndStream as end:
+        return Run([*out, *end.events], True, ctx, held)
+    if flush:
+        out.extend(plugin.on_flush(ctx) or [])
+    return Run(out, False, ctx, held)
+
+
+async def stream(
+    plugin: ContentFilter, tokens: Sequence[str], *, finish: bool = True, role: bool = True
+) -> Run:
+    ctx = await start(plugin)
+    events = [chunk("", role=True)] if role else []
+    events += [chunk(t) for t in tokens]
+    if finish:
+        events.append(chunk(None, finish="stop"))
+    return feed(plugin, ctx, events)
+
+
+def pieces(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def split_in(text: str, count: int) -> list[str]:
+    step = -(-len(text) // count)
+    return pieces(text, step)
+
+
+# ----- detectors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        "4111111111111111",
+        "4111 1111 1111 1111",
+        "5500-0000-0000-0004",
+        "378282246310005",
+        "6011111111111117",
+        "4222222222222",
+    ],
+)
+def test_luhn_accepts_valid_card_numbers(number: str) -> None:
+    assert luhn_valid(number)
+
+
+@pytest.mark.parametrize(
+    "number", ["4111111111111112", "1234567812345678", "378282246310006", "411111111111", "4" * 20]
+)
+def test_luhn_rejects_invalid_or_wrong_length_numbers(number: str) -> None:
+    assert not luhn_valid(number)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("pay with 4111 1111 1111 1111 now", "pay with [REDACTED:credit_card] now"),
+        ("4111-1111-1111-1111", "[REDACTED:credit_card]"),
+        ("amex 378282246310005.", "amex [REDACTED:credit_card]."),
+        ("amex 3782 822463 10005", "amex [REDACTED:credit_card]"),
+        ("card 4111 1111 1111 1111 12/26 cvv 123", "card [REDACTED:credit_card] 12/26 cvv 123"),
+        ("bad 4111 1111 1111 1112", "bad 4111 1111 1111 1112"),  # Luhn fails
+        ("id 41111111111111111111111", "id 41111111111111111111111"),  # too long
+        ("order 123456", "order 123456"),
+    ],
+)
+def test_credit_card_detector_is_luhn_checked(text: str, expected: str) -> None:
+    assert redact(text, rules=[{"detector": "credit_card"}]) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("mail jane@example.com.", "mail [REDACTED:email]."),
+        (f"<{EMAIL}>", "<[REDACTED:email]>"),
+        ("Jos\u00e9.M@correo.es y", "[REDACTED:email] y"),
+        ("a@b.c is no address", "a@b.c is no address"),
+        ("user@localhost", "user@localhost"),
+        ("at @ sign, x@ y.com", "at @ sign, x@ y.com"),
+    ],
+)
+def test_email_detector(text: str, expected: str) -> None:
+    assert redact(text, rules=[{"detector": "email"}]) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("call +1 555 123 4567 now", "call [REDACTED:phone] now"),
+        ("call (555) 123-4567.", "call [REDACTED:phone]."),
+        ("call 555-123-4567", "call [REDACTED:phone]"),
+        ("call 1-800-555-0199", "call [REDACTED:phone]"),
+        ("tel +44 20 7946 0958", "tel [REDACTED:phone]"),
+        ("tel +4915123456789", "tel [REDACTED:phone]"),
+        ("on 2024-10-05", "on 2024-10-05"),
+        ("version 1.2.3 of 12345", "version 1.2.3 of 12345"),
+        ("ip 192.168.100.1000", "ip 192.168.100.1000"),
+        ("v 555-123-4567.8", "v 555-123-4567.8"),
+        ("end: 555-123-4567.", "end: [REDACTED:phone]."),
+    ],
+)
+def test_phone_detector(text: str, expected: str) -> None:
+    assert redact(text, rules=[{"detector": "phone"}]) == expected
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        KEY,
+        "sk-ant-api03-" + "A1b2_C3d4-" * 9,
+        "AKIAIOSFODNN7EXAMPLE",
+        "ghp_" + "a1B2" * 9,
+        "github_pat_" + "x" * 82,
+        "xoxb-1234567890-abcdefghij",
+        "xoxp-1234567890-abcdefghij",
+        "AIza" + "S" * 35,
+        "-----BEGIN RSA PRIVATE KEY-----",
+        "-----BEGIN OPENSSH PRIVATE KEY-----",
+        "-----BEGIN PRIVATE KEY-----",
+    ],
+)
+def test_api_key_detector_finds_common_formats(key: str) -> None:
+    assert redact(f"key={key}\n", rules=[{"detector": "api_key"}]) == "key=[REDACTED:api_key]\n"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "use sk-learn for this",
+        "a risk-free-investment-strategy-for-everyone",
+        "AKIA is short",
+        "ghp_tooshort",
+        "-----BEGIN PUBLIC KEY-----",
+        "the skeleton key",
+    ],
+)
+def test_api_key_detector_leaves_ordinary_text(text: str) -> None:
+    assert redact(text, rules=[{"detector": "api_key"}]) == text
+
+
+def test_default_rules_are_the_four_detectors_and_their_windows() -> None:
+    plugin = make()
+    assert plugin.scanner.names == ["email", "phone", "api_key", "credit_card"]
+    assert DETECTOR_MAX_CHARS == {"email": 153, "phone": 36, "credit_card": 19, "api_key": 203}
+    assert plugin.window == 203
+    assert make(rules=[{"detector": "phone"}]).window == 36
+
+
+# ----- words and regexes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Foo and FOO.", "[REDACTED:banned] and [REDACTED:banned]."),
+        ("food, foobar, afoo", "food, foobar, afoo"),
+        ("BAR Baz!", "[REDACTED:banned]!"),
+        ("bar bazooka", "bar bazooka"),
+        ("bar  baz", "bar  baz"),  # literal: one space
+    ],
+)
+def test_words_are_literal_case_insensitive_and_whole_word(text: str, expected: str) -> None:
+    assert redact(text, rules=WORD_RULES) == expected
+
+
+def test_words_prefer_the_longest_and_allow_symbols() -> None:
+    rules = [{"name": "w", "words": ["bar", "bar baz", "C++", "a.b"]}]
+    assert (
+        redact("bar baz, c++ and axb a.b", rules=rules)
+        == "[REDACTED:w], [REDACTED:w] and axb [REDACTED:w]"
+    )
+    assert make(rules=rules).window == len("bar baz")
+
+
+def test_regex_rule_with_derived_and_declared_window() -> None:
+    ssn = {"name": "ssn", "regex": r"\b\d{3}-\d{2}-\d{4}\b"}
+    assert (
+        redact("ssn 123-45-6789, not 1234-56-7890", rules=[ssn])
+        == "ssn [REDACTED:ssn], not 1234-56-7890"
+    )
+    assert make(rules=[ssn]).window == 11
+    loose = {"name": "ticket", "regex": r"TCK-\d+", "max_match_chars": 12}
+    assert make(rules=[loose]).window == 12
+    assert redact("see TCK-12345", rules=[loose]) == "see [REDACTED:ticket]"
+
+
+def test_regex_flags() -> None:
+    rules = [
+        {"name": "ci", "regex": r"secret\d", "ignore_case": True},
+        {"name": "inline", "regex": r"(?i)token\d"},
+        {"name": "verbose", "regex": "(?x) pin [0-9]{4}  # four digits"},
+    ]
+    assert (
+        redact("SECRET1 Token2 pin1234", rules=rules)
+        == "[REDACTED:ci] [REDACTED:inline] [REDACTED:verbose]"
+    )
+    assert redact("SECRET1", rules=[{"name": "cs", "regex": r"secret\d"}]) == "SECRET1"
+
+
+def test_redaction_template_and_stats() -> None:
+    plugin = make(rules=WORD_RULES, redaction="***")
+    assert plugin.scanner.redact("foo bar baz")[0] == "*** ***"
+
+
+@pytest.mark.parametrize(
+    ("options", "where", "message"),
+    [
+        (
+            {"rules": [{"name": "x", "regex": "a+"}]},
+            "options.rules.0",
+            "max_match_chars is required",
+        ),
+        ({"rules": [{"name": "x", "regex": "^a"}]}, "options.rules.0", "anchors"),
+        ({"rules": [{"name": "x", "regex": r"(a)\1"}]}, "options.rules.0", "backreferences"),
+        ({"rules": [{"name": "x", "regex": "a?"}]}, "options.rules.0", "empty text"),
+        ({"rules": [{"name": "x", "regex": "("}]}, "options.rules.0.regex", "invalid regex"),
+        ({"rules": [{"name": "x", "regex": "a{300}"}]}, "options.max_hold_chars", "rule 'x' needs"),
+        (
+            {"rules": [{"detector": "email"}], "max_hold_chars": 64},
+            "options.max_hold_chars",
+            "'email'",
+        ),
+        ({"rules": [{"detector": "dna"}]}, "options.rules.0.detector", ""),
+        ({"rules": [{"words": ["a"]}]}, "options.rules.0", "needs a name"),
+        ({"rules": [{"name": "x", "words": [" "]}]}, "options.rules.0.words", "blank"),
+        ({"rules": [{"detector": "email", "regex": "a"}]}, "options.rules.0", "exactly one"),
+        (
+            {"rules": [{"detector": "email", "max_match_chars": 3}]},
+            "options.rules.0",
+            "regex rules only",
+        ),
+        ({"rules": [{"detector": "email"}, {"detector": "email"}]}, "options.rules", "unique"),
+        (
+            {"rules": [{"name": "a", "regex": "(?P<g>a)"}, {"name": "b", "regex": "(?P<g>b)"}]},
+            "options.rules",
+            "combined",
+        ),
+        ({"rules": []}, "options.rules", ""),
+        ({"redaction": "{secret}"}, "options.redaction", "{rule}"),
+        ({"prompt_action": "stop"}, "options.prompt_action", ""),
+        ({"completion_action": "reject"}, "options.completion_action", ""),
+        ({"surprise": 1}, "options.surprise", "unknown key"),
+    ],
+)
+def test_bad_options_are_config_errors_naming_the_key(
+    options: dict[str, Any], where: str, message: str
+) -> None:
+    spec = PluginConfig(name="content_filter", options=options)
+    with pytest.raises(ConfigError) as info:
+        build_plugin(spec, discover_plugins(), "plugins[0]")
+    assert str(info.value).startswith(f"plugins[0].{where}:"), str(info.value)
+    assert message in str(info.value)
+
+
+def test_the_entry_point_builds_the_plugin() -> None:
+    spec = PluginConfig(name="content_filter", options={"rules": WORD_RULES})
+    plugin = build_plugin(spec, discover_plugins(), "plugins[0]")
+    assert isinstance(plugin, ContentFilter)
+    assert plugin.name == "content_filter"
+
+
+# ----- prompts ------------------------------------------------------------------------------------
+
+
+async def test_prompt_reject_names_the_rule() -> None:
+    plugin = make(rules=[{"name": "no-secrets", "detector": "api_key"}, *WORD_RULES])
+    ctx = RequestContext(
+        "r",
+        Endpoint.CHAT,
+        body={
+            "messages": [
+                {"role": "system", "content": "be nice"},
+                {"role": "user", "content": [{"type": "text", "text": f"my key {KEY}"}]},
+            ]
+        },
+    )
+    with pytest.raises(Reject) as info:
+        await plugin.on_request(ctx)
+    assert info.value.status == 400
+    assert info.value.code == "content_filter"
+    assert "'no-secrets'" in info.value.message
+    assert KEY not in info.value.message
+    assert ctx.require(FILTER).counts == {("no-secrets", "prompt_reject"): 1}
+
+
+async def test_prompt_without_matches_passes() -> None:
+    plugin = make()
+    body = {"messages": [{"role": "user", "content": "hello there"}]}
+    ctx = RequestContext("r", Endpoint.CHAT, body=body)
+    await plugin.on_request(ctx)
+    assert ctx.body is body
+    assert ctx.require(FILTER).count() == 0
+
+
+async def test_prompt_redact_rewrites_chat_contents_and_text_parts() -> None:
+    plugin = make(prompt_action="redact")
+    image = {"type": "image_url", "image_url": {"url": "http://x/a.png"}}
+    body: dict[str, Any] = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "plain"},
+            {"role": "user", "content": f"mail {EMAIL} please"},
+            {"role": "user", "content": [{"type": "text", "text": f"card {CARD}"}, image]},
+            {"role": "assistant", "content": None, "tool_calls": []},
+        ],
+    }
+    original = orjson.loads(orjson.dumps(body))
+    ctx = RequestContext("r", Endpoint.CHAT, body=body)
+    await plugin.on_request(ctx)
+    messages = ctx.body["messages"]
+    assert messages[0] is body["messages"][0]
+    assert messages[1]["content"] == "mail [REDACTED:email] please"
+    assert messages[2]["content"] == [
+        {"type": "text", "text": "card [REDACTED:credit_card]"},
+        image,
+    ]
+    assert messages[3] == {"role": "assistant", "content": None, "tool_calls": []}
+    assert body == original, "the client's body object is not mutated"
+    assert ctx.require(FILTER).counts == {
+        ("email", "prompt_redact"): 1,
+        ("credit_card", "prompt_redact"): 1,
+    }
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        (f"key {KEY}", "key [REDACTED:api_key]"),
+        ([f"a {PHONE}", "b", [1, 2]], ["a [REDACTED:phone]", "b", [1, 2]]),
+    ],
+)
+async def test_prompt_redact_rewrites_completions_prompts(prompt: Any, expected: Any) -> None:
+    plugin = make(prompt_action="redact")
+    ctx = RequestContext("r", Endpoint.COMPLETIONS, body={"model": "m", "prompt": prompt})
+    await plugin.on_request(ctx)
+    assert ctx.body["prompt"] == expected
+
+
+async def test_prompt_action_off_and_embeddings_are_left_alone() -> None:
+    body = {"messages": [{"role": "user", "content": KEY}]}
+    ctx = RequestContext("r", Endpoint.CHAT, body=body)
+    await make(prompt_action="off").on_request(ctx)
+    assert ctx.body is body
+    emb = RequestContext("r", Endpoint.EMBEDDINGS, body={"input": KEY, "prompt": KEY})
+    await make().on_request(emb)
+    assert emb.require(FILTER).count() == 0
+
+
+# ----- streams: hold-back -------------------------------------------------------------------------
+
+SPLITTERS: dict[str, Callable[[str], list[str]]] = {
+    "whole": lambda s: [s],
+    "two": lambda s: split_in(s, 2),
+    "three": lambda s: split_in(s, 3),
+    "one-char": lambda s: pieces(s, 1),
+}
+
+
+@pytest.mark.parametrize("secret", [KEY, EMAIL, CARD, PHONE, "Bar Baz"])
+@pytest.mark.parametrize("split", list(SPLITTERS))
+async def test_a_secret_split_across_deltas_is_redacted(secret: str, split: str) -> None:
+    plugin = make(rules=[*make().opts.rules, *WORD_RULES])
+    tokens = ["Here: ", *SPLITTERS[split](secret), " and more."]
+    run = await stream(plugin, tokens)
+    name = {KEY: "api_key", EMAIL: "email", CARD: "credit_card", PHONE: "phone"}.get(
+        secret, "banned"
+    )
+    assert run.text() == f"Here: [REDACTED:{name}] and more."
+    assert run.finishes() == ["stop"]
+    assert not run.ended
+    assert run.stats.counts == {(name, "completion_redact"): 1}
+
+
+@pytest.mark.parametrize("split", list(SPLITTERS))
+async def test_a_secret_split_across_deltas_stops_the_stream(split: str) -> None:
+    plugin = make(completion_action="stop")
+    run = await stream(plugin, ["Your key is ", *SPLITTERS[split](KEY), " keep it safe"])
+    assert run.ended
+    assert run.text() == "Your key is "
+    assert run.finishes() == ["content_filter"]
+    last = run.events[-1].json()
+    assert last["choices"][0]["finish_reason"] == "content_filter"
+    assert (last["id"], last["model"]) == ("chatcmpl-xyz", "gpt-test")
+    assert run.stats.counts == {("api_key", "completion_stop"): 1}
+
+
+async def test_stop_releases_the_safe_text_held_in_the_same_event() -> None:
+    plugin = make(completion_action="stop", rules=WORD_RULES)
+    run = await stream(plugin, ["It is ba", "d foo time"])
+    assert run.ended
+    assert run.text() == "It is bad "
+    assert [e.json()["choices"][0]["delta"] for e in run.events[-3:]] == [
+        {"content": "It is "},
+        {"content": "bad "},
+        {},
+    ]
+
+
+async def test_text_not_in_a_match_is_released_at_once() -> None:
+    plugin = make(rules=[{"detector": "api_key"}])
+    ctx = await start(plugin)
+    event = chunk("Hello, world. ")
+    assert plugin.on_event(ctx, event) is None, "passes unchanged with its original bytes"
+    out = plugin.on_event(ctx, chunk(" a sk"))
+    assert out is not None
+    assert event_texts(ctx, out[0]) == {0: " a "}
+    assert ctx.require(FILTER).held_max == 2
+
+
+async def test_no_text_is_held_without_a_possible_match_even_for_regex_rules() -> None:
+    plugin = make(rules=WORD_RULES)
+    run = await stream(plugin, ["The", " quick", " brown"], finish=False)
+    assert [event_texts(run.ctx, e) for e in run.events[1:]] == [
+        {0: "The"},
+        {0: " quick"},
+        {0: " brown"},
+    ]
+    regex = make(rules=[{"name": "ssn", "regex": r"\b\d{3}-\d{2}-\d{4}\b"}])
+    held = await stream(regex, ["The quick brown fox"], finish=False)
+    assert held.held == [0, 11]  # a regex rule always holds its window
+
+
+async def test_events_without_text_keep_their_place() -> None:
+    plugin = make(rules=WORD_RULES)
+    ctx = await start(plugin)
+    role = chunk("", role=True)
+    usage = SSEEvent(
+        orjson.dumps(
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "choices": [],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+            }
+        )
+    )
+    run = feed(plugin, ctx, [role, chunk("say fo"), chunk(None, finish="stop"), usage])
+    assert run.events[0] is role
+    assert event_texts(ctx, run.events[1]) == {0: "say "}
+    assert event_texts(ctx, run.events[2]) == {0: "fo"}, "held text goes out before the finish"
+    assert finish_reasons(ctx, run.events[3]) == {0: "stop"}
+    assert run.events[4] is usage
+    assert len(run.events) == 5
+
+
+async def test_text_and_finish_in_one_event_release_everything_into_it() -> None:
+    plugin = make(rules=WORD_RULES)
+    ctx = await start(plugin)
+    run = feed(plugin, ctx, [chunk("say fo"), chunk("o", finish="length")])
+    assert [event_texts(ctx, e) for e in run.events] == [{0: "say "}, {0: "[REDACTED:banned]"}]
+    assert run.finishes() == ["length"]
+
+
+async def test_held_text_is_flushed_at_the_end_with_redaction() -> None:
+    plugin = make(rules=WORD_RULES)
+    run = await stream(plugin, ["no finish chunk: bar", " baz"], finish=False)
+    assert run.text() == "no finish chunk: [REDACTED:banned]"
+    flushed = run.events[-1].json()
+    assert flushed["id"] == "chatcmpl-xyz"
+    assert flushed["model"] == "gpt-test"
+
+
+async def test_a_match_found_only_at_flush_stops_there() -> None:
+    plugin = make(rules=WORD_RULES, completion_action="stop")
+    run = await stream(plugin, ["well foo"], finish=False)
+    assert not run.ended
+    assert run.text() == "well "
+    assert run.finishes() == ["content_filter"]
+
+
+async def test_the_final_finish_chunk_can_carry_the_stop() -> None:
+    plugin = make(rules=WORD_RULES, completion_action="stop")
+    ctx = await start(plugin)
+    run = feed(plugin, ctx, [chunk("ok foo"), chunk(None, finish="stop")])
+    assert run.ended
+    assert run.text() == "ok "
+    assert run.finishes() == ["content_filter"], "the upstream's own finish is replaced"
+
+
+async def test_held_text_is_bounded_by_the_window() -> None:
+    plugin = make()
+    run = await stream(plugin, ["x sk-", *["a1b2c3d4"] * 80, " end 4111", " 1111" * 40])
+    assert max(run.held) <= plugin.window
+    assert max(run.held) == plugin.window
+    assert (
+        run.text()
+        == plugin.scanner.redact("".join(["x sk-", *["a1b2c3d4"] * 80, " end 4111", " 1111" * 40]))[
+            0
+        ]
+    )
+
+
+async def test_completions_streams_are_filtered_too() -> None:
+    plugin = make(rules=WORD_RULES)
+    ctx = await start(plugin, endpoint=Endpoint.COMPLETIONS)
+    run = feed(plugin, ctx, [text_chunk("a fo"), text_chunk("o b"), text_chunk("", finish="stop")])
+    assert run.text() == "a [REDACTED:banned] b"
+    assert run.events[-1].json()["object"] == "text_completion"
+
+
+async def test_state_is_per_request() -> None:
+    plugin = make(rules=WORD_RULES)
+    one, two = await start(plugin), await start(plugin)
+    a = feed(plugin, one, [chunk("fo")], flush=False)
+    b = feed(plugin, two, [chunk("bar"), chunk(" ba")], flush=False)
+    a2 = feed(plugin, one, [chunk("o!")])
+    b2 = feed(plugin, two, [chunk("z.")])
+    assert a.text() + a2.text() == "[REDACTED:banned]!"
+    assert b.text() + b2.text() == "[REDACTED:banned]."
+    assert one.require(FILTER).count() == two.require(FILTER).count() == 1
+
+
+async def test_no_stream_state_when_completions_are_off() -> None:
+    plugin = make(completion_action="off")
+    ctx = await start(plugin)
+    event = chunk(KEY)
+    assert plugin.on_event(ctx, event) is None
+    assert plugin.on_flush(ctx) is None
+
+
+# ----- streams: several choices -------------------------------------------------------------------
+
+
+def interleave(texts: dict[int, list[str]]) -> list[SSEEvent]:
+    events: list[SSEEvent] = []
+    longest = max(len(tokens) for tokens in texts.values())
+    for i in range(longest):
+        for index, tokens in texts.items():
+            if i < len(tokens):
+                events.append(chunk(tokens[i], index=index))
+    events += [chunk(None, index=index, finish="stop") for index in texts]
+    return events
+
+
+async def test_two_choices_interleaved_are_redacted_independently() -> None:
+    plugin = make(rules=[*make().opts.rules, *WORD_RULES])
+    texts = {
+        0: ["mail ", "jane@exa", "mple.com", " fo"],
+        1: ["fo", "o and ", "4111 1111", " 1111 1111", "!"],
+    }
+    ctx = await start(plugin, body={"stream": True, "n": 2})
+    run = feed(plugin, ctx, interleave(texts))
+    assert run.text(0) == "mail [REDACTED:email] fo"
+    assert run.text(1) == "[REDACTED:banned] and [REDACTED:credit_card]!"
+    assert run.finishes(0) == run.finishes(1) == ["stop"]
+
+
+async def test_two_choices_stop_independently_and_the_stream_ends_when_both_did() -> None:
+    plugin = make(rules=WORD_RULES, completion_action="stop")
+    ctx = await start(plugin, body={"stream": True, "n": 2})
+    first = feed(plugin, ctx, interleave({0: ["a fo", "o b", "c"], 1: ["fine", " text"]}))
+    assert not first.ended
+    assert first.text(0) == "a "
+    assert first.finishes(0) == ["content_filter"]
+    assert first.text(1) == "fine text"
+    assert first.finishes(1) == ["stop"]
+
+    ctx = await start(plugin, body={"stream": True, "n": 2})
+    both = feed(plugin, ctx, interleave({0: ["x foo", " y"], 1: ["bar baz", " z"]}))
+    assert both.ended
+    assert (both.text(0), both.text(1)) == ("x ", "")
+    assert both.finishes(0) == both.finishes(1) == ["content_filter"]
+    assert ctx.require(FILTER).count(action="completion_stop") == 2
+
+
+# ----- streams: property tests --------------------------------------------------------------------
+
+FRAGMENTS = [
+    "Hello",
+    " ",
+    "world",
+    ", ",
+    ".\n",
+    "foo",
+    "bar baz",
+    "bar",
+    KEY,
+    EMAIL,
+    CARD,
+    PHONE,
+    "4111 1111 1111 1112",
+    "@",
+    "sk-",
+    "-",
+    "12",
+    "AKIAIOSFODNN7EXAMPLE",
+    "é",
+    "\U0001f980",
+    "(",
+]
+ALPHABET = "abfoz sk-@._+ 0123456789()AKIAxBEGIN\n"
+
+
+@st.composite
+def split_texts(draw: st.DrawFn) -> tuple[str, list[str]]:
+    fragment = st.one_of(st.sampled_from(FRAGMENTS), st.text(ALPHABET, min_size=1, max_size=6))
+    text = "".join(draw(st.lists(fragment, min_size=1, max_size=25)))
+    cuts = sorted(draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=40)))
+    bounds = [0, *[c for c in cuts if 0 < c < len(text)], len(text)]
+    return text, [text[a:b] for a, b in pairwise(bounds)]
+
+
+FUZZ_RULES = [
+    {"detector": "email"},
+    {"detector": "phone"},
+    {"detector": "credit_card"},
+    {"detector": "api_key"},
+    *WORD_RULES,
+    {"name": "digits", "regex": r"\b1\d{1,3}\b"},
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(split_texts())
+async def test_streamed_output_equals_the_redacted_whole(case: tuple[str, list[str]]) -> None:
+    text, tokens = case
+    plugin = make(rules=FUZZ_RULES, max_hold_chars=256)
+    run = await stream(plugin, tokens)
+    assert run.text() == plugin.scanner.redact(text)[0]
+    assert max(run.held, default=0) <= plugin.window
+    assert run.finishes() == ["stop"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(split_texts())
+async def test_stopped_output_is_the_text_before_the_first_match(
+    case: tuple[str, list[str]],
+) -> None:
+    text, tokens = case
+    plugin = make(rules=FUZZ_RULES, completion_action="stop")
+    run = await stream(plugin, tokens)
+    safe, rule = plugin.scanner.first(text)
+    assert run.text() == safe
+    assert run.finishes() == (["content_filter"] if rule >= 0 else ["stop"])
+    assert run.ended == (rule >= 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(split_texts(), split_texts())
+async def test_two_choices_match_their_own_whole_text(
+    a: tuple[str, list[str]], b: tuple[str, list[str]]
+) -> None:
+    plugin = make(rules=FUZZ_RULES)
+    ctx = await start(plugin, body={"stream": True, "n": 2})
+    run = feed(plugin, ctx, interleave({0: a[1], 1: b[1]}))
+    assert run.text(0) == plugin.scanner.redact(a[0])[0]
+    assert run.text(1) == plugin.scanner.redact(b[0])[0]
+
+
+# ----- non-streaming responses --------------------------------------------------------------------
+
+
+async def test_response_is_redacted() -> None:
+    plugin = make()
+    ctx = await start(plugin, stream=False)
+    body = openai_completion(f"write to {EMAIL} or call {PHONE}")
+    out = await plugin.on_response(ctx, body)
+    assert out is not None
+    assert (
+        out["choices"][0]["message"]["content"]
+        == "write to [REDACTED:email] or call [REDACTED:phone]"
+    )
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert out["usage"] == body["usage"]
+    assert body["choices"][0]["message"]["content"].startswith("write to jane")
+    assert ctx.require(FILTER).count(action="completion_redact") == 2
+
+
+async def test_response_is_cut_with_a_content_filter_finish() -> None:
+    plugin = make(completion_action="stop")
+    ctx = await start(plugin, stream=False)
+    out = await plugin.on_response(ctx, openai_completion(f"the key: {KEY}. done"))
+    assert out is not None
+    choice = out["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "the key: "}
+    assert choice["finish_reason"] == "content_filter"
+
+
+async def test_response_without_matches_is_left_alone() -> None:
+    plugin = make()
+    ctx = await start(plugin, stream=False)
+    assert await plugin.on_response(ctx, openai_completion("nothing to see")) is None
+    assert await plugin.on_response(ctx, {"object": "list", "data": []}) is None
+    assert await make(completion_action="off").on_response(ctx, openai_completion(KEY)) is None
+
+
+async def test_completions_response_text_is_redacted() -> None:
+    plugin = make(rules=WORD_RULES)
+    ctx = await start(plugin, endpoint=Endpoint.COMPLETIONS, stream=False)
+    body = {
+        "object": "text_completion",
+        "choices": [{"index": 0, "text": "foo!", "finish_reason": "stop"}],
+    }
+    out = await plugin.on_response(ctx, body)
+    assert out is not None
+    assert out["choices"][0]["text"] == "[REDACTED:banned]!"
+
+
+# ----- cost ---------------------------------------------------------------------------------------
+
+
+async def test_per_event_cost_stays_small() -> None:
+    """A loose bound only (the measured figures are in the module docstring)."""
+    plugin = make()
+    ctx = await start(plugin)
+    raws = [orjson.dumps(openai_chunk(w)) for w in (" world", " and", " the", " quick")] * 500
+    events = iter([SSEEvent(raw) for raw in raws])
+    seconds = timeit.timeit(lambda: plugin.on_event(ctx, next(events)), number=len(raws))
+    assert seconds / len(raws) < 1e-3
+    assert ctx.require(FILTER).held_max <= len("quick")
