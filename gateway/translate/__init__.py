@@ -1,0 +1,1 @@
+"""Sans-IO translations between provider wire formats, named source_target."""

@@ -1,0 +1,708 @@
+"""An Anthropic Messages upstream (``POST /v1/messages``) behind OpenAI chat clients.
+
+Sans-IO pieces, no sockets and no clock beyond a default ``created`` timestamp:
+
+- :func:`chat_request_to_messages`: an OpenAI ``/v1/chat/completions`` body as a Messages body.
+- :class:`MessagesStreamToChat`: Anthropic's named SSE events (``message_start`` …
+  ``message_stop``), one at a time, as OpenAI ``chat.completion.chunk`` events ending with
+  ``data: [DONE]``.
+- :func:`messages_response_to_chat`: a non-streaming Message as a ``chat.completion``.
+- :func:`error_from_anthropic`: an Anthropic error object (``{"type": "error", "error":
+  {"type", "message"}}``) as the client's :class:`GatewayError`.
+
+Anthropic's stream, for reference (each event also repeats its type as ``event:``)::
+
+    message_start        {"message": {"id": "msg_…", "usage": {"input_tokens": 25, …}, …}}
+    content_block_start  {"index": 0, "content_block": {"type": "text", "text": ""}}
+    ping
+    content_block_delta  {"index": 0, "delta": {"type": "text_delta", "text": "Hi"}}
+    content_block_stop   {"index": 0}
+    content_block_start  {"index": 1, "content_block": {"type": "tool_use", "id", "name",
+                          "input": {}}}
+    content_block_delta  {"index": 1, "delta": {"type": "input_json_delta",
+                          "partial_json": "{\\"city\\": "}}
+    content_block_stop   {"index": 1}
+    message_delta        {"delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}}
+    message_stop
+
+A failure after the 200 is ``event: error`` with ``{"type": "error", "error": {...}}``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from gateway.errors import GatewayError, bad_request, sanitise_message, upstream_error
+from gateway.sse import SSEEvent
+
+__all__ = [
+    "FINISH_REASONS",
+    "MessagesStreamToChat",
+    "chat_request_to_messages",
+    "error_from_anthropic",
+    "messages_response_to_chat",
+]
+
+# Anthropic stop_reason -> OpenAI finish_reason. Anything else (a future value) is "stop".
+FINISH_REASONS: Final[dict[str, str]] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+_DONE: Final = SSEEvent(data="[DONE]")
+_EMPTY_SCHEMA: Final[dict[str, Any]] = {"type": "object", "properties": {}}
+_SYSTEM_SEPARATOR: Final = "\n\n"
+
+
+# ----- errors ---------------------------------------------------------------------------------
+
+# Anthropic error types the client caused: the status is kept (as the proxy does for 4xx).
+_CLIENT_ERRORS: Final[dict[str, int]] = {
+    "invalid_request_error": 400,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+}
+# The gateway's own key or account was refused: not something the client can fix.
+_CREDENTIAL_ERRORS: Final = frozenset({"authentication_error", "permission_error", "billing_error"})
+
+
+def error_from_anthropic(payload: Any) -> GatewayError:
+    """An Anthropic error object (in-band ``event: error`` or an error body) as a GatewayError.
+
+    Statuses follow the gateway's contract for upstream failures (docs/streaming.md):
+
+    - ``invalid_request_error`` 400, ``not_found_error`` 404, ``request_too_large`` 413,
+      ``rate_limit_error`` 429: the status is kept, ``type`` and ``code`` are Anthropic's type;
+    - ``authentication_error`` / ``permission_error`` / ``billing_error``: 502
+      ``upstream_auth_error`` (the gateway's credentials, not the client's);
+    - ``timeout_error``: 504 ``timeout_error`` / ``upstream_timeout``;
+    - ``overloaded_error`` (HTTP 529 at Anthropic): 502 ``upstream_error`` with code
+      ``upstream_overloaded``. 529 is not an HTTP status OpenAI clients know, and every other
+      upstream 5xx is a 502 here; the code keeps it distinguishable, and the OpenAI SDKs
+      retry a 502 like a 529;
+    - ``api_error`` and anything unknown: 502 ``upstream_error``.
+
+    Messages are sanitised (length, control characters, credential-like strings).
+    """
+    err = payload.get("error") if isinstance(payload, dict) else None
+    typ = err.get("type") if isinstance(err, dict) else None
+    raw = err.get("message") if isinstance(err, dict) else None
+    message = sanitise_message(raw) if isinstance(raw, str) and raw else None
+    if typ in _CREDENTIAL_ERRORS:
+        return upstream_error(
+            f"The upstream refused the gateway's credentials ({typ}).", code="upstream_auth_error"
+        )
+    if isinstance(typ, str) and typ in _CLIENT_ERRORS:
+        return GatewayError(
+            _CLIENT_ERRORS[typ], message or f"The upstream reported {typ}.", type=typ, code=typ
+        )
+    if typ == "timeout_error":
+        return GatewayError(
+            504,
+            message or "The upstream timed out.",
+            type="timeout_error",
+            code="upstream_timeout",
+        )
+    code = "upstream_overloaded" if typ == "overloaded_error" else "upstream_error"
+    return upstream_error(message or "The upstream reported an error.", code=code)
+
+
+# ----- requests -------------------------------------------------------------------------------
+
+
+def chat_request_to_messages(
+    body: dict[str, Any], upstream_model: str, default_max_tokens: int = 4096
+) -> dict[str, Any]:
+    """An OpenAI chat request as an Anthropic Messages request for ``upstream_model``.
+
+    - ``system`` and ``developer`` messages, wherever they are, become the top-level
+      ``system`` string (their texts joined by a blank line);
+    - user/assistant text and ``image_url`` parts become content blocks (``data:`` URLs a
+      base64 source, http(s) URLs a url source); assistant ``tool_calls`` become ``tool_use``
+      blocks (arguments parsed; they must be a JSON object); ``tool`` messages become
+      ``tool_result`` blocks in a user turn. Consecutive turns of the same role are merged
+      (Anthropic requires alternation), tool results first in a merged user turn; empty texts
+      are left out; a turn that is one text block is sent as a plain string;
+    - ``tools`` (function tools) -> name/description/input_schema; ``tool_choice`` auto,
+      none, required (-> any) or a named function (-> tool); ``parallel_tool_calls: false``
+      -> ``disable_parallel_tool_use``;
+    - ``stop`` (string or list) -> ``stop_sequences``; ``max_completion_tokens``, else
+      ``max_tokens``, else ``default_max_tokens`` -> ``max_tokens`` (required by Anthropic);
+      ``temperature``, ``top_p``, ``top_k`` as given (temperature is not rescaled: OpenAI
+      allows up to 2, Anthropic up to 1, and the upstream says so rather than the gateway
+      silently changing it); ``stream``; ``user`` -> ``metadata.user_id``.
+
+    Dropped without error (no Anthropic equivalent, or handled elsewhere):
+    ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``,
+    ``top_logprobs``, ``seed``, ``response_format``, ``stream_options`` (the proxy passes
+    ``include_usage`` to :class:`MessagesStreamToChat`), ``service_tier``, ``store``,
+    ``metadata``, ``modalities``, ``audio``, ``prediction``, ``reasoning_effort``,
+    ``web_search_options``, the legacy ``functions``/``function_call``, a tool's ``strict``,
+    an image's ``detail``, and a message's ``name``.
+
+    Raises a 400 GatewayError for what cannot be expressed: ``n`` > 1, an unknown role,
+    content parts other than text/image, non-function tools, a tool message without
+    ``tool_call_id``, tool-call arguments that are not a JSON object.
+    """
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise bad_request("Anthropic upstreams return one choice: 'n' must be 1.", param="n")
+    system: list[str] = []
+    turns: list[tuple[str, list[dict[str, Any]]]] = []
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise bad_request("'messages' must be a list.", param="messages")
+    for i, msg in enumerate(messages):
+        _add_message(system, turns, msg, i)
+    out: dict[str, Any] = {
+        "model": upstream_model,
+        "max_tokens": _max_tokens(body, default_max_tokens),
+        "messages": [_turn(role, blocks) for role, blocks in turns],
+    }
+    if system:
+        out["system"] = _SYSTEM_SEPARATOR.join(system)
+    _add_tools(out, body)
+    _add_sampling(out, body)
+    return out
+
+
+def _add_message(
+    system: list[str], turns: list[tuple[str, list[dict[str, Any]]]], msg: Any, i: int
+) -> None:
+    if not isinstance(msg, dict):
+        raise bad_request(f"messages[{i}] must be an object.", param=f"messages[{i}]")
+    role = msg.get("role")
+    if role in ("system", "developer"):
+        text = _plain_text(msg.get("content"), f"messages[{i}].content")
+        if text:
+            system.append(text)
+    elif role == "user":
+        _append_turn(turns, "user", _user_blocks(msg.get("content"), i))
+    elif role == "assistant":
+        _append_turn(turns, "assistant", _assistant_blocks(msg, i))
+    elif role == "tool":
+        _append_turn(turns, "user", [_tool_result(msg, i)])
+    else:
+        raise bad_request(
+            f"messages[{i}].role {role!r} is not supported by Anthropic upstreams.",
+            param=f"messages[{i}].role",
+        )
+
+
+def _append_turn(
+    turns: list[tuple[str, list[dict[str, Any]]]], role: str, blocks: list[dict[str, Any]]
+) -> None:
+    """Add a turn, merging it into the previous one of the same role."""
+    if not blocks:
+        return
+    if turns and turns[-1][0] == role:
+        merged = turns[-1][1] + blocks
+        if role == "user":  # Anthropic wants tool results before anything else in a turn
+            merged.sort(key=lambda block: block["type"] != "tool_result")
+        turns[-1] = (role, merged)
+    else:
+        turns.append((role, blocks))
+
+
+def _turn(role: str, blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(blocks) == 1 and blocks[0]["type"] == "text":
+        return {"role": role, "content": blocks[0]["text"]}
+    return {"role": role, "content": blocks}
+
+
+def _plain_text(content: Any, where: str) -> str:
+    """The text of a string content or a list of text parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts: list[str] = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
+                raise bad_request(f"{where}[{j}] must be a text part.", param=f"{where}[{j}]")
+            text = part.get(part["type"])
+            if isinstance(text, str):
+                texts.append(text)
+        return "".join(texts)
+    raise bad_request(f"{where} must be a string or a list of parts.", param=where)
+
+
+def _user_blocks(content: Any, i: int) -> list[dict[str, Any]]:
+    where = f"messages[{i}].content"
+    if content is None or isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise bad_request(f"{where} must be a string or a list of parts.", param=where)
+    blocks: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            text = part.get("text")
+            if isinstance(text, str) and text:
+                blocks.append({"type": "text", "text": text})
+        elif kind == "image_url":
+            blocks.append(_image_block(part.get("image_url"), f"{where}[{j}]"))
+        else:
+            raise bad_request(
+                f"{where}[{j}]: content part type {kind!r} is not supported by Anthropic "
+                "upstreams (text and image_url are).",
+                param=f"{where}[{j}]",
+            )
+    return blocks
+
+
+def _image_block(image: Any, where: str) -> dict[str, Any]:
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str):
+        raise bad_request(f"{where}.image_url.url must be a string.", param=where)
+    if url.startswith("data:"):
+        header, comma, data = url[5:].partition(",")
+        media_type, _, encoding = header.partition(";")
+        if not comma or encoding != "base64" or not media_type:
+            raise bad_request(
+                f"{where}: a data: image URL must be 'data:<media type>;base64,<data>'.",
+                param=where,
+            )
+        return {
+            "type": "image",
+            "source": {"type": "base64", "media_type": media_type, "data": data},
+        }
+    if url.startswith(("http://", "https://")):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    raise bad_request(f"{where}: image URLs must be data: or http(s) URLs.", param=where)
+
+
+def _assistant_blocks(msg: dict[str, Any], i: int) -> list[dict[str, Any]]:
+    text = _plain_text(msg.get("content"), f"messages[{i}].content")
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    calls = msg.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise bad_request(f"messages[{i}].tool_calls must be a list.")
+    for j, call in enumerate(calls):
+        where = f"messages[{i}].tool_calls[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(call.get("id"), str):
+            raise bad_request(f"{where} must have an id and a function.", param=where)
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": call["id"],
+                "name": fn.get("name"),
+                "input": _arguments(fn.get("arguments"), where),
+            }
+        )
+    return blocks
+
+
+def _arguments(arguments: Any, where: str) -> dict[str, Any]:
+    if arguments is None or arguments == "":
+        return {}
+    try:
+        parsed = orjson.loads(arguments) if isinstance(arguments, str) else arguments
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise bad_request(
+            f"{where}.function.arguments must be a JSON object.",
+            param=f"{where}.function.arguments",
+        )
+    return parsed
+
+
+def _tool_result(msg: dict[str, Any], i: int) -> dict[str, Any]:
+    call_id = msg.get("tool_call_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise bad_request(
+            f"messages[{i}].tool_call_id is required for tool messages.",
+            param=f"messages[{i}].tool_call_id",
+        )
+    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id}
+    text = _plain_text(msg.get("content"), f"messages[{i}].content")
+    if text:
+        block["content"] = text
+    return block
+
+
+def _max_tokens(body: dict[str, Any], default: int) -> Any:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is not None:
+            return value
+    return default
+
+
+def _add_tools(out: dict[str, Any], body: dict[str, Any]) -> None:
+    tools = body.get("tools")
+    if not tools:
+        return
+    if not isinstance(tools, list):
+        raise bad_request("'tools' must be a list.", param="tools")
+    converted: list[dict[str, Any]] = []
+    for j, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or tool.get("type") != "function":
+            raise bad_request(
+                f"tools[{j}]: only function tools are supported by Anthropic upstreams.",
+                param=f"tools[{j}]",
+            )
+        entry: dict[str, Any] = {"name": fn.get("name")}
+        if fn.get("description"):
+            entry["description"] = fn["description"]
+        entry["input_schema"] = fn.get("parameters") or _EMPTY_SCHEMA
+        converted.append(entry)
+    out["tools"] = converted
+    choice = _tool_choice(body.get("tool_choice"))
+    if body.get("parallel_tool_calls") is False:
+        choice = choice or {"type": "auto"}
+        if choice["type"] != "none":
+            choice["disable_parallel_tool_use"] = True
+    if choice is not None:
+        out["tool_choice"] = choice
+
+
+def _tool_choice(choice: Any) -> dict[str, Any] | None:
+    if choice is None:
+        return None
+    simple = {"auto": "auto", "none": "none", "required": "any"}
+    if isinstance(choice, str) and choice in simple:
+        return {"type": simple[choice]}
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+        return {"type": "tool", "name": fn["name"]}
+    raise bad_request(
+        "'tool_choice' must be auto, none, required or a named function.", param="tool_choice"
+    )
+
+
+def _add_sampling(out: dict[str, Any], body: dict[str, Any]) -> None:
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        out["stop_sequences"] = [stop]
+    elif isinstance(stop, list) and stop:
+        out["stop_sequences"] = stop
+    for name in ("temperature", "top_p", "top_k"):
+        if body.get(name) is not None:
+            out[name] = body[name]
+    if body.get("stream") is True:
+        out["stream"] = True
+    user = body.get("user")
+    if isinstance(user, str) and user:
+        out["metadata"] = {"user_id": user}
+
+
+# ----- usage ----------------------------------------------------------------------------------
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _openai_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """Anthropic usage as OpenAI's: prompt tokens include the cached and cache-written ones."""
+    cached = _int(usage.get("cache_read_input_tokens"))
+    prompt = _int(usage.get("input_tokens")) + _int(usage.get("cache_creation_input_tokens"))
+    prompt += cached
+    completion = _int(usage.get("output_tokens"))
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+# ----- streaming ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _ToolCall:
+    """A tool_use block being streamed as OpenAI tool call number ``index``."""
+
+    index: int
+    start_input: Any
+    sent_arguments: bool = False
+
+
+_Handler = Callable[["MessagesStreamToChat", dict[str, Any]], list[SSEEvent]]
+
+
+class MessagesStreamToChat:
+    """One Anthropic stream as OpenAI ``chat.completion.chunk`` events; one per request.
+
+    Feed every decoded upstream event to :meth:`feed` in order. Afterwards:
+
+    - ``done``: ``message_stop`` arrived and ``data: [DONE]`` was returned;
+    - ``error``: the upstream sent ``event: error`` (see :func:`error_from_anthropic`), or
+      an event that is not JSON; nothing more is translated, and the caller ends the client
+      stream with its error event;
+    - ``usage``: OpenAI-shaped usage so far (``None`` before ``message_start``), for
+      ``ctx.usage.set_from_upstream``;
+    - ``finish_reason``: the OpenAI finish reason once ``message_delta`` arrived.
+
+    With ``include_usage`` (the client's ``stream_options.include_usage``), every chunk has
+    ``"usage": null`` and a last chunk with ``"choices": []`` and the usage precedes
+    ``[DONE]``, as OpenAI does. Thinking, redacted-thinking, server-tool and citation content
+    has no OpenAI chat equivalent and is left out.
+    """
+
+    def __init__(self, model: str, *, include_usage: bool = False, created: int | None = None):
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(time.time()) if created is None else created
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.done = False
+        self.error: GatewayError | None = None
+        self.finish_reason: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._started = False
+        self._tools: dict[int, _ToolCall] = {}  # Anthropic block index -> tool call
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """Usage in OpenAI's shape (prompt/completion/total tokens), or None if not known yet."""
+        return None if self._usage is None else _openai_usage(self._usage)
+
+    def feed(self, event: SSEEvent) -> list[SSEEvent]:
+        """Translate one upstream event into zero or more client events."""
+        if self.done or self.error is not None or event.data_bytes is None:
+            return []
+        try:
+            payload = event.json()
+        except ValueError:
+            self.error = upstream_error("The upstream sent an event that is not JSON.")
+            return []
+        if not isinstance(payload, dict):
+            return []
+        kind = payload.get("type", event.event)
+        handler = self._HANDLERS.get(kind) if isinstance(kind, str) else None
+        return [] if handler is None else handler(self, payload)
+
+    # -- chunk builders --
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> SSEEvent:
+        obj: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            ],
+        }
+        if self.include_usage:
+            obj["usage"] = None
+        return SSEEvent.from_json(obj)
+
+    def _emit(self, delta: dict[str, Any], finish_reason: str | None = None) -> list[SSEEvent]:
+        """A chunk, preceded by the role chunk if none went out yet."""
+        out = self._start()
+        out.append(self._chunk(delta, finish_reason))
+        return out
+
+    def _start(self) -> list[SSEEvent]:
+        if self._started:
+            return []
+        self._started = True
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def _tool_arguments(self, tool: _ToolCall, arguments: str) -> list[SSEEvent]:
+        tool.sent_arguments = True
+        return self._emit(
+            {"tool_calls": [{"index": tool.index, "function": {"arguments": arguments}}]}
+        )
+
+    # -- event handlers --
+
+    def _on_message_start(self, payload: dict[str, Any]) -> list[SSEEvent]:
+        message = payload.get("message")
+        if isinstance(message, dict):
+            if isinstance(message.get("id"), str) and message["id"]:
+                self.id = f"chatcmpl-{message['id']}"
+            self._record_usage(message.get("usage"))
+        if self._usage is None:
+            self._usage = {}
+        return self._start()
+
+    def _on_block_start(self, payload: dict[str, Any]) -> list[SSEEvent]:
+        block = payload.get("content_block")
+        index = payload.get("index")
+        if not isinstance(block, dict):
+            return []
+        if block.get("type") == "text":
+            text = block.get("text")
+            return self._emit({"content": text}) if isinstance(text, str) and text else []
+        if block.get("type") != "tool_use" or not isinstance(index, int):
+            return []
+        tool = self._tools[index] = _ToolCall(len(self._tools), block.get("input"))
+        call = {
+            "index": tool.index,
+            "id": block.get("id"),
+            "type": "function",
+            "function": {"name": block.get("name"), "arguments": ""},
+        }
+        return self._emit({"tool_calls": [call]})
+
+    def _on_block_delta(self, payload: dict[str, Any]) -> list[SSEEvent]:
+        delta = payload.get("delta")
+        if not isinstance(delta, dict):
+            return []
+        if delta.get("type") == "text_delta":
+            text = delta.get("text")
+            return self._emit({"content": text}) if isinstance(text, str) and text else []
+        if delta.get("type") == "input_json_delta":
+            tool = self._tool_at(payload)
+            partial = delta.get("partial_json")
+            if tool is not None and isinstance(partial, str) and partial:
+                return self._tool_arguments(tool, partial)
+        return []
+
+    def _on_block_stop(self, payload: dict[str, Any]) -> list[SSEEvent]:
+        tool = self._tool_at(payload)
+        if tool is None or tool.sent_arguments:
+            return []
+        # No input was streamed (a tool without parameters): OpenAI clients json.loads()
+        # the arguments, so send "{}" (or the input given whole at the start) rather than "".
+        start = tool.start_input if isinstance(tool.start_input, dict) else {}
+        return self._tool_arguments(tool, orjson.dumps(start).decode())
+
+    def _on_message_delta(self, payload: dict[str, Any]) -> list[SSEEvent]:
+        self._record_usage(payload.get("usage"))
+        delta = payload.get("delta")
+        stop_reason = delta.get("stop_reason") if isinstance(delta, dict) else None
+        if stop_reason is None or self.finish_reason is not None:
+            return []
+        self.finish_reason = FINISH_REASONS.get(stop_reason, "stop")
+        return self._emit({}, self.finish_reason)
+
+    def _on_message_stop(self, payload: dict[str, Any]) -> list[SSEEvent]:
+        out: list[SSEEvent] = []
+        if self.finish_reason is None:  # no message_delta: still end the choice properly
+            self.finish_reason = "stop"
+            out += self._emit({}, "stop")
+        if self.include_usage:
+            out.append(
+                SSEEvent.from_json(
+                    {
+                        "id": self.id,
+                        "object": "chat.completion.chunk",
+                        "created": self.created,
+                        "model": self.model,
+                        "choices": [],
+                        "usage": self.usage or _openai_usage({}),
+                    }
+                )
+            )
+        out.append(_DONE)
+        self.done = True
+        return out
+
+    def _on_error(self, payload: dict[str, Any]) -> list[SSEEvent]:
+        self.error = error_from_anthropic(payload)
+        return []
+
+    def _tool_at(self, payload: dict[str, Any]) -> _ToolCall | None:
+        index = payload.get("index")
+        return self._tools.get(index) if isinstance(index, int) else None
+
+    def _record_usage(self, usage: Any) -> None:
+        """Counts are cumulative: a later value replaces an earlier one, absent ones stay."""
+        if not isinstance(usage, dict):
+            return
+        current = self._usage if self._usage is not None else {}
+        for key in (
+            "input_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+            "output_tokens",
+        ):
+            value = usage.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                current[key] = value
+        self._usage = current
+
+    _HANDLERS: Final[dict[str, _Handler]] = {
+        "message_start": _on_message_start,
+        "content_block_start": _on_block_start,
+        "content_block_delta": _on_block_delta,
+        "content_block_stop": _on_block_stop,
+        "message_delta": _on_message_delta,
+        "message_stop": _on_message_stop,
+        "error": _on_error,
+    }  # "ping" and event types added in the future translate to nothing
+
+
+# ----- non-streaming --------------------------------------------------------------------------
+
+
+def messages_response_to_chat(
+    body: dict[str, Any], model: str, *, created: int | None = None
+) -> dict[str, Any]:
+    """A non-streaming Anthropic Message as an OpenAI ``chat.completion`` for ``model``.
+
+    Text blocks are concatenated into ``content`` (``None`` when the answer is only tool
+    calls), ``tool_use`` blocks become ``tool_calls`` (input serialised as the arguments
+    string); other blocks (thinking, server tools) are left out. An error body raises the
+    GatewayError of :func:`error_from_anthropic`.
+    """
+    if body.get("type") == "error" or "error" in body:
+        raise error_from_anthropic(body)
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    content = body.get("content")
+    for block in content if isinstance(content, list) else []:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif block.get("type") == "tool_use":
+            arguments = block.get("input") if isinstance(block.get("input"), dict) else {}
+            calls.append(
+                {
+                    "id": block.get("id"),
+                    "type": "function",
+                    "function": {
+                        "name": block.get("name"),
+                        "arguments": orjson.dumps(arguments).decode(),
+                    },
+                }
+            )
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(texts) if texts or not calls else None,
+        "refusal": None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    stop_reason = body.get("stop_reason")
+    msg_id = body.get("id")
+    usage = body.get("usage")
+    return {
+        "id": f"chatcmpl-{msg_id}" if isinstance(msg_id, str) else f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": FINISH_REASONS.get(stop_reason, "stop")
+                if isinstance(stop_reason, str)
+                else "stop",
+            }
+        ],
+        "usage": _openai_usage(usage if isinstance(usage, dict) else {}),
+    }

@@ -1,0 +1,168 @@
+"""Azure OpenAI (upstream kind ``azure``): configuration, URLs and headers.
+
+Azure speaks OpenAI's wire format; only the request shaping differs:
+
+- the deployment is in the path, ``{endpoint}/openai/deployments/{deployment}/chat/completions
+  ?api-version=…`` (``/completions``, ``/embeddings`` alike), or, on the newer v1 surface,
+  ``{endpoint}/openai/v1/chat/completions`` with the deployment as the body's ``model``;
+- the key goes in an ``api-key`` header, not ``Authorization: Bearer`` (Entra ID tokens can
+  be set as a static ``Authorization`` entry in ``headers``).
+
+Streaming quirks, all of them accepted by the official SDK's stream parser and by
+:class:`gateway.upstreams.openai.OpenAIObserver` (the tests check this), so events pass
+through verbatim:
+
+- the first chunk has ``"choices": []`` and ``prompt_filter_results`` (the prompt's content
+  filter verdicts), with ``"id": ""``, ``"model": ""``, ``"object": ""`` and ``"created": 0``
+  (so it fails *strict* validation as a ``ChatCompletionChunk``; the SDK never validates
+  stream chunks, but a plugin or client that does must skip it);
+- later chunks carry ``content_filter_results`` inside each choice, and with asynchronous
+  filtering a trailing chunk after the finish chunk holds only ``content_filter_results``
+  and ``content_filter_offsets`` (empty delta, ``finish_reason`` null);
+- filtered output ends with ``finish_reason: "content_filter"``; a filtered prompt is an HTTP
+  400 whose ``error.code`` is ``content_filter`` (kept by ``error_from_upstream``).
+
+Plugins must therefore not assume ``choices[0]`` exists or that the first chunk has a role.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Final, Literal
+from urllib.parse import quote, urlencode
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from gateway.config import Timeouts
+from gateway.context import Endpoint
+from gateway.errors import GatewayError
+
+__all__ = [
+    "DEFAULT_API_VERSION",
+    "AzureUpstream",
+    "azure_headers",
+    "azure_request_body",
+    "azure_url",
+    "resolve_deployment",
+    "validate_deployment",
+]
+
+DEFAULT_API_VERSION: Final = "2024-10-21"  # the latest GA data-plane version
+
+_DEPLOYMENT_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_PATHS: Final = {
+    "/chat/completions": "/chat/completions",
+    "/completions": "/completions",
+    "/embeddings": "/embeddings",
+    Endpoint.CHAT.value: "/chat/completions",
+    Endpoint.COMPLETIONS.value: "/completions",
+    Endpoint.EMBEDDINGS.value: "/embeddings",
+}
+
+
+def _deployment_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a deployment path segment, or None if it can."""
+    if not isinstance(name, str) or not _DEPLOYMENT_RE.fullmatch(name):
+        return "it must be 1 to 64 characters among A-Z a-z 0-9 . _ -"
+    if not name.strip("."):
+        return "'.' and '..' are path segments, not names"
+    return None
+
+
+class AzureUpstream(BaseModel):
+    """An Azure OpenAI resource (``kind: azure``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["azure"]
+    endpoint: str = Field(
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="e.g. https://my-resource.openai.azure.com (https outside tests)",
+    )
+    api_version: str = Field(
+        DEFAULT_API_VERSION,
+        pattern=r"^\d{4}-\d{2}-\d{2}(-preview)?$",
+        description="the api-version query parameter (not sent on the v1 surface)",
+    )
+    api_key: SecretStr | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    deployment: str | None = Field(
+        None, description="one deployment for every route (default: the route's upstream_model)"
+    )
+    deployments: dict[str, str] = Field(
+        default_factory=dict, description="upstream_model -> deployment name, checked first"
+    )
+    use_v1_api: bool = Field(False, description="use the /openai/v1/ surface")
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = Field(256, ge=1)
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_deployments(self) -> AzureUpstream:
+        named = {"deployment": self.deployment} if self.deployment is not None else {}
+        named.update({f"deployments.{k}": v for k, v in self.deployments.items()})
+        for where, name in named.items():
+            problem = _deployment_problem(name)
+            if problem is not None:
+                raise ValueError(f"{where}: invalid Azure deployment name {name!r}: {problem}")
+        return self
+
+
+def validate_deployment(name: str) -> str:
+    """``name`` if it is safe as one URL path segment; else GatewayError 400 (param model).
+
+    A name with ``/``, ``?``, ``#``, ``%``, spaces, or one made only of dots could change
+    which Azure path is called, so it is refused rather than escaped.
+    """
+    problem = _deployment_problem(name)
+    if problem is not None:
+        shown = repr(name[:80]) if isinstance(name, str) else "(not a string)"
+        raise GatewayError(
+            400,
+            f"Invalid Azure deployment name {shown}: {problem}.",
+            param="model",
+            code="invalid_deployment",
+        )
+    return name
+
+
+def resolve_deployment(config: AzureUpstream, upstream_model: str) -> str:
+    """The deployment serving ``upstream_model``: the map, else ``deployment``, else itself."""
+    name = config.deployments.get(upstream_model) or config.deployment or upstream_model
+    return validate_deployment(name)
+
+
+def azure_url(config: AzureUpstream, endpoint_path: str, deployment: str) -> str:
+    """The URL for one call; ``endpoint_path`` is "/chat/completions", "/completions" or
+    "/embeddings" (an :class:`Endpoint` works too).
+
+    Raises GatewayError 400 for an unsafe deployment, ValueError for another path.
+    """
+    path = _PATHS.get(endpoint_path)
+    if path is None:
+        raise ValueError(f"unsupported Azure OpenAI endpoint path: {endpoint_path!r}")
+    name = validate_deployment(deployment)
+    base = config.endpoint.rstrip("/")
+    if config.use_v1_api:
+        return f"{base}/openai/v1{path}"
+    query = urlencode({"api-version": config.api_version})
+    return f"{base}/openai/deployments/{quote(name, safe='')}{path}?{query}"
+
+
+def azure_headers(config: AzureUpstream) -> dict[str, str]:
+    """Static headers for every call: configured ``headers`` plus ``api-key`` if set."""
+    out = dict(config.headers)
+    if config.api_key is not None and config.api_key.get_secret_value():
+        out["api-key"] = config.api_key.get_secret_value()
+    return out
+
+
+def azure_request_body(body: dict[str, Any], deployment: str) -> dict[str, Any]:
+    """The body to send: ``model`` names the deployment.
+
+    Required on the v1 surface (the deployment is not in the path there); harmless on the
+    deployments surface, which ignores ``model``.
+    """
+    return {**body, "model": validate_deployment(deployment)}
