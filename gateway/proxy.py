@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -27,7 +26,7 @@ from gateway.headers import SSE_RESPONSE_HEADERS, upstream_headers
 from gateway.plugin import EndStream, Reject
 from gateway.routing import Router
 from gateway.sse import SSEDecoder, SSEError, SSEEvent, encode_events
-from gateway.upstreams.base import StreamObserver, Upstream, UpstreamCall
+from gateway.upstreams.base import Batch, StreamObserver, Upstream, UpstreamCall
 from gateway.upstreams.errors import error_from_event
 from gateway.validation import read_json_body, validate_body
 from gateway.watchdog import Watchdog
@@ -50,34 +49,6 @@ class _StreamFailed(Exception):
         super().__init__(error.message)
         self.error = error
         self.outcome = outcome
-
-
-@dataclass(slots=True)
-class _Batch:
-    """Upstream events sorted for the client: what to pass on, and how the batch ended."""
-
-    events: list[SSEEvent]
-    terminal: SSEEvent | None = None
-    error: GatewayError | None = None
-    has_data: bool = False
-
-
-def _classify(ctx: RequestContext, observer: StreamObserver, events: list[SSEEvent]) -> _Batch:
-    batch = _Batch([])
-    for event in events:
-        if event.data_bytes is None:
-            batch.events.append(event)
-            continue
-        batch.has_data = True
-        error = observer.observe(ctx, event)
-        if error is not None:
-            batch.error = error
-            break
-        if observer.done:
-            batch.terminal = event
-            break
-        batch.events.append(event)
-    return batch
 
 
 def _parse_unary(raw: bytes) -> Any:
@@ -240,15 +211,19 @@ class Proxy:
         loop = asyncio.get_running_loop()
         watchdog = Watchdog(loop, upstream.timeouts, loop.time())
         call: UpstreamCall | None = None
+        observer: StreamObserver | None = None
         try:
             call = await self._open(request, ctx, upstream)
             watchdog.attach(call)
-            stream = _Stream(self.server, ctx, chain, upstream.observer(ctx), call, watchdog)
+            observer = upstream.observer(ctx)
+            stream = _Stream(self.server, ctx, chain, observer, call, watchdog)
             response = await stream.start(request)
             await stream.run(response)
             return response
         finally:
             watchdog.cancel()
+            if observer is not None:
+                observer.finish(ctx)
             if call is not None:
                 call.abort()
 
@@ -277,7 +252,7 @@ class _Stream:
         self.response: web.StreamResponse | None = None
         self.finished = False
         self._arrived: float | None = None  # when the bytes being processed came in
-        self._first = _Batch([])  # what `start` read before committing headers
+        self._first = Batch([])  # what `start` read before committing headers
 
     # -- reading ---------------------------------------------------------------------
 
@@ -329,7 +304,7 @@ class _Stream:
         `run`, so any failure from then on follows the after-headers contract.
         """
         held: list[SSEEvent] = []
-        batch = _Batch([])
+        batch = Batch([])
         hold = self.server.header_hold_seconds
         try:
             async with asyncio.timeout(hold):
@@ -339,7 +314,7 @@ class _Stream:
                         raise self._eof_failure()
                     events = self._decode(chunk)
                     self.ctx.events_in += len(events)
-                    batch = _classify(self.ctx, self.observer, events)
+                    batch = self.observer.classify(self.ctx, events)
                     held.extend(batch.events)
         except TimeoutError:
             pass  # slow first token: send headers now, keep streaming
@@ -354,7 +329,7 @@ class _Stream:
             self._mark_first()
         # An error after good events in the same read is reported after them, exactly as
         # if it had arrived in a later read: the result must not depend on chunking.
-        self._first = _Batch(held, batch.terminal, batch.error)
+        self._first = Batch(held, batch.terminal, batch.error)
         await self.chain.run_response_start(self.ctx)
         response = web.StreamResponse(
             status=200,
@@ -424,7 +399,7 @@ class _Stream:
             if not events:
                 continue
             ctx.events_in += len(events)
-            batch = _classify(ctx, observer, events)
+            batch = observer.classify(ctx, events)
             if batch.has_data and not self.watchdog.got_first:
                 self._mark_first()
             await self._deliver(batch)
@@ -433,7 +408,7 @@ class _Stream:
             if batch.terminal is not None:
                 return
 
-    async def _deliver(self, batch: _Batch) -> None:
+    async def _deliver(self, batch: Batch) -> None:
         """Run a batch through the chain and write it in one go (plus the flush at the end)."""
         chain = self.chain
         out: list[SSEEvent] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import Timeouts
@@ -48,6 +49,16 @@ class UpstreamCall(abc.ABC):
         """Return a fully read connection to the pool. Idempotent."""
 
 
+@dataclass(slots=True)
+class Batch:
+    """Upstream events sorted for the client: what to pass on, and how the batch ended."""
+
+    events: list[SSEEvent]
+    terminal: SSEEvent | None = None
+    error: GatewayError | None = None
+    has_data: bool = False
+
+
 class StreamObserver(abc.ABC):
     """Per-request view of an upstream's SSE stream, in the client's wire format.
 
@@ -62,6 +73,27 @@ class StreamObserver(abc.ABC):
 
         Sets `done` when the event is the terminal one; records usage into `ctx.usage`.
         """
+
+    def classify(self, ctx: RequestContext, events: list[SSEEvent]) -> Batch:
+        """Observe a decoded batch in order; stop at its terminal event or in-band error."""
+        batch = Batch([])
+        for event in events:
+            if event.data_bytes is None:
+                batch.events.append(event)
+                continue
+            batch.has_data = True
+            error = self.observe(ctx, event)
+            if error is not None:
+                batch.error = error
+                break
+            if self.done:
+                batch.terminal = event
+                break
+            batch.events.append(event)
+        return batch
+
+    def finish(self, ctx: RequestContext) -> None:  # noqa: B027 - optional hook
+        """The stream ended, however it ended: record what is only known at the end."""
 
     @abc.abstractmethod
     def error_event(self, err: GatewayError) -> SSEEvent:

@@ -13,7 +13,7 @@ from gateway.config import OpenAIUpstream
 from gateway.context import Endpoint, RequestContext
 from gateway.errors import GatewayError, timeout_error, upstream_error
 from gateway.sse import SSEEvent
-from gateway.upstreams.base import StreamObserver, Upstream, UpstreamCall
+from gateway.upstreams.base import Batch, StreamObserver, Upstream, UpstreamCall
 from gateway.upstreams.errors import error_from_event
 
 _PATHS = {
@@ -43,29 +43,71 @@ class AiohttpCall(UpstreamCall):
         self._response.release()
 
 
+# In-band error objects lead with their key: OpenAI and TGI `{"error": ...}`, vLLM
+# `{"object": "error", ...}`; a prefix test per event is all the hot path pays for them.
+_ERROR_HEADS = (b'{"error"', b'{ "error"', b'{"object":"error"', b'{"object": "error"')
+
+
 class OpenAIObserver(StreamObserver):
-    """OpenAI's chunk stream: `[DONE]` ends it, `usage` may ride on any chunk."""
+    """OpenAI's chunk stream: `[DONE]` ends it; usage rides on the last chunks.
+
+    Usage is read once, at the end, from the last data events: OpenAI sends it in the last
+    chunk before `[DONE]`, llama.cpp on the final chunk, vLLM's continuous usage as running
+    totals on every chunk (so the last one is the truth). Nothing is parsed per event.
+    """
+
+    def __init__(self) -> None:
+        self._last: SSEEvent | None = None
+        self._before_last: SSEEvent | None = None
 
     def observe(self, ctx: RequestContext, event: SSEEvent) -> GatewayError | None:
         data = event.data_bytes
         if data is None:
             return None
-        if event.is_done:
+        if data == b"[DONE]":
             self.done = True
             return None
-        # Cheap byte checks first: parse JSON only for events that may carry what we need.
-        if b'"error"' in data:
-            payload = _parse(event)
-            if isinstance(payload, dict) and (
-                "error" in payload or payload.get("object") == "error"
-            ):
-                return error_from_event(payload)
-        if b'"usage":{' in data or b'"usage": {' in data:
+        if data.startswith(_ERROR_HEADS):
+            error = _error_of(event)
+            if error is not None:
+                return error
+        self._before_last, self._last = self._last, event
+        return None
+
+    def classify(self, ctx: RequestContext, events: list[SSEEvent]) -> Batch:
+        """The hot path: `observe` inlined over a batch."""
+        batch = Batch([])
+        out = batch.events
+        last = before_last = None
+        for event in events:
+            data = event.data_bytes
+            if data is None:
+                out.append(event)
+                continue
+            batch.has_data = True
+            if data == b"[DONE]":
+                self.done = True
+                batch.terminal = event
+                break
+            if data.startswith(_ERROR_HEADS) and (error := _error_of(event)) is not None:
+                batch.error = error
+                break
+            out.append(event)
+            before_last, last = last, event
+        if last is not None:
+            self._before_last = before_last if before_last is not None else self._last
+            self._last = last
+        return batch
+
+    def finish(self, ctx: RequestContext) -> None:
+        for event in (self._before_last, self._last):
+            data = event.data_bytes if event is not None else None
+            if data is None or b'"usage"' not in data:
+                continue
             payload = _parse(event)
             usage = payload.get("usage") if isinstance(payload, dict) else None
             if isinstance(usage, dict):
                 ctx.usage.set_from_upstream(usage)
-        return None
 
     def error_event(self, err: GatewayError) -> SSEEvent:
         return SSEEvent.from_json(err.body())
@@ -74,7 +116,16 @@ class OpenAIObserver(StreamObserver):
         return _DONE
 
 
-def _parse(event: SSEEvent) -> Any:
+def _error_of(event: SSEEvent) -> GatewayError | None:
+    payload = _parse(event)
+    if isinstance(payload, dict) and ("error" in payload or payload.get("object") == "error"):
+        return error_from_event(payload)
+    return None
+
+
+def _parse(event: SSEEvent | None) -> Any:
+    if event is None:
+        return None
     try:
         return event.json()
     except ValueError:

@@ -374,6 +374,7 @@ def test_azure_chunks_through_the_proxy_observer_and_deltas() -> None:
     assert observer.done
     assert texts == TOKENS
     assert finishes == ["stop"]
+    observer.finish(ctx)  # usage is read once, at the end of the stream
     assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens) == (9, 3)
     # The leading chunk's `"object": ""` fails strict validation of the SDK's type; the SDK
     # never validates stream chunks (it builds them with construct), so clients are fine.

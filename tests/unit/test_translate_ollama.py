@@ -776,6 +776,7 @@ def test_sse_decoder_with_openai_observer() -> None:
     for ev in pump(decoder, [TRANSCRIPT]):
         assert observer.observe(ctx, ev) is None
     assert observer.done
+    observer.finish(ctx)  # usage is read once, at the end of the stream
     assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens) == (26, 6)
     assert decoder.translator.usage == {
         "prompt_tokens": 26,
@@ -916,6 +917,7 @@ class OllamaBehindOpenAI:
                     return response
                 await response.write(event.encode())
         assert observer.done
+        observer.finish(ctx)
         await response.write_eof()
         return response
 
