@@ -258,3 +258,33 @@ async def test_serve_subprocess_streams_the_demo_and_stops_on_sigterm() -> None:
         assert proc.stderr is not None
         await proc.stdout.read()
         await proc.stderr.read()
+
+
+def test_tokenizers_download_fills_a_cache_dir_from_a_mirror(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sluice tokenizers download` writes tiktoken's cache layout; `status` then sees it."""
+    import tiktoken_ext
+
+    from plugins.token_count import _BLOBS
+
+    shipped = Path(tiktoken_ext.__path__[0]) / "data" / "cl100k_base.tiktoken"
+    mirror = tmp_path / "mirror"
+    blob = mirror / _BLOBS["cl100k_base"].path.lstrip("/")
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(shipped.read_bytes())
+    cache = tmp_path / "cache"
+    argv = ["tokenizers", "download", str(cache), "--names", "cl100k_base"]
+    assert main([*argv, "--source", mirror.as_uri()]) == 0
+    assert main(["tokenizers", "status", str(cache)]) == 1  # o200k_base is still missing
+    out = capsys.readouterr().out
+    assert "cl100k_base: cached" in out
+    assert "o200k_base: missing" in out
+
+
+def test_tokenizers_download_failure_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["tokenizers", "download", str(tmp_path), "--names", "cl100k_base"]
+    assert main([*argv, "--source", (tmp_path / "no-such-mirror").as_uri()]) == 1
+    assert "tokenizer download failed" in capsys.readouterr().err

