@@ -11,12 +11,23 @@ import orjson
 from aiohttp import web
 
 from gateway.chain import Chain, build_chain, discover_plugins
-from gateway.config import DemoUpstream, GatewayConfig, OpenAIUpstream, PluginConfig
+from gateway.config import (
+    AnthropicUpstream,
+    AzureUpstream,
+    GatewayConfig,
+    OllamaUpstream,
+    OpenAIUpstream,
+    PluginConfig,
+    UpstreamConfig,
+)
 from gateway.errors import GatewayError
 from gateway.proxy import Proxy
 from gateway.routing import Router
+from gateway.upstreams.anthropic import Anthropic
+from gateway.upstreams.azure import AzureOpenAI
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.demo import Demo
+from gateway.upstreams.ollama import Ollama
 from gateway.upstreams.openai import OpenAICompatible
 
 log = logging.getLogger("sluice.app")
@@ -38,10 +49,16 @@ class GatewayState:
 STATE = web.AppKey("sluice_state", GatewayState)
 
 
-def build_upstream(name: str, config: OpenAIUpstream | DemoUpstream) -> Upstream:
+def build_upstream(name: str, config: UpstreamConfig) -> Upstream:
     """The adapter for one configured upstream."""
     if isinstance(config, OpenAIUpstream):
         return OpenAICompatible(name, config)
+    if isinstance(config, AzureUpstream):
+        return AzureOpenAI(name, config)
+    if isinstance(config, AnthropicUpstream):
+        return Anthropic(name, config)
+    if isinstance(config, OllamaUpstream):
+        return Ollama(name, config)
     return Demo(name, config)
 
 
@@ -135,6 +152,7 @@ def build_app(state: GatewayState) -> web.Application:
     app.router.add_post("/v1/chat/completions", proxy.chat)
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/embeddings", proxy.embeddings)
+    app.router.add_post("/v1/messages", proxy.messages)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

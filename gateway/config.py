@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -43,6 +43,10 @@ class OpenAIUpstream(_Strict):
     )
     verify_tls: bool = True
     ca_bundle: Path | None = None
+    include_usage: bool = Field(
+        True,
+        description="ask for stream_options.include_usage (turn off for servers that reject it)",
+    )
 
 
 class DemoUpstream(_Strict):
@@ -55,7 +59,101 @@ class DemoUpstream(_Strict):
     timeouts: Timeouts = Timeouts()
 
 
-UpstreamConfig = Annotated[OpenAIUpstream | DemoUpstream, Field(discriminator="kind")]
+DEFAULT_AZURE_API_VERSION: Final = "2024-10-21"  # the latest GA data-plane version
+
+_AZURE_DEPLOYMENT_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def azure_deployment_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a deployment path segment, or None if it can."""
+    if not isinstance(name, str) or not _AZURE_DEPLOYMENT_RE.fullmatch(name):
+        return "it must be 1 to 64 characters among A-Z a-z 0-9 . _ -"
+    if not name.strip("."):
+        return "'.' and '..' are path segments, not names"
+    return None
+
+
+class AzureUpstream(BaseModel):
+    """An Azure OpenAI resource (``kind: azure``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["azure"]
+    endpoint: str = Field(
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="e.g. https://my-resource.openai.azure.com (https outside tests)",
+    )
+    api_version: str = Field(
+        DEFAULT_AZURE_API_VERSION,
+        pattern=r"^\d{4}-\d{2}-\d{2}(-preview)?$",
+        description="the api-version query parameter (not sent on the v1 surface)",
+    )
+    api_key: SecretStr | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    deployment: str | None = Field(
+        None, description="one deployment for every route (default: the route's upstream_model)"
+    )
+    deployments: dict[str, str] = Field(
+        default_factory=dict, description="upstream_model -> deployment name, checked first"
+    )
+    use_v1_api: bool = Field(False, description="use the /openai/v1/ surface")
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = Field(256, ge=1)
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_deployments(self) -> AzureUpstream:
+        named = {"deployment": self.deployment} if self.deployment is not None else {}
+        named.update({f"deployments.{k}": v for k, v in self.deployments.items()})
+        for where, name in named.items():
+            problem = azure_deployment_problem(name)
+            if problem is not None:
+                raise ValueError(f"{where}: invalid Azure deployment name {name!r}: {problem}")
+        return self
+
+
+class AnthropicUpstream(_Strict):
+    """Anthropic's Messages API (`x-api-key`, `anthropic-version`)."""
+
+    kind: Literal["anthropic"]
+    base_url: str = Field(
+        "https://api.anthropic.com", pattern=r"^https?://[^\s/]+", description="without /v1"
+    )
+    api_key: SecretStr | None = None
+    anthropic_version: str = "2023-06-01"
+    default_max_tokens: int = Field(
+        4096, ge=1, description="sent when an OpenAI-format client gives no max_tokens"
+    )
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = Field(4096, ge=1)
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+
+
+class OllamaUpstream(_Strict):
+    """Ollama's native API (`/api/chat`, `/api/generate`, NDJSON streaming)."""
+
+    kind: Literal["ollama"]
+    base_url: str = Field("http://127.0.0.1:11434", pattern=r"^https?://[^\s/]+")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ollama options set by the operator (num_ctx, num_gpu, ...), not by clients",
+    )
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = Field(4096, ge=1)
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+
+
+UPSTREAM_KINDS = ("openai", "azure", "anthropic", "ollama", "demo")
+HttpUpstreamConfig = OpenAIUpstream | AzureUpstream | AnthropicUpstream | OllamaUpstream
+UpstreamConfig = Annotated[
+    OpenAIUpstream | AzureUpstream | AnthropicUpstream | OllamaUpstream | DemoUpstream,
+    Field(discriminator="kind"),
+]
 
 
 class PluginConfig(_Strict):
@@ -158,7 +256,7 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("openai", "demo") and out.count(".") >= 1 and out.startswith("upstreams"):
+        elif part in UPSTREAM_KINDS and out.count(".") >= 1 and out.startswith("upstreams"):
             continue  # discriminator tag that pydantic adds; not a key the user wrote
         else:
             out += f".{part}" if out else part
@@ -176,7 +274,7 @@ def _format_validation(err: ValidationError) -> str:
             loc = f"{loc}.kind"
             ctx = item.get("ctx") or {}
             found = ctx.get("tag")
-            known = "openai, demo"
+            known = ", ".join(UPSTREAM_KINDS)
             msg = (
                 f"unknown kind {found!r} (known: {known})"
                 if found

@@ -108,6 +108,7 @@ class RequestContext:
 
     request_id: str
     endpoint: Endpoint
+    client_format: str = "openai"  # the client's wire format: "openai" or "anthropic"
     body: dict[str, Any] = field(default_factory=dict)
     model: str = ""
     stream: bool = False

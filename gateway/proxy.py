@@ -21,12 +21,25 @@ from aiohttp import web
 from gateway.chain import Chain
 from gateway.config import ServerConfig
 from gateway.context import Endpoint, Outcome, RequestContext, request_id_from
-from gateway.errors import GatewayError, internal_error, timeout_error, upstream_error
+from gateway.dialects import DIALECTS
+from gateway.errors import (
+    GatewayError,
+    bad_request,
+    internal_error,
+    timeout_error,
+    upstream_error,
+)
 from gateway.headers import SSE_RESPONSE_HEADERS, upstream_headers
 from gateway.plugin import EndStream, Reject
 from gateway.routing import Router
-from gateway.sse import SSEDecoder, SSEError, SSEEvent, encode_events
-from gateway.upstreams.base import Batch, StreamObserver, Upstream, UpstreamCall
+from gateway.sse import SSEError, SSEEvent, encode_events
+from gateway.upstreams.base import (
+    Batch,
+    StreamDecoder,
+    StreamObserver,
+    Upstream,
+    UpstreamCall,
+)
 from gateway.upstreams.errors import error_from_event
 from gateway.validation import read_json_body, validate_body
 from gateway.watchdog import Watchdog
@@ -86,13 +99,20 @@ class Proxy:
         """POST /v1/completions."""
         return await self.handle(request, Endpoint.COMPLETIONS)
 
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/messages: Anthropic's Messages API, for the Anthropic SDKs."""
+        return await self.handle(request, Endpoint.CHAT, "anthropic")
+
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/embeddings (never streamed)."""
         return await self.handle(request, Endpoint.EMBEDDINGS)
 
-    async def handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    async def handle(
+        self, request: web.Request, endpoint: Endpoint, client_format: str = "openai"
+    ) -> web.StreamResponse:
         """One request from arrival to its single end (`on_end` runs exactly once)."""
-        ctx = RequestContext(request_id_from(request.headers.get("X-Request-Id")), endpoint)
+        request_id = request_id_from(request.headers.get("X-Request-Id"))
+        ctx = RequestContext(request_id, endpoint, client_format)
         chain = self.default_chain
         try:
             try:
@@ -101,6 +121,12 @@ class Proxy:
                 chain = self.chains[ctx.route.model]
                 await chain.run_request(ctx)
                 upstream = self.upstreams[ctx.route.upstream]
+                if not upstream.supports(ctx.endpoint):
+                    raise bad_request(
+                        f"The model `{ctx.model}` does not support /v1/{ctx.endpoint.value}.",
+                        param="model",
+                        code="unsupported_endpoint",
+                    )
                 if ctx.stream:
                     return await self._stream(request, ctx, chain, upstream)
                 return await self._unary(request, ctx, chain, upstream)
@@ -120,8 +146,8 @@ class Proxy:
     async def _admit(self, request: web.Request, ctx: RequestContext) -> None:
         body = await read_json_body(request, self.server.max_body_bytes)
         validate_body(ctx.endpoint, body)
-        ctx.body = body
         ctx.model = body["model"]
+        ctx.body = DIALECTS[ctx.client_format].admit(ctx, body)
         ctx.stream = ctx.endpoint is not Endpoint.EMBEDDINGS and body.get("stream") is True
         ctx.route = self.router.resolve(ctx.model)
         ctx.upstream_name = ctx.route.upstream
@@ -131,7 +157,7 @@ class Proxy:
         ctx.status = err.status
         if ctx.outcome is None:
             ctx.outcome = Outcome.REJECTED if err.status < 500 else Outcome.UPSTREAM_ERROR
-        return err.to_response({"X-Request-Id": ctx.request_id, **ctx.response_headers})
+        return DIALECTS[ctx.client_format].error_response(ctx, err)
 
     def _outgoing(
         self, request: web.Request, ctx: RequestContext
@@ -184,7 +210,7 @@ class Proxy:
             raise upstream_error(f"The upstream connection broke ({type(err).__name__}).") from None
         finally:
             call.abort()
-        payload = _parse_unary(raw)
+        payload = upstream.translate_response(ctx, _parse_unary(raw))
         if isinstance(payload, dict):
             usage = payload.get("usage")
             if isinstance(usage, dict):
@@ -195,7 +221,7 @@ class Proxy:
                 raise error
             payload = await chain.run_response(ctx, payload)
         ctx.outcome = Outcome.COMPLETED
-        out = orjson.dumps(payload)
+        out = orjson.dumps(DIALECTS[ctx.client_format].unary(ctx, payload))
         ctx.bytes_out = len(out)
         return web.Response(
             body=out,
@@ -215,8 +241,8 @@ class Proxy:
         try:
             call = await self._open(request, ctx, upstream)
             watchdog.attach(call)
-            observer = upstream.observer(ctx)
-            stream = _Stream(self.server, ctx, chain, observer, call, watchdog)
+            decoder, observer = upstream.stream_parts(ctx, self.server)
+            stream = _Stream(self.server, ctx, chain, decoder, observer, call, watchdog)
             response = await stream.start(request)
             await stream.run(response)
             return response
@@ -236,6 +262,7 @@ class _Stream:
         server: ServerConfig,
         ctx: RequestContext,
         chain: Chain,
+        decoder: StreamDecoder,
         observer: StreamObserver,
         call: UpstreamCall,
         watchdog: Watchdog,
@@ -246,13 +273,13 @@ class _Stream:
         self.observer = observer
         self.call = call
         self.watchdog = watchdog
-        self.decoder = SSEDecoder(
-            max_line_bytes=server.max_line_bytes, max_event_bytes=server.max_event_bytes
-        )
+        self.decoder = decoder
         self.response: web.StreamResponse | None = None
         self.finished = False
         self._arrived: float | None = None  # when the bytes being processed came in
         self._first = Batch([])  # what `start` read before committing headers
+        self.dialect = DIALECTS[ctx.client_format]
+        self.egress = self.dialect.egress(ctx)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -280,13 +307,19 @@ class _Stream:
         )
 
     def _decode(self, chunk: bytes) -> list[SSEEvent]:
+        """Events completed by `chunk`; at the end of the body (b""), what the decoder held."""
         try:
-            return self.decoder.feed(chunk)
+            if chunk:
+                return self.decoder.feed(chunk)
+            events = self.decoder.flush()
         except SSEError as err:
             raise _StreamFailed(
                 upstream_error(f"The upstream sent a malformed stream: {err}."),
                 Outcome.UPSTREAM_ERROR,
             ) from None
+        if not events:
+            raise self._eof_failure()
+        return events
 
     def _eof_failure(self) -> _StreamFailed:
         what = "in the middle of an event" if self.decoder.has_pending else "before its final event"
@@ -309,10 +342,7 @@ class _Stream:
         try:
             async with asyncio.timeout(hold):
                 while not (batch.has_data or batch.terminal or batch.error):
-                    chunk = await self._read()
-                    if not chunk:
-                        raise self._eof_failure()
-                    events = self._decode(chunk)
+                    events = self._decode(await self._read())
                     self.ctx.events_in += len(events)
                     batch = self.observer.classify(self.ctx, events)
                     held.extend(batch.events)
@@ -392,8 +422,6 @@ class _Stream:
         observer, ctx = self.observer, self.ctx
         while True:
             chunk = await self._read()
-            if not chunk:
-                raise self._eof_failure()
             self._arrived = time.perf_counter()
             events = self._decode(chunk)
             if not events:
@@ -426,8 +454,11 @@ class _Stream:
         if out:
             await self._write(out)
 
-    async def _write(self, events: list[SSEEvent]) -> None:
+    async def _write(self, events: list[SSEEvent], *, translate: bool = True) -> None:
         assert self.response is not None
+        egress = self.egress
+        if egress is not None and translate:
+            events = [out for event in events for out in egress.feed(event)]
         data = encode_events(events)
         if self._arrived is not None:
             self.ctx.overhead_seconds += time.perf_counter() - self._arrived
@@ -461,7 +492,8 @@ class _Stream:
         """The contract after headers: one final error event, then the stream ends."""
         self.call.abort()  # ctx.status stays 200: that is what the client got; ctx.error says why
         try:
-            await self._write([self.observer.error_event(err)])
+            event = self.dialect.final_error_event(self.ctx, err) or self.observer.error_event(err)
+            await self._write([event], translate=False)
             await response.write_eof()
         except (_ClientGone, ConnectionError, aiohttp.ClientConnectionResetError):
             self.ctx.outcome = Outcome.CLIENT_DISCONNECTED

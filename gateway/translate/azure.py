@@ -27,14 +27,11 @@ Plugins must therefore not assume ``choices[0]`` exists or that the first chunk 
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 from urllib.parse import quote, urlencode
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
-
-from gateway.config import Timeouts
+from gateway.config import DEFAULT_AZURE_API_VERSION as DEFAULT_API_VERSION
+from gateway.config import AzureUpstream, azure_deployment_problem
 from gateway.context import Endpoint
 from gateway.errors import GatewayError
 
@@ -48,9 +45,6 @@ __all__ = [
     "validate_deployment",
 ]
 
-DEFAULT_API_VERSION: Final = "2024-10-21"  # the latest GA data-plane version
-
-_DEPLOYMENT_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _PATHS: Final = {
     "/chat/completions": "/chat/completions",
     "/completions": "/completions",
@@ -61,62 +55,13 @@ _PATHS: Final = {
 }
 
 
-def _deployment_problem(name: object) -> str | None:
-    """Why ``name`` cannot be a deployment path segment, or None if it can."""
-    if not isinstance(name, str) or not _DEPLOYMENT_RE.fullmatch(name):
-        return "it must be 1 to 64 characters among A-Z a-z 0-9 . _ -"
-    if not name.strip("."):
-        return "'.' and '..' are path segments, not names"
-    return None
-
-
-class AzureUpstream(BaseModel):
-    """An Azure OpenAI resource (``kind: azure``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["azure"]
-    endpoint: str = Field(
-        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
-        description="e.g. https://my-resource.openai.azure.com (https outside tests)",
-    )
-    api_version: str = Field(
-        DEFAULT_API_VERSION,
-        pattern=r"^\d{4}-\d{2}-\d{2}(-preview)?$",
-        description="the api-version query parameter (not sent on the v1 surface)",
-    )
-    api_key: SecretStr | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-    deployment: str | None = Field(
-        None, description="one deployment for every route (default: the route's upstream_model)"
-    )
-    deployments: dict[str, str] = Field(
-        default_factory=dict, description="upstream_model -> deployment name, checked first"
-    )
-    use_v1_api: bool = Field(False, description="use the /openai/v1/ surface")
-    timeouts: Timeouts = Timeouts()
-    max_connections: int = Field(256, ge=1)
-    verify_tls: bool = True
-    ca_bundle: Path | None = None
-
-    @model_validator(mode="after")
-    def _check_deployments(self) -> AzureUpstream:
-        named = {"deployment": self.deployment} if self.deployment is not None else {}
-        named.update({f"deployments.{k}": v for k, v in self.deployments.items()})
-        for where, name in named.items():
-            problem = _deployment_problem(name)
-            if problem is not None:
-                raise ValueError(f"{where}: invalid Azure deployment name {name!r}: {problem}")
-        return self
-
-
 def validate_deployment(name: str) -> str:
     """``name`` if it is safe as one URL path segment; else GatewayError 400 (param model).
 
     A name with ``/``, ``?``, ``#``, ``%``, spaces, or one made only of dots could change
     which Azure path is called, so it is refused rather than escaped.
     """
-    problem = _deployment_problem(name)
+    problem = azure_deployment_problem(name)
     if problem is not None:
         shown = repr(name[:80]) if isinstance(name, str) else "(not a string)"
         raise GatewayError(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from gateway.config import Timeouts
+from gateway.config import ServerConfig, Timeouts
 from gateway.context import Endpoint, RequestContext
 from gateway.errors import GatewayError
 from gateway.sse import SSEEvent
@@ -104,6 +104,23 @@ class StreamObserver(abc.ABC):
         """The event that ends a stream the gateway cut short normally (e.g. `[DONE]`)."""
 
 
+class StreamDecoder(Protocol):
+    """Upstream body bytes in, client-format SSE events out (SSEDecoder is one)."""
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        """The events completed by `chunk`; raises SSEError past a limit or on garbage."""
+        ...
+
+    def flush(self) -> list[SSEEvent]:
+        """End of body: events completed by it (e.g. a last NDJSON line without newline)."""
+        ...
+
+    @property
+    def has_pending(self) -> bool:
+        """True if bytes of an unfinished event are held (a truncated stream)."""
+        ...
+
+
 class Upstream(abc.ABC):
     """An adapter for one configured upstream; shared by every request routed to it."""
 
@@ -130,8 +147,14 @@ class Upstream(abc.ABC):
         """
 
     @abc.abstractmethod
-    def observer(self, ctx: RequestContext) -> StreamObserver:
-        """A fresh stream observer for one streaming request."""
+    def stream_parts(
+        self, ctx: RequestContext, server: ServerConfig
+    ) -> tuple[StreamDecoder, StreamObserver]:
+        """A fresh decoder and observer for one streaming request."""
+
+    def translate_response(self, ctx: RequestContext, payload: dict[str, Any]) -> dict[str, Any]:
+        """A non-streaming upstream body in OpenAI's shape (identity for OpenAI upstreams)."""
+        return payload
 
     def map_status_error(self, status: int, body: bytes) -> GatewayError:
         """Turn an upstream error response into the client's error (message sanitised)."""

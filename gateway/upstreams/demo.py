@@ -18,10 +18,10 @@ from typing import Any
 import orjson
 from multidict import CIMultiDict
 
-from gateway.config import DemoUpstream
+from gateway.config import DemoUpstream, ServerConfig
 from gateway.context import Endpoint, RequestContext
-from gateway.upstreams.base import StreamObserver, Upstream, UpstreamCall
-from gateway.upstreams.openai import OpenAIObserver
+from gateway.upstreams.base import StreamDecoder, StreamObserver, Upstream, UpstreamCall
+from gateway.upstreams.openai import OpenAIObserver, sse_decoder
 
 _ANSWER = (
     "Hello from Sluice! This answer comes from the built-in demo model, streamed token by "
@@ -118,8 +118,10 @@ class Demo(Upstream):
             [orjson.dumps(payload)], [start + ttft + len(tokens) * itl], "application/json"
         )
 
-    def observer(self, ctx: RequestContext) -> StreamObserver:
-        return OpenAIObserver()
+    def stream_parts(
+        self, ctx: RequestContext, server: ServerConfig
+    ) -> tuple[StreamDecoder, StreamObserver]:
+        return sse_decoder(server), OpenAIObserver()
 
 
 def _usage(body: Mapping[str, Any], completion: int) -> dict[str, int]:

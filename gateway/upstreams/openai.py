@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
-import orjson
-
-from gateway.config import OpenAIUpstream
+from gateway.config import OpenAIUpstream, ServerConfig
 from gateway.context import Endpoint, RequestContext
-from gateway.errors import GatewayError, timeout_error, upstream_error
-from gateway.sse import SSEEvent
-from gateway.upstreams.base import Batch, StreamObserver, Upstream, UpstreamCall
+from gateway.errors import GatewayError
+from gateway.sse import SSEDecoder, SSEEvent
+from gateway.upstreams.base import Batch, StreamDecoder, StreamObserver, UpstreamCall
 from gateway.upstreams.errors import error_from_event
+from gateway.upstreams.http import HttpUpstream
 
 _PATHS = {
     Endpoint.CHAT: "/chat/completions",
@@ -22,25 +19,6 @@ _PATHS = {
     Endpoint.EMBEDDINGS: "/embeddings",
 }
 _DONE = SSEEvent(data="[DONE]")
-
-
-class AiohttpCall(UpstreamCall):
-    """An upstream response read through aiohttp's client."""
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self.status = response.status
-        self.headers = response.headers
-        self._content = response.content
-
-    async def read_chunk(self) -> bytes:
-        return await self._content.readany()
-
-    def abort(self) -> None:
-        self._response.close()
-
-    def release(self) -> None:
-        self._response.release()
 
 
 # In-band error objects lead with their key: OpenAI and TGI `{"error": ...}`, vLLM
@@ -56,9 +34,10 @@ class OpenAIObserver(StreamObserver):
     totals on every chunk (so the last one is the truth). Nothing is parsed per event.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, drop_usage_chunk: bool = False) -> None:
         self._last: SSEEvent | None = None
         self._before_last: SSEEvent | None = None
+        self._drop_usage = drop_usage_chunk
 
     def observe(self, ctx: RequestContext, event: SSEEvent) -> GatewayError | None:
         data = event.data_bytes
@@ -92,8 +71,10 @@ class OpenAIObserver(StreamObserver):
             if data.startswith(_ERROR_HEADS) and (error := _error_of(event)) is not None:
                 batch.error = error
                 break
-            out.append(event)
             before_last, last = last, event
+            if self._drop_usage and data.endswith(b"}}") and _usage_only(event):
+                continue  # the gateway asked for it; the client did not
+            out.append(event)
         if last is not None:
             self._before_last = before_last if before_last is not None else self._last
             self._last = last
@@ -116,6 +97,15 @@ class OpenAIObserver(StreamObserver):
         return _DONE
 
 
+def _usage_only(event: SSEEvent) -> bool:
+    """The usage-only chunk (`"choices": []` plus usage) that include_usage adds at the end."""
+    data = event.data_bytes or b""
+    if b'"choices":[]' not in data and b'"choices": []' not in data:
+        return False
+    payload = _parse(event)
+    return isinstance(payload, dict) and payload.get("choices") == [] and "usage" in payload
+
+
 def _error_of(event: SSEEvent) -> GatewayError | None:
     payload = _parse(event)
     if isinstance(payload, dict) and ("error" in payload or payload.get("object") == "error"):
@@ -132,67 +122,51 @@ def _parse(event: SSEEvent | None) -> Any:
         return None
 
 
-class OpenAICompatible(Upstream):
-    """Adapter for `kind: openai`; one pooled aiohttp session per upstream."""
+class OpenAICompatible(HttpUpstream):
+    """Adapter for `kind: openai`: the body goes out as the client sent it (model replaced).
+
+    For streams it asks for `stream_options.include_usage` (unless the upstream is set not
+    to) so usage is exact; a client that did not ask never sees the usage-only chunk.
+    """
 
     def __init__(self, name: str, config: OpenAIUpstream) -> None:
-        super().__init__(name, config.timeouts)
+        super().__init__(name, config)
         self.config = config
         self._base = config.base_url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
-        self._auth: dict[str, str] = dict(config.headers)
         if config.api_key is not None and config.api_key.get_secret_value():
-            self._auth["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+            self._static_headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
 
-    def _ssl(self) -> ssl.SSLContext | bool:
-        if not self.config.verify_tls:
-            return False
-        if self.config.ca_bundle is not None:
-            return ssl.create_default_context(cafile=str(self.config.ca_bundle))
-        return True
+    def url(self, ctx: RequestContext, body: dict[str, Any]) -> str:
+        """Where this request goes."""
+        return self._base + _PATHS[ctx.endpoint]
 
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self.config.max_connections, ssl=self._ssl(), keepalive_timeout=30
-        )
-        # sock_connect only: `connect` would also count the wait for a free pooled
-        # connection, which is not a connect failure (concurrency limits live elsewhere).
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            auto_decompress=True,
-            json_serialize=lambda obj: orjson.dumps(obj).decode(),
-            skip_auto_headers=("User-Agent",),
-        )
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    def shape(self, ctx: RequestContext, body: dict[str, Any]) -> dict[str, Any]:
+        """The body to send."""
+        if ctx.stream and self.config.include_usage and ctx.endpoint is not Endpoint.EMBEDDINGS:
+            options = body.get("stream_options")
+            merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            return {**body, "stream_options": merged}
+        return body
 
     async def open(
         self, ctx: RequestContext, body: dict[str, Any], headers: Mapping[str, str]
     ) -> UpstreamCall:
-        if self._session is None:
-            raise RuntimeError(f"upstream {self.name} used before start()")
-        url = self._base + _PATHS[ctx.endpoint]
-        try:
-            response = await self._session.post(
-                url, data=orjson.dumps(body), headers={**headers, **self._auth}
-            )
-        except aiohttp.ServerTimeoutError:
-            raise timeout_error("connect") from None
-        except aiohttp.ClientConnectorError as err:
-            raise upstream_error(
-                f"Could not connect to upstream {self.name!r}: {err.strerror or 'refused'}.",
-                code="upstream_connect_error",
-            ) from None
-        except aiohttp.ClientError as err:
-            raise upstream_error(
-                f"Upstream {self.name!r} failed before answering ({type(err).__name__}).",
-            ) from None
-        return AiohttpCall(response)
+        return await self.post(self.url(ctx, body), self.shape(ctx, body), headers)
 
-    def observer(self, ctx: RequestContext) -> StreamObserver:
-        return OpenAIObserver()
+    def stream_parts(
+        self, ctx: RequestContext, server: ServerConfig
+    ) -> tuple[StreamDecoder, StreamObserver]:
+        injected = ctx.stream and self.config.include_usage
+        observer = OpenAIObserver(drop_usage_chunk=injected and not client_wants_usage(ctx))
+        return sse_decoder(server), observer
+
+
+def sse_decoder(server: ServerConfig) -> SSEDecoder:
+    """An SSE decoder with the server's limits."""
+    return SSEDecoder(max_line_bytes=server.max_line_bytes, max_event_bytes=server.max_event_bytes)
+
+
+def client_wants_usage(ctx: RequestContext) -> bool:
+    """Whether the client itself asked for `stream_options.include_usage`."""
+    options = ctx.body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True

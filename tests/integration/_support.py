@@ -60,7 +60,12 @@ def config_for(
     route: Mapping[str, Any] | None = None,
     **upstream: Any,
 ) -> dict[str, Any]:
-    """Model `m` routed to the fake as `gpt-test`, with optional server/plugins/route extras."""
+    """Model `m` routed to the fake as `gpt-test`, with optional server/plugins/route extras.
+
+    The upstream is not asked for `stream_options.include_usage` unless `include_usage=True`
+    is passed, so these tests see the client's request and the fake's bytes unchanged.
+    """
+    upstream = {"include_usage": False, **upstream}
     config: dict[str, Any] = {
         "upstreams": {"fake": {"kind": "openai", "base_url": fake.base_url, **upstream}},
         "routes": [

@@ -260,8 +260,8 @@ def test_upstream_named_like_a_kind_keeps_its_name_in_the_path() -> None:
 
 
 def test_unknown_kind_names_the_kind_key_readably() -> None:
-    message = _error(_with_upstream({"kind": "anthropic", "base_url": "http://h"}))
-    assert "'anthropic'" in message
+    message = _error(_with_upstream({"kind": "bedrock", "base_url": "http://h"}))
+    assert "'bedrock'" in message
     assert "openai" in message
     assert "demo" in message
     assert "upstreams.x.kind" in message
