@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from gateway.config import (
 )
 from gateway.errors import GatewayError
 from gateway.proxy import Proxy
-from gateway.routing import Router
+from gateway.routing import Router, UpstreamHealth
 from gateway.upstreams.anthropic import Anthropic
 from gateway.upstreams.azure import AzureOpenAI
 from gateway.upstreams.base import Upstream
@@ -40,6 +41,7 @@ class GatewayState:
     config: GatewayConfig
     router: Router
     upstreams: dict[str, Upstream]
+    health: dict[str, UpstreamHealth]
     chains: dict[str, Chain]
     default_chain: Chain
     ready: bool = False
@@ -73,7 +75,7 @@ def build_chains(
             (where, spec) for where, spec in global_specs if spec.name not in route.skip_plugins
         ]
         specs += [(f"routes[{r}].plugins[{i}]", spec) for i, spec in enumerate(route.plugins)]
-        chains[route.model] = build_chain(specs, registry)
+        chains[route.name] = build_chain(specs, registry)
     return chains, build_chain(global_specs, registry)
 
 
@@ -84,7 +86,8 @@ def build_state(
     registry = discover_plugins() if registry is None else registry
     chains, default_chain = build_chains(config, registry)
     upstreams = {name: build_upstream(name, up) for name, up in config.upstreams.items()}
-    return GatewayState(config, Router(config), upstreams, chains, default_chain)
+    health = {name: UpstreamHealth.from_config(up) for name, up in config.upstreams.items()}
+    return GatewayState(config, Router(config, health), upstreams, health, chains, default_chain)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -125,6 +128,28 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response({"ready": ready}, status=200 if ready else 503)
 
 
+def _admin_allowed(request: web.Request, key: str | None) -> bool:
+    if not key:
+        return False
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-Admin-Key", "")
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+async def _admin_upstreams(request: web.Request) -> web.Response:
+    """Health, queue and load of every upstream (admin key required)."""
+    state = request.app[STATE]
+    secret = state.config.server.admin_key
+    if not _admin_allowed(request, secret.get_secret_value() if secret else None):
+        message = "Admin endpoints need the admin key (server.admin_key)."
+        return GatewayError(401, message, code="admin_key_required").to_response()
+    body = {
+        name: {"kind": state.config.upstreams[name].kind, **health.snapshot()}
+        for name, health in state.health.items()
+    }
+    return web.Response(body=orjson.dumps({"upstreams": body}), content_type="application/json")
+
+
 async def _lifecycle(app: web.Application) -> Any:
     state = app[STATE]
     for upstream in state.upstreams.values():
@@ -147,7 +172,12 @@ def build_app(state: GatewayState) -> web.Application:
     )
     app[STATE] = state
     proxy = Proxy(
-        state.config.server, state.router, state.upstreams, state.chains, state.default_chain
+        state.config.server,
+        state.router,
+        state.upstreams,
+        state.chains,
+        state.default_chain,
+        state.health,
     )
     app.router.add_post("/v1/chat/completions", proxy.chat)
     app.router.add_post("/v1/completions", proxy.completions)
@@ -156,6 +186,7 @@ def build_app(state: GatewayState) -> web.Application:
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/admin/upstreams", _admin_upstreams)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_not_ready_on_shutdown)
     return app

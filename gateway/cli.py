@@ -44,7 +44,11 @@ async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool =
         bound = runner.addresses
         real_port = int(bound[0][1]) if bound else port
         print(f"Sluice listening on http://{host}:{real_port}", flush=True)
-        print("Try:\n  " + _example(host, real_port, config.routes[0].model), flush=True)
+        print(
+            "Try:\n  "
+            + _example(host, real_port, state.router.models[0] if state.router.models else "MODEL"),
+            flush=True,
+        )
     try:
         await stop.wait()
     finally:

@@ -30,7 +30,22 @@ class Timeouts(_Strict):
     total: float = Field(1800.0, gt=0, description="whole request")
 
 
-class OpenAIUpstream(_Strict):
+class _UpstreamBase(_Strict):
+    """Settings every upstream kind has: timeouts, concurrency protection, passive health."""
+
+    timeouts: Timeouts = Timeouts()
+    max_concurrent: int | None = Field(
+        None, ge=1, description="streams at once; more wait in a queue (protects a GPU backend)"
+    )
+    max_queue: int = Field(100, ge=0, description="waiting requests before 429")
+    queue_timeout: float = Field(30.0, gt=0, description="longest wait in the queue before 503")
+    failure_threshold: int = Field(
+        5, ge=1, description="consecutive failures that eject the upstream"
+    )
+    cooldown_seconds: float = Field(30.0, gt=0, description="how long an ejection lasts")
+
+
+class OpenAIUpstream(_UpstreamBase):
     """Any OpenAI-compatible server: OpenAI, vLLM, llama.cpp, TGI, Ollama /v1, LM Studio."""
 
     kind: Literal["openai"]
@@ -49,7 +64,7 @@ class OpenAIUpstream(_Strict):
     )
 
 
-class DemoUpstream(_Strict):
+class DemoUpstream(_UpstreamBase):
     """The embedded simulated model: streams a canned answer with realistic pacing."""
 
     kind: Literal["demo"]
@@ -73,7 +88,7 @@ def azure_deployment_problem(name: object) -> str | None:
     return None
 
 
-class AzureUpstream(BaseModel):
+class AzureUpstream(_UpstreamBase):
     """An Azure OpenAI resource (``kind: azure``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -113,7 +128,7 @@ class AzureUpstream(BaseModel):
         return self
 
 
-class AnthropicUpstream(_Strict):
+class AnthropicUpstream(_UpstreamBase):
     """Anthropic's Messages API (`x-api-key`, `anthropic-version`)."""
 
     kind: Literal["anthropic"]
@@ -132,7 +147,7 @@ class AnthropicUpstream(_Strict):
     ca_bundle: Path | None = None
 
 
-class OllamaUpstream(_Strict):
+class OllamaUpstream(_UpstreamBase):
     """Ollama's native API (`/api/chat`, `/api/generate`, NDJSON streaming)."""
 
     kind: Literal["ollama"]
@@ -167,12 +182,33 @@ class PluginConfig(_Strict):
     )
 
 
-class RouteConfig(_Strict):
-    """A client-facing model name served by an upstream."""
+class DeploymentConfig(_Strict):
+    """One place a route's model is served: an upstream and the model name it knows."""
 
-    model: str = Field(min_length=1)
     upstream: str
+    upstream_model: str | None = Field(None, description="default: the name the client sent")
+    weight: int = Field(1, ge=1, le=1000)
+
+
+class RouteConfig(_Strict):
+    """A client-facing model name (or name prefix) served by one or more deployments.
+
+    Short form: `upstream` (+ `upstream_model`). Several deployments: `deployments`, with
+    weights and a `strategy`; on connect errors, timeouts before the first byte, 429 and
+    5xx the next deployment is tried (at most `retries` more attempts), never after a byte
+    reached the client.
+    """
+
+    model: str | None = Field(None, min_length=1, description="the name clients send")
+    model_prefix: str | None = Field(
+        None, min_length=1, description="e.g. 'openai/': the rest of the name goes upstream"
+    )
+    aliases: list[str] = Field(default_factory=list, description="other names for this route")
+    upstream: str | None = None
     upstream_model: str | None = None
+    deployments: list[DeploymentConfig] = Field(default_factory=list)
+    strategy: Literal["weighted_round_robin", "least_outstanding"] = "weighted_round_robin"
+    retries: int = Field(2, ge=0, le=10, description="extra attempts before the first byte")
     plugins: list[PluginConfig] = Field(
         default_factory=list, description="run after the global plugins"
     )
@@ -180,10 +216,32 @@ class RouteConfig(_Strict):
         default_factory=list, description="global plugins not run on this route"
     )
 
+    @model_validator(mode="after")
+    def _one_of_each(self) -> RouteConfig:
+        if (self.model is None) == (self.model_prefix is None):
+            raise ValueError("give exactly one of `model` and `model_prefix`")
+        if (self.upstream is None) == (not self.deployments):
+            raise ValueError("give exactly one of `upstream` and `deployments`")
+        if self.deployments and self.upstream_model is not None:
+            raise ValueError("`upstream_model` goes on each deployment when `deployments` is used")
+        return self
+
+    @property
+    def name(self) -> str:
+        """How the route is known in logs and metrics: its model, or its prefix plus `*`."""
+        return self.model if self.model is not None else f"{self.model_prefix}*"
+
+    @property
+    def all_deployments(self) -> list[DeploymentConfig]:
+        """The short form as one deployment, or the configured list."""
+        if self.upstream is not None:
+            return [DeploymentConfig(upstream=self.upstream, upstream_model=self.upstream_model)]
+        return self.deployments
+
     @property
     def target_model(self) -> str:
-        """The model name sent upstream."""
-        return self.upstream_model or self.model
+        """The model name sent upstream by a single-deployment exact route."""
+        return self.upstream_model or self.model or ""
 
 
 class ServerConfig(_Strict):
@@ -196,6 +254,9 @@ class ServerConfig(_Strict):
     max_event_bytes: int = Field(4 << 20, ge=1024, description="largest SSE event from an upstream")
     max_response_bytes: int = Field(
         64 << 20, ge=1024, description="largest non-streaming upstream body"
+    )
+    admin_key: SecretStr | None = Field(
+        None, description="key for /admin endpoints (Bearer or X-Admin-Key); unset: disabled"
     )
     header_hold_seconds: float = Field(
         2.0,
@@ -216,15 +277,23 @@ class GatewayConfig(_Strict):
     @model_validator(mode="after")
     def _check_references(self) -> GatewayConfig:
         seen: set[str] = set()
+        known = ", ".join(sorted(self.upstreams)) or "none"
         for i, route in enumerate(self.routes):
-            if route.upstream not in self.upstreams:
-                known = ", ".join(sorted(self.upstreams)) or "none"
-                raise ValueError(
-                    f"routes[{i}].upstream: unknown upstream {route.upstream!r} (known: {known})"
-                )
-            if route.model in seen:
-                raise ValueError(f"routes[{i}].model: {route.model!r} is routed twice")
-            seen.add(route.model)
+            for j, deployment in enumerate(route.all_deployments):
+                if deployment.upstream not in self.upstreams:
+                    where = (
+                        f"routes[{i}].upstream"
+                        if route.upstream
+                        else (f"routes[{i}].deployments[{j}].upstream")
+                    )
+                    raise ValueError(
+                        f"{where}: unknown upstream {deployment.upstream!r} (known: {known})"
+                    )
+            for name in [route.name, *route.aliases]:
+                if name in seen:
+                    key = "model" if name == route.name else "aliases"
+                    raise ValueError(f"routes[{i}].{key}: {name!r} is routed twice")
+                seen.add(name)
         return self
 
 

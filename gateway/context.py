@@ -113,7 +113,9 @@ class RequestContext:
     model: str = ""
     stream: bool = False
     route: RouteConfig | None = None
-    upstream_name: str | None = None
+    upstream_name: str | None = None  # the deployment that served (or last tried) the request
+    upstream_model: str | None = None  # the model name that deployment was sent
+    retries: int = 0  # attempts after the first (only ever before a byte reached the client)
     identity: Identity = field(default_factory=Identity)
     timing: Timing = field(default_factory=Timing)
     usage: Usage = field(default_factory=Usage)

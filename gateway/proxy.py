@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +19,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway.balancer import QueueFull, QueueTimeout, Slot, backoff_delay, parse_retry_after
 from gateway.chain import Chain
 from gateway.config import ServerConfig
 from gateway.context import Endpoint, Outcome, RequestContext, request_id_from
@@ -31,7 +33,7 @@ from gateway.errors import (
 )
 from gateway.headers import SSE_RESPONSE_HEADERS, upstream_headers
 from gateway.plugin import EndStream, Reject
-from gateway.routing import Router
+from gateway.routing import Router, Target, UpstreamHealth
 from gateway.sse import SSEError, SSEEvent, encode_events
 from gateway.upstreams.base import (
     Batch,
@@ -64,6 +66,59 @@ class _StreamFailed(Exception):
         self.outcome = outcome
 
 
+class _Retry(Exception):
+    """An attempt failed before a byte reached the client, in a way worth another try."""
+
+    def __init__(self, error: GatewayError, retry_after: float | None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retry_after = retry_after
+
+
+_RETRIABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+
+def _retry_or(err: GatewayError, ctx: RequestContext, health: UpstreamHealth) -> Exception:
+    """`_Retry` for an upstream failure worth retrying (counted against its health), else `err`."""
+    upstream_fault = ctx.outcome in (Outcome.UPSTREAM_ERROR, Outcome.TIMEOUT)
+    if not upstream_fault or err.status not in _RETRIABLE_STATUSES:
+        return err
+    if err.status != 429:  # rate limiting is not ill health
+        health.failures += 1
+        health.breaker.record_failure()
+    return _Retry(err, parse_retry_after(err.headers.get("Retry-After")))
+
+
+def _ejected(upstream: str) -> GatewayError:
+    return GatewayError(
+        503,
+        f"Upstream {upstream!r} is ejected after repeated failures; retry later.",
+        type="upstream_error",
+        code="upstream_unavailable",
+    )
+
+
+async def _acquire(health: UpstreamHealth, ctx: RequestContext) -> Slot | None:
+    """A concurrency slot at the upstream, waiting in its fair-share queue if needed."""
+    if health.gate is None:
+        return None
+    try:
+        return await health.gate.acquire(ctx.identity.team)
+    except QueueFull as full:
+        status, message, wait = 429, "The upstream's queue is full", full.retry_after
+    except QueueTimeout as late:
+        status, message, wait = 503, "Timed out waiting in the upstream's queue", late.retry_after
+    ctx.outcome = Outcome.UPSTREAM_ERROR
+    seconds = str(max(1, math.ceil(wait)))
+    raise GatewayError(
+        status,
+        f"{message}; retry in {seconds} s.",
+        type="upstream_error",
+        code="upstream_queue_full" if status == 429 else "upstream_queue_timeout",
+        headers={"Retry-After": seconds},
+    )
+
+
 def _parse_unary(raw: bytes) -> Any:
     try:
         payload = orjson.loads(raw)
@@ -84,10 +139,12 @@ class Proxy:
         upstreams: Mapping[str, Upstream],
         chains: Mapping[str, Chain],
         default_chain: Chain,
+        health: Mapping[str, UpstreamHealth],
     ) -> None:
         self.server = server
         self.router = router
         self.upstreams = upstreams
+        self.health = health
         self.chains = chains
         self.default_chain = default_chain
 
@@ -118,18 +175,9 @@ class Proxy:
             try:
                 await self._admit(request, ctx)
                 assert ctx.route is not None
-                chain = self.chains[ctx.route.model]
+                chain = self.chains[ctx.route.name]
                 await chain.run_request(ctx)
-                upstream = self.upstreams[ctx.route.upstream]
-                if not upstream.supports(ctx.endpoint):
-                    raise bad_request(
-                        f"The model `{ctx.model}` does not support /v1/{ctx.endpoint.value}.",
-                        param="model",
-                        code="unsupported_endpoint",
-                    )
-                if ctx.stream:
-                    return await self._stream(request, ctx, chain, upstream)
-                return await self._unary(request, ctx, chain, upstream)
+                return await self._attempts(request, ctx, chain)
             except GatewayError as err:
                 return self._error_response(ctx, err)
         except asyncio.CancelledError:
@@ -150,7 +198,74 @@ class Proxy:
         ctx.body = DIALECTS[ctx.client_format].admit(ctx, body)
         ctx.stream = ctx.endpoint is not Endpoint.EMBEDDINGS and body.get("stream") is True
         ctx.route = self.router.resolve(ctx.model)
-        ctx.upstream_name = ctx.route.upstream
+
+    async def _attempts(
+        self, request: web.Request, ctx: RequestContext, chain: Chain
+    ) -> web.StreamResponse:
+        """Try the route's deployments in the balancer's order until one answers.
+
+        Only failures before a byte reached the client are retried (connect errors,
+        timeouts before the first event, 429 and 5xx), with backoff that honours
+        Retry-After; once streaming started, never (no duplicated tokens).
+        """
+        assert ctx.route is not None
+        targets = self.router.targets(ctx.model)
+        tries = [targets[i % len(targets)] for i in range(1 + ctx.route.retries)]
+        last: GatewayError | None = None
+        for attempt, target in enumerate(tries):
+            health = self.health[target.upstream]
+            last_resort = last is None and attempt == len(tries) - 1
+            if not health.breaker.allow() and not last_resort:
+                last = last or _ejected(target.upstream)
+                continue
+            if attempt:
+                ctx.retries += 1
+            try:
+                return await self._attempt(request, ctx, chain, target, health)
+            except _Retry as retry:
+                last = retry.error
+                if attempt < len(tries) - 1:
+                    await asyncio.sleep(backoff_delay(attempt, retry_after=retry.retry_after))
+        assert last is not None
+        ctx.outcome = ctx.outcome or Outcome.UPSTREAM_ERROR
+        raise last
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        chain: Chain,
+        target: Target,
+        health: UpstreamHealth,
+    ) -> web.StreamResponse:
+        """One deployment: queue for a slot, send, and (for streams) relay to the end."""
+        upstream = self.upstreams[target.upstream]
+        if not upstream.supports(ctx.endpoint):
+            raise bad_request(
+                f"The model `{ctx.model}` does not support /v1/{ctx.endpoint.value}.",
+                param="model",
+                code="unsupported_endpoint",
+            )
+        ctx.upstream_name, ctx.upstream_model, ctx.outcome = target.upstream, target.model, None
+        try:
+            slot = await _acquire(health, ctx)
+        except GatewayError as err:  # queue full or too slow here: another deployment may do
+            raise _Retry(err, parse_retry_after(err.headers.get("Retry-After"))) from None
+        health.outstanding += 1
+        try:
+            if ctx.stream:
+                response = await self._stream(request, ctx, chain, upstream)
+            else:
+                response = await self._unary(request, ctx, chain, upstream)
+        except GatewayError as err:
+            raise _retry_or(err, ctx, health) from None
+        finally:
+            health.outstanding -= 1
+            if slot is not None:
+                slot.release()
+        health.successes += 1
+        health.breaker.record_success()
+        return response
 
     def _error_response(self, ctx: RequestContext, err: GatewayError) -> web.Response:
         ctx.error = err
@@ -163,7 +278,7 @@ class Proxy:
         self, request: web.Request, ctx: RequestContext
     ) -> tuple[dict[str, Any], dict[str, str]]:
         assert ctx.route is not None
-        body = {**ctx.body, "model": ctx.route.target_model}
+        body = {**ctx.body, "model": ctx.upstream_model or ctx.model}
         return body, upstream_headers(request.headers, ctx.request_id)
 
     async def _open(
@@ -191,7 +306,11 @@ class Proxy:
             finally:
                 call.abort()
             ctx.outcome = Outcome.UPSTREAM_ERROR
-            raise upstream.map_status_error(call.status, raw)
+            error = upstream.map_status_error(call.status, raw)
+            retry_after = call.headers.get("Retry-After")
+            if retry_after and error.status in (429, 503) and len(retry_after) < 64:
+                error.headers["Retry-After"] = retry_after
+            raise error
         return call
 
     async def _unary(

@@ -260,9 +260,9 @@ class AccessLog(Plugin):
             "team": ctx.identity.team,
             "key_id": ctx.identity.key_id,
             "model": ctx.model[:_MAX_MODEL_CHARS] or None,
-            "route": route.model if route is not None else None,
+            "route": route.name if route is not None else None,
             "upstream": ctx.upstream_name,
-            "upstream_model": route.target_model if route is not None else None,
+            "upstream_model": ctx.upstream_model,
             "endpoint": str(ctx.endpoint),
             "stream": ctx.stream,
         }
@@ -283,8 +283,7 @@ class AccessLog(Plugin):
             duration_ms=_ms(timing.received, ended),
             events=ctx.events_out,
             bytes=ctx.bytes_out,
-            # Always 0 until the routing work on upstream fallback records retries in state.
-            retries=0,
+            retries=ctx.retries,
             overhead_ms=round(ctx.overhead_seconds * 1000.0, 3) if ctx.events_in else None,
         )
         prompt, completion = ctx.get(_PROMPT), ctx.get(_COMPLETION)

@@ -734,7 +734,9 @@ class TokenCounter(Plugin):
 
     def _plan(self, ctx: RequestContext) -> tuple[str | None, bool]:
         """(encoding, exact) for this request's model; encoding None: the heuristic."""
-        target = ctx.route.target_model if ctx.route is not None else ctx.model
+        # At request time no deployment is chosen yet: the route's first one names the model.
+        first = ctx.route.all_deployments[0].upstream_model if ctx.route is not None else None
+        target = ctx.upstream_model or first or ctx.model
         key = (target, ctx.model)
         plan = self._plans.get(key)
         if plan is None:

@@ -63,13 +63,20 @@ def config_for(
     """Model `m` routed to the fake as `gpt-test`, with optional server/plugins/route extras.
 
     The upstream is not asked for `stream_options.include_usage` unless `include_usage=True`
-    is passed, so these tests see the client's request and the fake's bytes unchanged.
+    is passed, and failed attempts are not retried unless the route says so, so these tests
+    see one exchange: the client's request and the fake's bytes unchanged.
     """
     upstream = {"include_usage": False, **upstream}
     config: dict[str, Any] = {
         "upstreams": {"fake": {"kind": "openai", "base_url": fake.base_url, **upstream}},
         "routes": [
-            {"model": "m", "upstream": "fake", "upstream_model": "gpt-test", **(route or {})}
+            {
+                "model": "m",
+                "upstream": "fake",
+                "upstream_model": "gpt-test",
+                "retries": 0,  # one attempt: these tests look at a single exchange
+                **(route or {}),
+            }
         ],
         "plugins": [dict(p) for p in plugins],
     }

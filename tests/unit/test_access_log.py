@@ -76,6 +76,7 @@ def routed_ctx(
         stream=True,
         route=RouteConfig(model="m", upstream="fake", upstream_model="gpt-test"),
         upstream_name="fake",
+        upstream_model="gpt-test",
         identity=Identity(team="blue", key_id="key_42"),
         timing=Timing(received=100.0),
     )
