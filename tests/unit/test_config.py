@@ -280,7 +280,7 @@ def test_embedded_default_loads() -> None:
 
     assert config.auth == "none"
     assert [r.model for r in config.routes] == ["demo"]
-    assert isinstance(config.upstreams[config.routes[0].upstream], DemoUpstream)
+    assert isinstance(config.upstreams[config.routes[0].all_deployments[0].upstream], DemoUpstream)
     assert [p.name for p in config.plugins] == ["latency"]
 
 
