@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.auth import KeyStore
 from gateway.chain import Chain, build_chain, discover_plugins
 from gateway.config import (
     AnthropicUpstream,
@@ -42,6 +43,7 @@ class GatewayState:
     router: Router
     upstreams: dict[str, Upstream]
     health: dict[str, UpstreamHealth]
+    keys: KeyStore | None
     chains: dict[str, Chain]
     default_chain: Chain
     ready: bool = False
@@ -87,7 +89,9 @@ def build_state(
     chains, default_chain = build_chains(config, registry)
     upstreams = {name: build_upstream(name, up) for name, up in config.upstreams.items()}
     health = {name: UpstreamHealth.from_config(up) for name, up in config.upstreams.items()}
-    return GatewayState(config, Router(config, health), upstreams, health, chains, default_chain)
+    keys = KeyStore(config.teams) if config.auth == "keys" else None
+    router = Router(config, health)
+    return GatewayState(config, router, upstreams, health, keys, chains, default_chain)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -178,6 +182,7 @@ def build_app(state: GatewayState) -> web.Application:
         state.chains,
         state.default_chain,
         state.health,
+        state.keys,
     )
     app.router.add_post("/v1/chat/completions", proxy.chat)
     app.router.add_post("/v1/completions", proxy.completions)

@@ -118,6 +118,18 @@ def _cmd_tokenizers_status(args: argparse.Namespace) -> int:
     return 0 if all(state in ("cached", "offline-package") for state in status.values()) else 1
 
 
+def _cmd_keys_new(args: argparse.Namespace) -> int:
+    from gateway.auth import cmd_keys_new
+
+    try:
+        text = cmd_keys_new(args.team, args.name)
+    except ValueError as err:
+        print(f"sluice: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     top = argparse.ArgumentParser(prog="sluice", description="Sluice: a streaming LLM gateway.")
@@ -141,6 +153,12 @@ def parser() -> argparse.ArgumentParser:
     st = tsub.add_parser("status", help="which encodings are available offline")
     st.add_argument("dir", type=Path, nargs="?", help="cache dir (default: TIKTOKEN_CACHE_DIR)")
     st.set_defaults(func=_cmd_tokenizers_status)
+    k = sub.add_parser("keys", help="API keys for teams")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kn = ksub.add_parser("new", help="generate a key: printed once, with the config lines")
+    kn.add_argument("--team", required=True)
+    kn.add_argument("--name", help="unique within the team (default: key-YYYYMMDD-xxxx)")
+    kn.set_defaults(func=_cmd_keys_new)
     return top
 
 

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Final, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from gateway.teams import AuthMode, TeamConfig, check_auth, infer_auth_mode
+
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names the offending key."""
@@ -269,10 +271,23 @@ class GatewayConfig(_Strict):
     """The whole configuration file."""
 
     server: ServerConfig = ServerConfig()
-    auth: Literal["none"] = "none"
+    auth: AuthMode = Field(
+        "none", description="none: no keys (local use); keys: every request needs one"
+    )
+    teams: dict[str, TeamConfig] = Field(default_factory=dict)
     upstreams: dict[str, UpstreamConfig]
     routes: list[RouteConfig] = Field(min_length=1)
     plugins: list[PluginConfig] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_auth(cls, data: Any) -> Any:
+        return infer_auth_mode(data)
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> GatewayConfig:
+        check_auth(self.auth, self.teams)
+        return self
 
     @model_validator(mode="after")
     def _check_references(self) -> GatewayConfig:

@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway.auth import PRINCIPAL, KeyStore, key_from_headers
 from gateway.balancer import QueueFull, QueueTimeout, Slot, backoff_delay, parse_retry_after
 from gateway.chain import Chain
 from gateway.config import ServerConfig
@@ -103,7 +104,9 @@ async def _acquire(health: UpstreamHealth, ctx: RequestContext) -> Slot | None:
     if health.gate is None:
         return None
     try:
-        return await health.gate.acquire(ctx.identity.team)
+        principal = ctx.get(PRINCIPAL)
+        weight = principal.weight if principal is not None else 1.0
+        return await health.gate.acquire(ctx.identity.team, weight)
     except QueueFull as full:
         status, message, wait = 429, "The upstream's queue is full", full.retry_after
     except QueueTimeout as late:
@@ -140,7 +143,9 @@ class Proxy:
         chains: Mapping[str, Chain],
         default_chain: Chain,
         health: Mapping[str, UpstreamHealth],
+        keys: KeyStore | None = None,
     ) -> None:
+        self.keys = keys
         self.server = server
         self.router = router
         self.upstreams = upstreams
@@ -192,12 +197,19 @@ class Proxy:
             await chain.run_end(ctx)
 
     async def _admit(self, request: web.Request, ctx: RequestContext) -> None:
+        principal = None
+        if self.keys is not None:  # who, before reading a byte of the body
+            principal = self.keys.authenticate(key_from_headers(request.headers))
+            ctx.identity = principal.identity()
+            ctx.set(PRINCIPAL, principal)
         body = await read_json_body(request, self.server.max_body_bytes)
         validate_body(ctx.endpoint, body)
         ctx.model = body["model"]
         ctx.body = DIALECTS[ctx.client_format].admit(ctx, body)
         ctx.stream = ctx.endpoint is not Endpoint.EMBEDDINGS and body.get("stream") is True
         ctx.route = self.router.resolve(ctx.model)
+        if principal is not None and self.keys is not None:
+            self.keys.authorize(principal, ctx.model, ctx.route)
 
     async def _attempts(
         self, request: web.Request, ctx: RequestContext, chain: Chain
