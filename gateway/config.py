@@ -114,6 +114,9 @@ class AzureUpstream(_UpstreamBase):
         default_factory=dict, description="upstream_model -> deployment name, checked first"
     )
     use_v1_api: bool = Field(False, description="use the /openai/v1/ surface")
+    include_usage: bool = Field(
+        True, description="ask for stream_options.include_usage (needs api-version 2024-09-01+)"
+    )
     timeouts: Timeouts = Timeouts()
     max_connections: int = Field(256, ge=1)
     verify_tls: bool = True

@@ -305,8 +305,13 @@ class Proxy:
         except TimeoutError:
             ctx.outcome = Outcome.TIMEOUT
             raise timeout_error("first_byte") from None
-        except GatewayError:
-            ctx.outcome = Outcome.UPSTREAM_ERROR
+        except GatewayError as err:
+            # A 4xx here was raised before anything was sent (a request the upstream's format
+            # cannot express): the client's request is refused, the upstream is not at fault.
+            if err.status == 504:
+                ctx.outcome = Outcome.TIMEOUT
+            else:
+                ctx.outcome = Outcome.UPSTREAM_ERROR if err.status >= 500 else Outcome.REJECTED
             raise
         ctx.timing.upstream_headers = time.perf_counter()
         if call.status >= 400:

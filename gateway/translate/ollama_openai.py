@@ -739,11 +739,15 @@ class OllamaSSEDecoder:
         return self._translate(objects)
 
     def flush(self) -> list[SSEEvent]:
-        """End of stream: translate a final line that lacked its newline."""
+        """End of stream: translate a final line that lacked its newline.
+
+        A last line that does not parse was cut off: the stream is truncated (the proxy
+        reports that when no terminal event came), not malformed.
+        """
         try:
             objects = self._ndjson.flush()
-        except NDJSONError as err:
-            raise SSEError(str(err)) from None
+        except NDJSONError:
+            return []
         return self._translate(objects)
 
     def _translate(self, objects: Iterable[Mapping[str, Any]]) -> list[SSEEvent]:

@@ -22,6 +22,7 @@ class AzureOpenAI(OpenAICompatible):
             max_connections=config.max_connections,
             verify_tls=config.verify_tls,
             ca_bundle=config.ca_bundle,
+            include_usage=config.include_usage,
         )
         super().__init__(name, as_openai)
         self.azure = config

@@ -72,7 +72,7 @@ class OpenAIObserver(StreamObserver):
                 batch.error = error
                 break
             before_last, last = last, event
-            if self._drop_usage and data.endswith(b"}}") and _usage_only(event):
+            if self._drop_usage and b"[]" in data and _usage_only(event):
                 continue  # the gateway asked for it; the client did not
             out.append(event)
         if last is not None:

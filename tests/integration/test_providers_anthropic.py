@@ -1,0 +1,496 @@
+"""Upstream kind `anthropic`: OpenAI clients in front of Anthropic's Messages API, over loopback.
+
+The fake speaks Anthropic's exact wire format (named SSE events, awkward byte splits); the
+tests check what it received (path, headers, Messages body) and what the official OpenAI SDK
+makes of the translated stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import aiohttp
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolUnionParam
+
+from gateway.context import Outcome, RequestContext, Usage
+from gateway.plugin import Plugin
+from gateway.sse import SSEEvent
+from gateway.testing.fake_upstream import FakeUpstream, Script, json_script, rechunk
+from gateway.testing.harness import run_gateway
+from tests.integration._support import (
+    BOUND,
+    CHAT,
+    COMPLETIONS,
+    DONE,
+    EMBEDDINGS,
+    chat_body,
+    chat_contents,
+    final_error,
+    json_error,
+    split_events,
+)
+from tests.integration.provider_fakes import (
+    SDKStream,
+    anthropic_error_body,
+    anthropic_error_event,
+    anthropic_message,
+    anthropic_message_end,
+    anthropic_message_start,
+    anthropic_text_block,
+    anthropic_tool_block,
+    openai_sdk,
+    read_sdk_stream,
+    root_url,
+)
+
+KEY = "sk-ant-api03-upstream-key-0123456789"
+WEATHER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+    "required": ["city"],
+}
+TOOLS: list[ChatCompletionToolUnionParam] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather for a city.",
+            "parameters": WEATHER_SCHEMA,
+        },
+    }
+]
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What's the weather in Paris?"},
+]
+TEXT = ["Let me check", " the weather in Par", "is \u2600\ufe0f."]
+ARGUMENT_PIECES = ['{"city": "Pa', 'ris", "unit"', ': "celsius"}']
+
+
+def _config(
+    fake: FakeUpstream, plugins: Sequence[dict[str, Any]] = (), **upstream: Any
+) -> dict[str, Any]:
+    return {
+        "upstreams": {
+            "claude": {
+                "kind": "anthropic",
+                "base_url": root_url(fake),
+                "api_key": KEY,
+                "default_max_tokens": 1000,
+                **upstream,
+            }
+        },
+        "routes": [
+            # One attempt: these tests look at a single exchange with the fake.
+            {"model": "m", "upstream": "claude", "upstream_model": "claude-test", "retries": 0}
+        ],
+        "plugins": list(plugins),
+    }
+
+
+def _tool_transcript(*, cache_read: int = 10) -> list[bytes]:
+    """Text block, then a tool_use block whose input arrives in pieces; stop_reason tool_use."""
+    return [
+        anthropic_message_start(input_tokens=25, cache_read=cache_read),
+        *anthropic_text_block(0, TEXT, ping=True),
+        *anthropic_tool_block(1, "toolu_01XYZ", "get_weather", ARGUMENT_PIECES),
+        *anthropic_message_end("tool_use", 89),
+    ]
+
+
+def _text_transcript(texts: Sequence[str], output_tokens: int = 3) -> list[bytes]:
+    return [
+        anthropic_message_start(input_tokens=25),
+        *anthropic_text_block(0, texts, ping=True),
+        *anthropic_message_end("end_turn", output_tokens),
+    ]
+
+
+def _headers_named(headers: dict[str, str], name: str) -> list[str]:
+    return [value for key, value in headers.items() if key.lower() == name]
+
+
+# ----- a plugin that records what the chain saw ---------------------------------------------------
+
+
+@dataclass
+class SpyLog:
+    """What the spy saw: every data event's JSON, and the context's usage at on_end."""
+
+    payloads: list[Any] = field(default_factory=list)
+    usage: Usage | None = None
+    outcome: Outcome | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Spy(Plugin):
+    """Records the parsed events the chain passes and the usage at on_end."""
+
+    name = "spy"
+    log: ClassVar[SpyLog]
+
+    def on_event(self, ctx: RequestContext, event: SSEEvent) -> list[SSEEvent] | None:
+        self.log.payloads.append(event.data if event.is_done else event.json())
+        return None
+
+    async def on_end(self, ctx: RequestContext) -> None:
+        self.log.usage = Usage(
+            ctx.usage.prompt_tokens,
+            ctx.usage.completion_tokens,
+            ctx.usage.total_tokens,
+            ctx.usage.source,
+        )
+        self.log.outcome = ctx.outcome
+        self.log.ended.set()
+
+
+def _make_spy() -> tuple[type[Spy], SpyLog]:
+    record = SpyLog()
+
+    class BoundSpy(Spy):
+        log = record
+
+    return BoundSpy, record
+
+
+# ----- streaming ---------------------------------------------------------------------------------
+
+
+async def test_stream_text_tool_call_and_usage_reach_the_openai_sdk(fake: FakeUpstream) -> None:
+    fake.queue(Script(rechunk(b"".join(_tool_transcript()), [7, 1, 13, 2])))
+    async with run_gateway(_config(fake)) as gw, openai_sdk(gw) as client:
+        stream = await client.chat.completions.create(
+            model="m",
+            messages=MESSAGES,
+            tools=TOOLS,
+            tool_choice="required",
+            stop=["END"],
+            temperature=0.2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        got = await read_sdk_stream(stream)
+
+    assert got.text == "Let me check the weather in Paris \u2600\ufe0f."
+    assert list(got.tools) == [0]
+    call = got.tools[0]
+    assert call.id == "toolu_01XYZ"
+    assert call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris", "unit": "celsius"}
+    assert got.finish == ["tool_calls"]
+    assert {chunk.model for chunk in got.chunks} == {"m"}
+    # The usage chunk comes last, with no choices; every other chunk says usage: null.
+    last = got.chunks[-1]
+    assert last.choices == []
+    assert last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (35, 89)
+    assert last.usage.total_tokens == 124
+    assert last.usage.prompt_tokens_details is not None
+    assert last.usage.prompt_tokens_details.cached_tokens == 10
+    assert all(chunk.usage is None for chunk in got.chunks[:-1])
+
+    (exchange,) = fake.exchanges
+    assert exchange.path == "/v1/messages"
+    assert _headers_named(exchange.headers, "x-api-key") == [KEY]
+    assert _headers_named(exchange.headers, "anthropic-version") == ["2023-06-01"]
+    assert _headers_named(exchange.headers, "authorization") == []
+    assert "client-key-not-for-upstream" not in str(exchange.headers)
+    assert exchange.body == {
+        "model": "claude-test",
+        "max_tokens": 1000,  # the upstream's default_max_tokens: the client sent none
+        "system": "Be brief.",
+        "messages": [{"role": "user", "content": "What's the weather in Paris?"}],
+        "tools": [
+            {
+                "name": "get_weather",
+                "description": "Current weather for a city.",
+                "input_schema": WEATHER_SCHEMA,
+            }
+        ],
+        "tool_choice": {"type": "any"},
+        "stop_sequences": ["END"],
+        "temperature": 0.2,
+        "stream": True,
+    }
+
+
+async def test_stream_without_include_usage_has_no_usage_chunk(fake: FakeUpstream) -> None:
+    fake.queue(Script(_text_transcript(["Bon", "jour"], output_tokens=2)))
+    async with run_gateway(_config(fake)) as gw, openai_sdk(gw) as client:
+        stream = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+        got = await read_sdk_stream(stream)
+    assert got.texts == ["Bon", "jour"]
+    assert got.finish == ["stop"]
+    assert got.usages == []
+    assert all(chunk.choices for chunk in got.chunks)
+
+
+async def test_plugin_sees_openai_chunks_and_usage_from_the_anthropic_upstream(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    """The chain speaks OpenAI on every route; usage is the upstream's even if not asked for."""
+    fake.queue(Script(_tool_transcript(cache_read=0)))
+    spy, log = _make_spy()
+    config = _config(fake, plugins=[{"name": "spy"}])
+    async with (
+        run_gateway(config, registry={"spy": spy}) as gw,
+        asyncio.timeout(BOUND),
+        http.post(gw.v1 + CHAT, json=chat_body(tools=TOOLS)) as resp,
+    ):
+        raw = await resp.read()
+        await log.ended.wait()
+    assert resp.status == 200
+    assert split_events(raw)[-1] == DONE
+    assert log.payloads, "the plugin saw no event"
+    for payload in log.payloads:
+        assert isinstance(payload, dict)
+        assert payload["object"] == "chat.completion.chunk"
+        assert isinstance(payload["choices"], list)
+        assert len(payload["choices"]) == 1, "no usage-only chunk: the client did not ask"
+    deltas = [payload["choices"][0]["delta"] for payload in log.payloads]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert "".join(d.get("content") or "" for d in deltas) == "".join(TEXT)
+    assert chat_contents(raw) == TEXT
+    names = [c["function"]["name"] for d in deltas for c in d.get("tool_calls", []) if "id" in c]
+    assert names == ["get_weather"]
+    finishes = [payload["choices"][0]["finish_reason"] for payload in log.payloads]
+    assert [f for f in finishes if f] == ["tool_calls"]
+    assert log.outcome is Outcome.COMPLETED
+    assert log.usage == Usage(25, 89, 114, "upstream")
+
+
+# ----- non-streaming -----------------------------------------------------------------------------
+
+
+async def test_non_streaming_message_becomes_a_chat_completion(fake: FakeUpstream) -> None:
+    content: list[dict[str, Any]] = [
+        {"type": "text", "text": "Hi there, caf\u00e9."},
+        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+    ]
+    fake.queue(json_script(anthropic_message(content, stop_reason="tool_use")))
+    async with run_gateway(_config(fake)) as gw, openai_sdk(gw) as client:
+        answer = await client.chat.completions.create(
+            model="m", messages=MESSAGES, max_completion_tokens=77, stop="END"
+        )
+    assert answer.object == "chat.completion"
+    assert answer.model == "m"
+    choice = answer.choices[0]
+    assert choice.message.content == "Hi there, caf\u00e9."
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls
+    assert calls is not None
+    assert len(calls) == 1
+    assert calls[0].id == "toolu_1"
+    assert calls[0].type == "function"
+    assert calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (12, 7)
+    assert answer.usage.total_tokens == 19
+    (exchange,) = fake.exchanges
+    assert exchange.path == "/v1/messages"
+    assert exchange.body == {
+        "model": "claude-test",
+        "max_tokens": 77,
+        "system": "Be brief.",
+        "messages": [{"role": "user", "content": "What's the weather in Paris?"}],
+        "stop_sequences": ["END"],
+    }
+
+
+# ----- errors ------------------------------------------------------------------------------------
+
+
+async def test_error_event_mid_stream_raises_in_the_sdk(fake: FakeUpstream) -> None:
+    transcript = [
+        anthropic_message_start(),
+        *anthropic_text_block(0, ["Partial", " answer"])[:-1],  # no content_block_stop
+        anthropic_error_event("overloaded_error", "Overloaded"),
+    ]
+    fake.queue(Script(rechunk(b"".join(transcript), [11, 3])))
+    async with run_gateway(_config(fake)) as gw, openai_sdk(gw) as client:
+        stream = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+        got = SDKStream()
+        with pytest.raises(openai.APIError, match="Overloaded") as caught:
+            await read_sdk_stream(stream, got)
+    assert got.texts == ["Partial", " answer"], "events before the error are delivered"
+    assert got.finish == []
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["code"] == "upstream_overloaded"
+
+
+@pytest.mark.parametrize(
+    ("tail", "code"),
+    [
+        ([anthropic_error_event("overloaded_error", "Overloaded")], "upstream_overloaded"),
+        ([], "upstream_truncated"),  # the upstream closed before message_stop
+    ],
+)
+async def test_stream_failure_after_headers_is_one_final_error_event(
+    fake: FakeUpstream, http: aiohttp.ClientSession, tail: list[bytes], code: str
+) -> None:
+    transcript = [anthropic_message_start(), *anthropic_text_block(0, ["Hel", "lo"]), *tail]
+    fake.queue(Script(transcript))
+    spy, log = _make_spy()
+    async with (
+        run_gateway(_config(fake, plugins=[{"name": "spy"}]), registry={"spy": spy}) as gw,
+        asyncio.timeout(BOUND),
+        http.post(gw.v1 + CHAT, json=chat_body()) as resp,
+    ):
+        raw = await resp.read()
+        await log.ended.wait()
+    assert resp.status == 200
+    error = final_error(raw)
+    assert error["code"] == code
+    assert error["type"] == "upstream_error"
+    assert chat_contents(b"".join(split_events(raw)[:-1])) == ["Hel", "lo"]
+    assert log.outcome is Outcome.UPSTREAM_ERROR
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "code"),
+    [("overloaded_error", 502, "upstream_overloaded"), ("invalid_request_error", 400, None)],
+)
+async def test_error_event_before_any_content_is_a_real_http_error(
+    fake: FakeUpstream, http: aiohttp.ClientSession, kind: str, status: int, code: str | None
+) -> None:
+    """A 200 whose first event is `event: error` becomes an HTTP error (headers were held)."""
+    fake.queue(Script([anthropic_error_event(kind, "Try again later.")]))
+    async with (
+        run_gateway(_config(fake)) as gw,
+        asyncio.timeout(BOUND),
+        http.post(gw.v1 + CHAT, json=chat_body()) as resp,
+    ):
+        raw = await resp.read()
+    assert resp.status == status
+    error = json_error(raw)
+    assert error["message"] == "Try again later."
+    assert error["code"] == (code or kind)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_anthropic_400_before_the_stream_is_a_400_with_its_message(
+    fake: FakeUpstream, stream: bool
+) -> None:
+    message = "max_tokens: 100000 > 64000, which is the maximum allowed for claude-test"
+    fake.queue(json_script(anthropic_error_body("invalid_request_error", message), status=400))
+    async with run_gateway(_config(fake)) as gw, openai_sdk(gw) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(
+                model="m", messages=MESSAGES, max_tokens=100000, stream=stream
+            )
+    assert caught.value.status_code == 400
+    assert message in caught.value.message
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["type"] == "invalid_request_error"
+    (exchange,) = fake.exchanges
+    assert exchange.body["max_tokens"] == 100000
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "message", "expected", "leaks"),
+    [
+        (529, "overloaded_error", "Overloaded", openai.InternalServerError, False),
+        (401, "authentication_error", "invalid x-api-key", openai.InternalServerError, True),
+        (
+            429,
+            "rate_limit_error",
+            "Number of request tokens exceeded",
+            openai.RateLimitError,
+            False,
+        ),
+    ],
+)
+async def test_anthropic_status_errors_map_to_the_gateway_contract(
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    status: int,
+    kind: str,
+    message: str,
+    expected: type[openai.APIStatusError],
+    leaks: bool,
+) -> None:
+    """529 (Anthropic's overloaded) and credential failures are 502s; a 429 stays a 429."""
+    fake.queue(json_script(anthropic_error_body(kind, message), status=status))
+    async with run_gateway(_config(fake)) as gw:
+        async with openai_sdk(gw) as client:
+            with pytest.raises(expected) as caught:
+                await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+        assert caught.value.status_code == (status if status == 429 else 502)
+        body = caught.value.body
+        assert isinstance(body, dict)
+        if status == 429:
+            assert body["type"] == "rate_limit_error"
+        else:
+            assert body["type"] == "upstream_error"
+        assert (message in caught.value.message) is not leaks
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (COMPLETIONS, {"model": "m", "prompt": "Once"}),
+        (EMBEDDINGS, {"model": "m", "input": "hello"}),
+    ],
+)
+async def test_endpoints_anthropic_cannot_serve_are_400_unsupported_endpoint(
+    fake: FakeUpstream, http: aiohttp.ClientSession, path: str, body: dict[str, Any]
+) -> None:
+    async with (
+        run_gateway(_config(fake)) as gw,
+        asyncio.timeout(BOUND),
+        http.post(gw.v1 + path, json=body) as resp,
+    ):
+        raw = await resp.read()
+    assert resp.status == 400
+    assert json_error(raw)["code"] == "unsupported_endpoint"
+    assert fake.exchanges == []
+
+
+async def test_what_anthropic_cannot_do_is_a_400_before_anything_is_sent(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    spy, log = _make_spy()
+    async with (
+        run_gateway(_config(fake, plugins=[{"name": "spy"}]), registry={"spy": spy}) as gw,
+        asyncio.timeout(BOUND),
+        http.post(gw.v1 + CHAT, json=chat_body(n=2)) as resp,
+    ):
+        raw = await resp.read()
+        await log.ended.wait()
+    assert resp.status == 400
+    assert json_error(raw)["param"] == "n"
+    assert fake.exchanges == []
+    # Nothing reached the upstream: the request was refused, not failed by the upstream.
+    assert log.outcome is Outcome.REJECTED
+
+
+async def test_client_anthropic_headers_cannot_override_the_configured_ones(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    fake.queue(Script(_text_transcript(["ok"], output_tokens=1)))
+    headers = {
+        "Anthropic-Version": "1999-01-01",
+        "X-Api-Key": "client-anthropic-key",
+        "Authorization": "Bearer client-token-0123456789",
+        "Anthropic-Beta": "tools-2024-04-04",
+    }
+    async with (
+        run_gateway(_config(fake)) as gw,
+        asyncio.timeout(BOUND),
+        http.post(gw.v1 + CHAT, json=chat_body(), headers=headers) as resp,
+    ):
+        raw = await resp.read()
+    assert resp.status == 200
+    assert chat_contents(raw) == ["ok"]
+    (exchange,) = fake.exchanges
+    assert _headers_named(exchange.headers, "anthropic-version") == ["2023-06-01"]
+    assert _headers_named(exchange.headers, "x-api-key") == [KEY]
+    assert _headers_named(exchange.headers, "authorization") == []
+    assert _headers_named(exchange.headers, "anthropic-beta") == ["tools-2024-04-04"]
