@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -71,14 +72,15 @@ def build_chains(
 ) -> tuple[dict[str, Chain], Chain]:
     """One chain per route (global plugins minus skipped ones, then its own), plus a global one."""
     global_specs = [(f"plugins[{i}]", spec) for i, spec in enumerate(config.plugins)]
+    shared: dict[str, Any] = {}  # one instance per configured plugin, whatever the route
     chains: dict[str, Chain] = {}
     for r, route in enumerate(config.routes):
         specs: list[tuple[str, PluginConfig]] = [
             (where, spec) for where, spec in global_specs if spec.name not in route.skip_plugins
         ]
         specs += [(f"routes[{r}].plugins[{i}]", spec) for i, spec in enumerate(route.plugins)]
-        chains[route.name] = build_chain(specs, registry)
-    return chains, build_chain(global_specs, registry)
+        chains[route.name] = build_chain(specs, registry, shared)
+    return chains, build_chain(global_specs, registry, shared)
 
 
 def build_state(
@@ -163,6 +165,24 @@ async def _lifecycle(app: web.Application) -> Any:
     state.ready = False
     for upstream in state.upstreams.values():
         await upstream.close()
+    await close_plugins([state.default_chain, *state.chains.values()])
+
+
+async def close_plugins(chains: list[Chain]) -> None:
+    """Call `close()` once on every plugin instance that has one (backends, files)."""
+    seen: set[int] = set()
+    for chain in chains:
+        for entry in chain.entries:
+            closer = getattr(entry.plugin, "close", None)
+            if closer is None or id(entry.plugin) in seen:
+                continue
+            seen.add(id(entry.plugin))
+            try:
+                result = closer()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("plugin %s failed to close", entry.name)
 
 
 async def _not_ready_on_shutdown(app: web.Application) -> None:

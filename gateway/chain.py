@@ -243,11 +243,19 @@ class Chain:
 
 
 def build_chain(
-    specs: Iterable[tuple[str, PluginConfig]], registry: Mapping[str, type[Any]]
+    specs: Iterable[tuple[str, PluginConfig]],
+    registry: Mapping[str, type[Any]],
+    shared: dict[str, Any] | None = None,
 ) -> Chain:
-    """Build a chain from (config location, plugin spec) pairs, in order."""
-    entries = [
-        _Entry(spec.name, build_plugin(spec, registry, where), spec.fail == "closed")
-        for where, spec in specs
-    ]
+    """Build a chain from (config location, plugin spec) pairs, in order.
+
+    Plugins already built at the same config location (in `shared`) are reused, so a global
+    plugin is one instance across every route's chain (one rate limiter, one log file).
+    """
+    shared = {} if shared is None else shared
+    entries = []
+    for where, spec in specs:
+        if where not in shared:
+            shared[where] = build_plugin(spec, registry, where)
+        entries.append(_Entry(spec.name, shared[where], spec.fail == "closed"))
     return Chain(entries)
