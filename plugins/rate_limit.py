@@ -1,0 +1,245 @@
+"""Rate limits per team, per key and per team+model: requests, tokens, streams, budgets.
+
+Token limits hold for streams: at admission the request reserves its prompt tokens (from
+`token_count` when it runs earlier in the chain, else an estimate) plus `max_tokens` (or
+`default_max_tokens`); at the end the reservation is reconciled with what was really used
+(the upstream's usage, else the local count) and the rest released, on every ending. With
+`hard_budget`, completion tokens are also debited while the stream runs (every
+`debit_every_tokens`), and a stream whose daily/monthly budget runs out is cut with a final
+error event. Limits come from the authenticated key's team and key (`auth: keys`); with
+`auth: none` nothing is limited.
+
+Backends: `memory` for one replica, `redis` to share limits across replicas (one atomic
+Lua script per check). See `gateway.ratelimit` for the algorithms (GCRA for per-minute
+limits, calendar windows for budgets, leased slots for concurrency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.auth import PRINCIPAL, Principal
+from gateway.context import RequestContext, StateKey
+from gateway.plugin import Plugin, Reject
+from gateway.ratelimit import (
+    Decision,
+    Lease,
+    Limits,
+    MemoryRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    Scope,
+    key_scope,
+    reservation,
+    team_model_scope,
+    team_scope,
+)
+from gateway.sse import SSEEvent
+from gateway.teams import LimitsConfig
+from plugins.token_count import TOKENS  # read if token_count runs earlier in the chain
+
+log = logging.getLogger("sluice.plugins.rate_limit")
+
+
+class RateLimitOptions(BaseModel):
+    """Options of the `rate_limit` plugin."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = Field(None, description="redis://host:6379/0 (backend: redis)")
+    on_backend_error: Literal["open", "closed"] = Field(
+        "open", description="Redis down or slow: admit (open) or refuse with 503 (closed)"
+    )
+    timeout_ms: float = Field(50.0, gt=0, description="longest wait for Redis per check")
+    default_max_tokens: int = Field(
+        1024, ge=1, description="completion tokens reserved when a request sets no max_tokens"
+    )
+    hard_budget: bool = Field(False, description="cut streams whose token budget runs out")
+    debit_every_tokens: int = Field(256, ge=1)
+
+
+@dataclass
+class _Held:
+    lease: Lease
+    prompt_estimate: int
+    debited: int = 0  # tokens already passed to debit()
+    pending: asyncio.Task[bool] | None = None
+
+
+_HELD: StateKey[_Held] = StateKey("rate_limit.lease")
+_KINDS = {
+    "requests": "requests per minute",
+    "tokens": "tokens per minute",
+    "concurrency": "concurrent streams",
+    "budget": "token budget",
+}
+
+
+def _limits(config: LimitsConfig | None) -> Limits | None:
+    if config is None:
+        return None
+    limits = Limits(
+        requests_per_minute=config.requests_per_minute,
+        tokens_per_minute=config.tokens_per_minute,
+        concurrent_streams=config.concurrent_streams,
+        tokens_per_day=config.tokens_per_day,
+        tokens_per_month=config.tokens_per_month,
+    )
+    return limits if limits != Limits() else None
+
+
+def scopes_for(principal: Principal, route_name: str | None) -> list[Scope]:
+    """The scopes a request of `principal` on `route_name` is checked against."""
+    scopes: list[Scope] = []
+    if (team := _limits(principal.team_limits)) is not None:
+        scopes.append(team_scope(principal.team, team))
+    if (key := _limits(principal.key_limits)) is not None:
+        scopes.append(key_scope(principal.team, principal.key_id.split("/", 1)[-1], key))
+    if route_name is not None:
+        model = _limits(principal.model_limits.get(route_name))
+        if model is not None:
+            scopes.append(team_model_scope(principal.team, route_name, model))
+    return scopes
+
+
+def _prompt_estimate(ctx: RequestContext) -> int:
+    counted = ctx.get(TOKENS)
+    if counted is not None:
+        return counted.prompt_tokens
+    body = ctx.body.get("messages") or ctx.body.get("prompt") or ctx.body.get("input") or ""
+    return max(1, len(orjson.dumps(body)) // 4)
+
+
+def _max_tokens(ctx: RequestContext) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = ctx.body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _refusal(decision: Decision) -> Reject:
+    if decision.kind == "backend":
+        return Reject(
+            503,
+            "Rate limits cannot be checked right now; retry shortly.",
+            code="rate_limit_backend_unavailable",
+            type="server_error",
+            headers={"Retry-After": "1"},
+        )
+    what = _KINDS.get(decision.kind or "", "rate limit")
+    scope = decision.scope_name or decision.scope or "this key"
+    if decision.too_large:
+        return Reject(
+            429,
+            f"This request needs more tokens than the {what} limit of {scope} allows in "
+            "total; lower max_tokens or the prompt.",
+            code="rate_limit_exceeded",
+            type="tokens",
+            headers=decision.headers,
+        )
+    seconds = max(1, math.ceil(decision.retry_after))
+    return Reject(
+        429,
+        f"Rate limit reached for {scope} on {what}; retry in {seconds} s.",
+        code="rate_limit_exceeded",
+        type=decision.kind or "requests",
+        headers={**decision.headers, "Retry-After": str(seconds)},
+    )
+
+
+class RateLimit(Plugin):
+    """Enforces the authenticated key's team, key and team+model limits."""
+
+    name = "rate_limit"
+    Options = RateLimitOptions
+
+    def __init__(self, options: BaseModel) -> None:
+        super().__init__(options)
+        assert isinstance(options, RateLimitOptions)
+        self.settings = options
+        self.limiter: RateLimiter
+        if options.backend == "redis":
+            if not options.redis_url:
+                from gateway.config import ConfigError
+
+                raise ConfigError("options.redis_url: required with backend: redis")
+            self.limiter = RedisRateLimiter(
+                options.redis_url,
+                timeout=options.timeout_ms / 1000,
+                fail_open=options.on_backend_error == "open",
+            )
+        else:
+            self.limiter = MemoryRateLimiter()
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        principal = ctx.get(PRINCIPAL)
+        if principal is None:
+            return
+        scopes = scopes_for(principal, ctx.route.name if ctx.route is not None else None)
+        if not scopes:
+            return
+        prompt = _prompt_estimate(ctx)
+        tokens = reservation(prompt, _max_tokens(ctx), self.settings.default_max_tokens)
+        decision = await self.limiter.admit(scopes, tokens)
+        ctx.response_headers.update(decision.headers)
+        if not decision.allowed or decision.lease is None:
+            raise _refusal(decision)
+        ctx.set(_HELD, _Held(decision.lease, prompt))
+
+    def on_event(self, ctx: RequestContext, event: SSEEvent) -> list[SSEEvent] | None:
+        held = ctx.get(_HELD)
+        if held is None or not self.settings.hard_budget:
+            return None
+        pending = held.pending
+        if pending is not None and pending.done():
+            held.pending = None
+            if not pending.cancelled() and pending.exception() is None and not pending.result():
+                raise Reject(
+                    429,
+                    "The token budget ran out during this answer.",
+                    code="budget_exhausted",
+                    type="budget",
+                )
+        # Debits count the whole request (prompt + completion so far) against its reservation.
+        used = held.prompt_estimate + (ctx.usage.completion_tokens or _streamed(ctx))
+        if held.pending is None and used - held.debited >= self.settings.debit_every_tokens:
+            amount, held.debited = used - held.debited, used
+            held.pending = asyncio.get_running_loop().create_task(
+                self.limiter.debit(held.lease, amount)
+            )
+        return None
+
+    async def on_end(self, ctx: RequestContext) -> None:
+        held = ctx.get(_HELD)
+        if held is None:
+            return
+        if held.pending is not None:
+            # Let an in-flight debit land first (bounded by the backend's timeout): cancelling
+            # a script that already ran would charge its tokens twice at reconciliation.
+            with contextlib.suppress(Exception):
+                await held.pending
+        usage = ctx.usage
+        if usage.total_tokens is not None:
+            actual = usage.total_tokens
+        else:
+            actual = (usage.prompt_tokens or held.prompt_estimate) + (usage.completion_tokens or 0)
+        await self.limiter.finish(held.lease, actual)
+
+    async def close(self) -> None:
+        """Release the backend's connections (called at shutdown)."""
+        await self.limiter.close()
+
+
+def _streamed(ctx: RequestContext) -> int:
+    counted = ctx.get(TOKENS)
+    return counted.completion_tokens if counted is not None else ctx.events_out
