@@ -20,6 +20,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +29,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import PRINCIPAL, Principal
+from gateway.config import RouteConfig
 from gateway.context import RequestContext, StateKey
 from gateway.plugin import Plugin, Reject
 from gateway.ratelimit import (
@@ -72,6 +75,7 @@ class _Held:
     lease: Lease
     prompt_estimate: int
     debited: int = 0  # tokens already passed to debit()
+    renewed_at: float = 0.0  # loop time of the last debit (which renews the lease)
     pending: asyncio.Task[bool] | None = None
 
 
@@ -97,17 +101,23 @@ def _limits(config: LimitsConfig | None) -> Limits | None:
     return limits if limits != Limits() else None
 
 
-def scopes_for(principal: Principal, route_name: str | None) -> list[Scope]:
-    """The scopes a request of `principal` on `route_name` is checked against."""
+def scopes_for(principal: Principal, route: RouteConfig | None) -> list[Scope]:
+    """The scopes a request of `principal` on `route` is checked against.
+
+    `model_limits` may name the route or one of its aliases; either way the bucket is the
+    route's, so an alias cannot get around a limit set on the route's name.
+    """
     scopes: list[Scope] = []
     if (team := _limits(principal.team_limits)) is not None:
         scopes.append(team_scope(principal.team, team))
     if (key := _limits(principal.key_limits)) is not None:
         scopes.append(key_scope(principal.team, principal.key_id.split("/", 1)[-1], key))
-    if route_name is not None:
-        model = _limits(principal.model_limits.get(route_name))
-        if model is not None:
-            scopes.append(team_model_scope(principal.team, route_name, model))
+    if route is not None:
+        for name in (route.name, *route.aliases):
+            model = _limits(principal.model_limits.get(name))
+            if model is not None:
+                scopes.append(team_model_scope(principal.team, route.name, model))
+                break
     return scopes
 
 
@@ -180,12 +190,14 @@ class RateLimit(Plugin):
             )
         else:
             self.limiter = MemoryRateLimiter()
+        # Renew well before a lease expires: a third of its time to live.
+        self._renew_every = float(getattr(self.limiter, "lease_ttl", 600.0)) / 3
 
     async def on_request(self, ctx: RequestContext) -> None:
         principal = ctx.get(PRINCIPAL)
         if principal is None:
             return
-        scopes = scopes_for(principal, ctx.route.name if ctx.route is not None else None)
+        scopes = scopes_for(principal, ctx.route)
         if not scopes:
             return
         prompt = _prompt_estimate(ctx)
@@ -194,11 +206,14 @@ class RateLimit(Plugin):
         ctx.response_headers.update(decision.headers)
         if not decision.allowed or decision.lease is None:
             raise _refusal(decision)
-        ctx.set(_HELD, _Held(decision.lease, prompt))
+        ctx.set(_HELD, _Held(decision.lease, prompt, renewed_at=self._now()))
 
     def on_event(self, ctx: RequestContext, event: SSEEvent) -> list[SSEEvent] | None:
         held = ctx.get(_HELD)
-        if held is None or not self.settings.hard_budget:
+        if held is None:
+            return None
+        if not self.settings.hard_budget:
+            self._keep_slot(held)
             return None
         pending = held.pending
         if pending is not None and pending.done():
@@ -214,10 +229,24 @@ class RateLimit(Plugin):
         used = held.prompt_estimate + (ctx.usage.completion_tokens or _streamed(ctx))
         if held.pending is None and used - held.debited >= self.settings.debit_every_tokens:
             amount, held.debited = used - held.debited, used
-            held.pending = asyncio.get_running_loop().create_task(
-                self.limiter.debit(held.lease, amount)
-            )
+            self._debit(held, amount)
+        else:
+            self._keep_slot(held)
         return None
+
+    def _debit(self, held: _Held, amount: int) -> None:
+        """Start one debit (it also renews the lease); at most one is in flight per stream."""
+        held.renewed_at = self._now()
+        held.pending = asyncio.get_running_loop().create_task(
+            self.limiter.debit(held.lease, amount)
+        )
+
+    def _keep_slot(self, held: _Held) -> None:
+        """Renew a long stream's concurrency lease (a zero debit) before it can expire."""
+        if held.pending is not None and not held.pending.done():
+            return
+        if self._now() - held.renewed_at >= self._renew_every:
+            self._debit(held, 0)
 
     async def on_end(self, ctx: RequestContext) -> None:
         held = ctx.get(_HELD)
@@ -234,6 +263,11 @@ class RateLimit(Plugin):
         else:
             actual = (usage.prompt_tokens or held.prompt_estimate) + (usage.completion_tokens or 0)
         await self.limiter.finish(held.lease, actual)
+
+    def _now(self) -> float:
+        """The limiter's clock (leases expire by it)."""
+        clock: Callable[[], float] = getattr(self.limiter, "clock", time.time)
+        return clock()
 
     async def close(self) -> None:
         """Release the backend's connections (called at shutdown)."""

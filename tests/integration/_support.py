@@ -199,6 +199,10 @@ class GatedUpstream(FakeUpstream):
             exchange.bytes_written += len(chunk)
         if script.then == "hang":
             await asyncio.Event().wait()
+        if script.then == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return response
         await response.write_eof()
         return response
 
