@@ -19,10 +19,11 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 log = logging.getLogger("sluice")
 
 
-def _example(host: str, port: int, model: str) -> str:
+def _example(host: str, port: int, model: str, keys: bool = False) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    auth = '-H "Authorization: Bearer $SLUICE_KEY" ' if keys else ""
     return (
-        f"curl -N http://{shown}:{port}/v1/chat/completions "
+        f"curl -N http://{shown}:{port}/v1/chat/completions {auth}"
         "-H 'content-type: application/json' "
         f'-d \'{{"model":"{model}","stream":true,"messages":[{{"role":"user","content":"hi"}}]}}\''
     )
@@ -44,11 +45,9 @@ async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool =
         bound = runner.addresses
         real_port = int(bound[0][1]) if bound else port
         print(f"Sluice listening on http://{host}:{real_port}", flush=True)
-        print(
-            "Try:\n  "
-            + _example(host, real_port, state.router.models[0] if state.router.models else "MODEL"),
-            flush=True,
-        )
+        model = state.router.models[0] if state.router.models else "MODEL"
+        example = _example(host, real_port, model, keys=state.keys is not None)
+        print("Try:\n  " + example, flush=True)
     try:
         await stop.wait()
     finally:
