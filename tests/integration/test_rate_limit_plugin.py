@@ -863,3 +863,41 @@ async def test_without_keys_nothing_is_limited_and_no_headers_are_added(
         assert not [h for h in reply.headers if h.startswith("x-ratelimit-")], reply.headers
         assert "retry-after" not in reply.headers
     assert {ctx.identity.team for ctx in log.ends} == {"anonymous"}
+
+
+# ----- hard budgets -------------------------------------------------------------------------
+
+
+async def test_hard_budget_cuts_a_running_stream_with_a_final_event(
+    upstream: HeldUpstream, http: aiohttp.ClientSession
+) -> None:
+    """The daily budget admits the reservation, then runs out while the answer streams: the
+    stream ends with one final error event (budget_exhausted), well before its 40 tokens."""
+    tokens = [f" t{i}" for i in range(40)]
+    chunks = openai_stream(tokens)
+    script, gates = gated_script(chunks, *range(2, len(chunks)))
+    upstream.queue(script)
+    options = {"hard_budget": True, "debit_every_tokens": 1}
+    config = gateway_config(upstream, ml_team({"tokens_per_day": 40}), options=options)
+    registry, _log = make_tracker()
+    body = chat_body(max_tokens=2)
+    received = b""
+    async with run_gateway(config, registry=registry) as gw:
+        resp, first = await open_stream(http, gw, bearer(ML_KEY), body)
+        try:
+            assert first.status == 200
+            received = first.body
+            for gate in gates:
+                gate.set()
+                async with asyncio.timeout(BOUND):
+                    event = await resp.content.readuntil(b"\n\n")
+                received += event
+                if b'"error"' in event or event == DONE:
+                    break
+        finally:
+            for gate in gates:
+                gate.set()
+            resp.close()
+    assert not received.endswith(DONE)
+    assert final_error(received)["code"] == "budget_exhausted"
+    assert 0 < received.count(b'"content":" t') < len(tokens)
