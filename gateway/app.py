@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from prometheus_client.exposition import choose_encoder
 
 from gateway.auth import KeyStore
 from gateway.chain import Chain, build_chain, discover_plugins
@@ -24,6 +25,7 @@ from gateway.config import (
     UpstreamConfig,
 )
 from gateway.errors import GatewayError
+from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.routing import Router, UpstreamHealth
 from gateway.upstreams.anthropic import Anthropic
@@ -47,7 +49,9 @@ class GatewayState:
     keys: KeyStore | None
     chains: dict[str, Chain]
     default_chain: Chain
+    metrics: GatewayMetrics
     ready: bool = False
+    metrics_port: int | None = None  # the separate metrics listener's bound port, once started
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -93,7 +97,8 @@ def build_state(
     health = {name: UpstreamHealth.from_config(up) for name, up in config.upstreams.items()}
     keys = KeyStore(config.teams) if config.auth == "keys" else None
     router = Router(config, health)
-    return GatewayState(config, router, upstreams, health, keys, chains, default_chain)
+    metrics = GatewayMetrics(config, [default_chain, *chains.values()], health)
+    return GatewayState(config, router, upstreams, health, keys, chains, default_chain, metrics)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -142,18 +147,63 @@ def _admin_allowed(request: web.Request, key: str | None) -> bool:
     return hmac.compare_digest(given.encode(), key.encode())
 
 
+def _admin_refusal(request: web.Request) -> web.Response | None:
+    """A 401 unless the request carries the admin key."""
+    secret = request.app[STATE].config.server.admin_key
+    if _admin_allowed(request, secret.get_secret_value() if secret else None):
+        return None
+    message = "Admin endpoints need the admin key (server.admin_key)."
+    return GatewayError(401, message, code="admin_key_required").to_response()
+
+
 async def _admin_upstreams(request: web.Request) -> web.Response:
     """Health, queue and load of every upstream (admin key required)."""
     state = request.app[STATE]
-    secret = state.config.server.admin_key
-    if not _admin_allowed(request, secret.get_secret_value() if secret else None):
-        message = "Admin endpoints need the admin key (server.admin_key)."
-        return GatewayError(401, message, code="admin_key_required").to_response()
+    if (refusal := _admin_refusal(request)) is not None:
+        return refusal
     body = {
         name: {"kind": state.config.upstreams[name].kind, **health.snapshot()}
         for name, health in state.health.items()
     }
     return web.Response(body=orjson.dumps({"upstreams": body}), content_type="application/json")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition (text, or OpenMetrics when the scraper asks for it)."""
+    state = request.app[STATE]
+    if (
+        state.config.server.metrics.require_admin_key
+        and (refusal := _admin_refusal(request)) is not None
+    ):
+        return refusal
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encoder(state.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+_LISTEN_HOST = web.AppKey("sluice_listen_host", str)
+
+
+async def _metrics_listener(app: web.Application) -> Any:
+    """`server.metrics.port` set: serve /metrics on its own listener, same host."""
+    state = app[STATE]
+    settings = state.config.server.metrics
+    if not settings.enabled or settings.port is None:
+        yield
+        return
+    metrics_app = web.Application()
+    metrics_app[STATE] = state
+    metrics_app.router.add_get("/metrics", _metrics)
+    runner = web.AppRunner(metrics_app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, app[_LISTEN_HOST], settings.port, reuse_address=True)
+        await site.start()
+        state.metrics_port = int(runner.addresses[0][1])
+        yield
+    finally:
+        state.metrics_port = None
+        await runner.cleanup()
 
 
 async def _lifecycle(app: web.Application) -> Any:
@@ -189,12 +239,17 @@ async def _not_ready_on_shutdown(app: web.Application) -> None:
     app[STATE].ready = False
 
 
-def build_app(state: GatewayState) -> web.Application:
-    """The aiohttp application: routes, middleware and lifecycle for `state`."""
+def build_app(state: GatewayState, *, host: str | None = None) -> web.Application:
+    """The aiohttp application: routes, middleware and lifecycle for `state`.
+
+    `host` is the address the main listener binds (default `server.host`); a separate
+    metrics listener binds the same one.
+    """
     app = web.Application(
         middlewares=[openai_errors], client_max_size=state.config.server.max_body_bytes
     )
     app[STATE] = state
+    app[_LISTEN_HOST] = state.config.server.host if host is None else host
     proxy = Proxy(
         state.config.server,
         state.router,
@@ -203,6 +258,7 @@ def build_app(state: GatewayState) -> web.Application:
         state.default_chain,
         state.health,
         state.keys,
+        metrics=state.metrics,
     )
     app.router.add_post("/v1/chat/completions", proxy.chat)
     app.router.add_post("/v1/completions", proxy.completions)
@@ -212,6 +268,10 @@ def build_app(state: GatewayState) -> web.Application:
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/admin/upstreams", _admin_upstreams)
+    metrics = state.config.server.metrics
+    if metrics.enabled and metrics.port is None:
+        app.router.add_get("/metrics", _metrics)
     app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.append(_metrics_listener)
     app.on_shutdown.append(_not_ready_on_shutdown)
     return app

@@ -32,7 +32,7 @@ def _example(host: str, port: int, model: str, keys: bool = False) -> str:
 async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool = True) -> None:
     """Run the gateway until SIGINT or SIGTERM."""
     state = build_state(config)
-    app = build_app(state)
+    app = build_app(state, host=host)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -45,6 +45,9 @@ async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool =
         bound = runner.addresses
         real_port = int(bound[0][1]) if bound else port
         print(f"Sluice listening on http://{host}:{real_port}", flush=True)
+        if config.server.metrics.enabled:
+            metrics_port = real_port if state.metrics_port is None else state.metrics_port
+            print(f"Prometheus metrics at http://{host}:{metrics_port}/metrics", flush=True)
         model = state.router.models[0] if state.router.models else "MODEL"
         example = _example(host, real_port, model, keys=state.keys is not None)
         print("Try:\n  " + example, flush=True)

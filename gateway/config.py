@@ -249,6 +249,22 @@ class RouteConfig(_Strict):
         return self.upstream_model or self.model or ""
 
 
+class MetricsConfig(_Strict):
+    """Prometheus metrics at GET /metrics (see docs/metrics.md)."""
+
+    enabled: bool = True
+    port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="null: served on the main port; else a separate listener on this port "
+        "(same host; 0 picks a free one)",
+    )
+    require_admin_key: bool = Field(
+        False, description="scrapes need server.admin_key (Bearer or X-Admin-Key)"
+    )
+
+
 class ServerConfig(_Strict):
     """Listener and request-handling limits."""
 
@@ -268,6 +284,15 @@ class ServerConfig(_Strict):
         ge=0,
         description="how long to wait for the first upstream event before sending 200 headers",
     )
+    metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _check_metrics(self) -> ServerConfig:
+        if self.metrics.enabled and self.metrics.require_admin_key and self.admin_key is None:
+            raise ValueError("metrics.require_admin_key: needs server.admin_key to be set")
+        if self.metrics.enabled and self.metrics.port and self.metrics.port == self.port:
+            raise ValueError("metrics.port: must differ from server.port (null: use the main port)")
+        return self
 
 
 class GatewayConfig(_Strict):

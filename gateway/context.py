@@ -124,7 +124,7 @@ class RequestContext:
     error: GatewayError | None = None
     events_in: int = 0
     events_out: int = 0
-    overhead_seconds: float = 0.0  # upstream bytes in hand to handed to the client socket
+    overhead_seconds: float = 0.0  # gateway time, not waiting on upstream, queue or client
     plugin_seconds: dict[str, float] = field(default_factory=dict)  # on_event time per plugin
     bytes_out: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)

@@ -12,8 +12,9 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
 
 import aiohttp
 import orjson
@@ -23,7 +24,7 @@ from gateway.auth import PRINCIPAL, KeyStore, key_from_headers
 from gateway.balancer import QueueFull, QueueTimeout, Slot, backoff_delay, parse_retry_after
 from gateway.chain import Chain
 from gateway.config import ServerConfig
-from gateway.context import Endpoint, Outcome, RequestContext, request_id_from
+from gateway.context import Endpoint, Outcome, RequestContext, StateKey, request_id_from
 from gateway.dialects import DIALECTS
 from gateway.errors import (
     GatewayError,
@@ -33,6 +34,7 @@ from gateway.errors import (
     upstream_error,
 )
 from gateway.headers import SSE_RESPONSE_HEADERS, upstream_headers
+from gateway.metrics import GatewayMetrics
 from gateway.plugin import EndStream, Reject
 from gateway.routing import Router, Target, UpstreamHealth
 from gateway.sse import SSEError, SSEEvent, encode_events
@@ -49,6 +51,37 @@ from gateway.watchdog import Watchdog
 
 log = logging.getLogger("sluice.proxy")
 
+OVERHEAD_HEADER: Final = "x-sluice-overhead-ms"
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Overhead:
+    """A request's time spent waiting (client body, queue, backoff, upstream before headers)."""
+
+    waited: float = 0.0
+    answered: float | None = None  # the gateway's own time when the response/headers went out
+
+    def now(self, ctx: RequestContext) -> float:
+        """Seconds since the request arrived, minus the waits."""
+        return max(0.0, time.perf_counter() - ctx.timing.received - self.waited)
+
+
+_OVERHEAD: StateKey[_Overhead] = StateKey("sluice.proxy.overhead")
+
+
+async def _waiting(ctx: RequestContext, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`, counting the time as waiting (not gateway overhead)."""
+    started = time.perf_counter()
+    try:
+        return await awaitable
+    finally:
+        ctx.require(_OVERHEAD).waited += time.perf_counter() - started
+
+
+def _overhead_ms(seconds: float) -> str:
+    return f"{seconds * 1000.0:.3f}"
+
 
 class _ClientGone(Exception):
     """Writing to the client failed: it disconnected."""
@@ -61,10 +94,11 @@ class _Ended(Exception):
 class _StreamFailed(Exception):
     """The stream must end with an error event (after headers were sent)."""
 
-    def __init__(self, error: GatewayError, outcome: Outcome) -> None:
+    def __init__(self, error: GatewayError, outcome: Outcome, kind: str) -> None:
         super().__init__(error.message)
         self.error = error
         self.outcome = outcome
+        self.kind = kind  # for sluice_upstream_errors_total
 
 
 class _Retry(Exception):
@@ -122,6 +156,13 @@ async def _acquire(health: UpstreamHealth, ctx: RequestContext) -> Slot | None:
     )
 
 
+def _status_kind(status: int) -> str:
+    """The `kind` of an upstream's error status in sluice_upstream_errors_total."""
+    if status == 429:
+        return "status_429"
+    return "status_5xx" if status >= 500 else "status_4xx"
+
+
 def _parse_unary(raw: bytes) -> Any:
     try:
         payload = orjson.loads(raw)
@@ -144,8 +185,11 @@ class Proxy:
         default_chain: Chain,
         health: Mapping[str, UpstreamHealth],
         keys: KeyStore | None = None,
+        *,
+        metrics: GatewayMetrics,
     ) -> None:
         self.keys = keys
+        self.metrics = metrics
         self.server = server
         self.router = router
         self.upstreams = upstreams
@@ -175,6 +219,8 @@ class Proxy:
         """One request from arrival to its single end (`on_end` runs exactly once)."""
         request_id = request_id_from(request.headers.get("X-Request-Id"))
         ctx = RequestContext(request_id, endpoint, client_format)
+        overhead = _Overhead()
+        ctx.set(_OVERHEAD, overhead)
         chain = self.default_chain
         try:
             try:
@@ -194,7 +240,10 @@ class Proxy:
             return self._error_response(ctx, internal_error())
         finally:
             ctx.timing.ended = time.perf_counter()
-            await chain.run_end(ctx)
+            try:
+                await chain.run_end(ctx)
+            finally:
+                self.metrics.observe_request(ctx, overhead.answered)
 
     async def _admit(self, request: web.Request, ctx: RequestContext) -> None:
         principal = None
@@ -202,7 +251,7 @@ class Proxy:
             principal = self.keys.authenticate(key_from_headers(request.headers))
             ctx.identity = principal.identity()
             ctx.set(PRINCIPAL, principal)
-        body = await read_json_body(request, self.server.max_body_bytes)
+        body = await _waiting(ctx, read_json_body(request, self.server.max_body_bytes))
         validate_body(ctx.endpoint, body)
         ctx.model = body["model"]
         ctx.body = DIALECTS[ctx.client_format].admit(ctx, body)
@@ -237,7 +286,8 @@ class Proxy:
             except _Retry as retry:
                 last = retry.error
                 if attempt < len(tries) - 1:
-                    await asyncio.sleep(backoff_delay(attempt, retry_after=retry.retry_after))
+                    delay = backoff_delay(attempt, retry_after=retry.retry_after)
+                    await _waiting(ctx, asyncio.sleep(delay))
         assert last is not None
         ctx.outcome = ctx.outcome or Outcome.UPSTREAM_ERROR
         raise last
@@ -260,9 +310,13 @@ class Proxy:
             )
         ctx.upstream_name, ctx.upstream_model, ctx.outcome = target.upstream, target.model, None
         try:
-            slot = await _acquire(health, ctx)
+            slot = await _waiting(ctx, _acquire(health, ctx))
         except GatewayError as err:  # queue full or too slow here: another deployment may do
+            kind = "queue_full" if err.code == "upstream_queue_full" else "queue_timeout"
+            self.metrics.upstream_error(target.upstream, kind)
             raise _Retry(err, parse_retry_after(err.headers.get("Retry-After"))) from None
+        if slot is not None:
+            self.metrics.observe_queue_wait(target.upstream, slot.waited)
         health.outstanding += 1
         try:
             if ctx.stream:
@@ -284,7 +338,9 @@ class Proxy:
         ctx.status = err.status
         if ctx.outcome is None:
             ctx.outcome = Outcome.REJECTED if err.status < 500 else Outcome.UPSTREAM_ERROR
-        return DIALECTS[ctx.client_format].error_response(ctx, err)
+        response = DIALECTS[ctx.client_format].error_response(ctx, err)
+        response.headers[OVERHEAD_HEADER] = _overhead_ms(ctx.require(_OVERHEAD).now(ctx))
+        return response
 
     def _outgoing(
         self, request: web.Request, ctx: RequestContext
@@ -298,23 +354,38 @@ class Proxy:
     ) -> UpstreamCall:
         """Send upstream and wait for its headers; errors before a byte reached the client."""
         body, headers = self._outgoing(request, ctx)
+        return await _waiting(ctx, self._send(ctx, upstream, body, headers))
+
+    async def _send(
+        self,
+        ctx: RequestContext,
+        upstream: Upstream,
+        body: dict[str, Any],
+        headers: dict[str, str],
+    ) -> UpstreamCall:
         limit = min(upstream.timeouts.first_byte, upstream.timeouts.total)
         try:
             async with asyncio.timeout(limit):
                 call = await upstream.open(ctx, body, headers)
         except TimeoutError:
             ctx.outcome = Outcome.TIMEOUT
+            self.metrics.upstream_error(upstream.name, "timeout")
             raise timeout_error("first_byte") from None
         except GatewayError as err:
             # A 4xx here was raised before anything was sent (a request the upstream's format
             # cannot express): the client's request is refused, the upstream is not at fault.
             if err.status == 504:
                 ctx.outcome = Outcome.TIMEOUT
+                self.metrics.upstream_error(upstream.name, "timeout")
+            elif err.status >= 500:
+                ctx.outcome = Outcome.UPSTREAM_ERROR
+                self.metrics.upstream_error(upstream.name, "connect")
             else:
-                ctx.outcome = Outcome.UPSTREAM_ERROR if err.status >= 500 else Outcome.REJECTED
+                ctx.outcome = Outcome.REJECTED
             raise
         ctx.timing.upstream_headers = time.perf_counter()
         if call.status >= 400:
+            self.metrics.upstream_error(upstream.name, _status_kind(call.status))
             try:
                 async with asyncio.timeout(limit):
                     raw = await call.read_body(64 << 10)
@@ -335,18 +406,30 @@ class Proxy:
     ) -> web.Response:
         """A non-streaming request: the one place a whole (bounded) body is held."""
         call = await self._open(request, ctx, upstream)
+        failed = ""  # a cancellation (client gone) is no upstream error
         try:
             async with asyncio.timeout(upstream.timeouts.total):
-                raw = await call.read_body(self.server.max_response_bytes)
+                raw = await _waiting(ctx, call.read_body(self.server.max_response_bytes))
         except TimeoutError:
             ctx.outcome = Outcome.TIMEOUT
+            failed = "timeout"
             raise timeout_error("total") from None
         except (aiohttp.ClientError, ConnectionError) as err:
             ctx.outcome = Outcome.UPSTREAM_ERROR
+            failed = "broken"
             raise upstream_error(f"The upstream connection broke ({type(err).__name__}).") from None
+        except GatewayError:
+            failed = "too_large"
+            raise
         finally:
             call.abort()
-        payload = upstream.translate_response(ctx, _parse_unary(raw))
+            if failed:
+                self.metrics.upstream_error(upstream.name, failed)
+        try:
+            payload = upstream.translate_response(ctx, _parse_unary(raw))
+        except GatewayError:
+            self.metrics.upstream_error(upstream.name, "malformed")
+            raise
         if isinstance(payload, dict):
             usage = payload.get("usage")
             if isinstance(usage, dict):
@@ -354,15 +437,22 @@ class Proxy:
             error = error_from_event(payload) if "error" in payload else None
             if error is not None:
                 ctx.outcome = Outcome.UPSTREAM_ERROR
+                self.metrics.upstream_error(upstream.name, "in_band")
                 raise error
             payload = await chain.run_response(ctx, payload)
         ctx.outcome = Outcome.COMPLETED
         out = orjson.dumps(DIALECTS[ctx.client_format].unary(ctx, payload))
         ctx.bytes_out = len(out)
+        overhead = ctx.require(_OVERHEAD)
+        ctx.overhead_seconds = overhead.answered = overhead.now(ctx)
         return web.Response(
             body=out,
             content_type="application/json",
-            headers={"X-Request-Id": ctx.request_id, **ctx.response_headers},
+            headers={
+                "X-Request-Id": ctx.request_id,
+                **ctx.response_headers,
+                OVERHEAD_HEADER: _overhead_ms(ctx.overhead_seconds),
+            },
         )
 
     # ----- streaming -------------------------------------------------------------------
@@ -379,8 +469,15 @@ class Proxy:
             watchdog.attach(call)
             decoder, observer = upstream.stream_parts(ctx, self.server)
             stream = _Stream(self.server, ctx, chain, decoder, observer, call, watchdog)
+            stream.upstream_failed = lambda kind: self.metrics.upstream_error(upstream.name, kind)
             response = await stream.start(request)
-            await stream.run(response)
+            if stream.response is None:  # the client left before the headers
+                return response
+            self.metrics.stream_started(ctx)
+            try:
+                await stream.run(response)
+            finally:
+                self.metrics.stream_ended(ctx)
             return response
         finally:
             watchdog.cancel()
@@ -388,6 +485,10 @@ class Proxy:
                 observer.finish(ctx)
             if call is not None:
                 call.abort()
+
+
+def _ignore(kind: str) -> None:
+    """The default `_Stream.upstream_failed`: count nothing."""
 
 
 class _Stream:
@@ -416,6 +517,7 @@ class _Stream:
         self._first = Batch([])  # what `start` read before committing headers
         self.dialect = DIALECTS[ctx.client_format]
         self.egress = self.dialect.egress(ctx)
+        self.upstream_failed: Callable[[str], None] = _ignore  # counts a failure by kind
 
     # -- reading ---------------------------------------------------------------------
 
@@ -437,9 +539,11 @@ class _Stream:
 
     def _read_failure(self, detail: str) -> _StreamFailed:
         if self.watchdog.fired is not None:
-            return _StreamFailed(timeout_error(self.watchdog.fired), Outcome.TIMEOUT)
+            return _StreamFailed(timeout_error(self.watchdog.fired), Outcome.TIMEOUT, "timeout")
         return _StreamFailed(
-            upstream_error(f"The upstream stream failed: {detail}."), Outcome.UPSTREAM_ERROR
+            upstream_error(f"The upstream stream failed: {detail}."),
+            Outcome.UPSTREAM_ERROR,
+            "broken",
         )
 
     def _decode(self, chunk: bytes) -> list[SSEEvent]:
@@ -452,6 +556,7 @@ class _Stream:
             raise _StreamFailed(
                 upstream_error(f"The upstream sent a malformed stream: {err}."),
                 Outcome.UPSTREAM_ERROR,
+                "malformed",
             ) from None
         if not events:
             raise self._eof_failure()
@@ -462,6 +567,7 @@ class _Stream:
         return _StreamFailed(
             upstream_error(f"The upstream closed the stream {what}.", code="upstream_truncated"),
             Outcome.UPSTREAM_ERROR,
+            "truncated",
         )
 
     # -- phase 1: hold headers until the first event tells success from failure -------
@@ -475,44 +581,51 @@ class _Stream:
         held: list[SSEEvent] = []
         batch = Batch([])
         hold = self.server.header_hold_seconds
+        ctx = self.ctx
         try:
             async with asyncio.timeout(hold):
                 while not (batch.has_data or batch.terminal or batch.error):
-                    events = self._decode(await self._read())
-                    self.ctx.events_in += len(events)
-                    batch = self.observer.classify(self.ctx, events)
+                    events = self._decode(await _waiting(ctx, self._read()))
+                    ctx.events_in += len(events)
+                    batch = self.observer.classify(ctx, events)
                     held.extend(batch.events)
         except TimeoutError:
             pass  # slow first token: send headers now, keep streaming
         except _StreamFailed as failed:
-            self.ctx.outcome = failed.outcome
+            ctx.outcome = failed.outcome
+            self.upstream_failed(failed.kind)
             raise failed.error from None
         good_data = any(event.data_bytes is not None for event in held)
         if batch.error is not None and not good_data:
-            self.ctx.outcome = Outcome.UPSTREAM_ERROR
+            ctx.outcome = Outcome.UPSTREAM_ERROR
+            self.upstream_failed("in_band")
             raise batch.error
         if batch.has_data:
             self._mark_first()
         # An error after good events in the same read is reported after them, exactly as
         # if it had arrived in a later read: the result must not depend on chunking.
         self._first = Batch(held, batch.terminal, batch.error)
-        await self.chain.run_response_start(self.ctx)
+        await self.chain.run_response_start(ctx)
+        # The gateway's own time so far; the rest of a stream's is added as events go out.
+        overhead = ctx.require(_OVERHEAD)
+        ctx.overhead_seconds = overhead.answered = overhead.now(ctx)
         response = web.StreamResponse(
             status=200,
             headers={
                 **SSE_RESPONSE_HEADERS,
-                "X-Request-Id": self.ctx.request_id,
-                **self.ctx.response_headers,
+                "X-Request-Id": ctx.request_id,
+                **ctx.response_headers,
+                OVERHEAD_HEADER: _overhead_ms(ctx.overhead_seconds),
             },
         )
         response.enable_chunked_encoding()
         try:
             await response.prepare(request)
         except (ConnectionError, aiohttp.ClientConnectionResetError):
-            self.ctx.outcome = Outcome.CLIENT_DISCONNECTED
+            ctx.outcome = Outcome.CLIENT_DISCONNECTED
             self.finished = True
             return response
-        self.ctx.timing.response_started = time.perf_counter()
+        ctx.timing.response_started = self._arrived = time.perf_counter()
         self.response = response
         return response
 
@@ -532,7 +645,7 @@ class _Stream:
                 first = self._first
                 await self._deliver(first)
                 if first.error is not None:
-                    raise _StreamFailed(first.error, Outcome.UPSTREAM_ERROR)
+                    raise _StreamFailed(first.error, Outcome.UPSTREAM_ERROR, "in_band")
                 if first.terminal is None:
                     await self._pump()
             except _Ended:
@@ -542,6 +655,7 @@ class _Stream:
         except _StreamFailed as failed:
             ctx.outcome = failed.outcome
             ctx.error = failed.error
+            self.upstream_failed(failed.kind)
             await self._fail(response, failed.error)
         except GatewayError as err:  # Reject from a plugin, or a fail-closed plugin's failure
             ctx.outcome = Outcome.REJECTED if isinstance(err, Reject) else Outcome.ERROR
@@ -568,7 +682,7 @@ class _Stream:
                 self._mark_first()
             await self._deliver(batch)
             if batch.error is not None:
-                raise _StreamFailed(batch.error, Outcome.UPSTREAM_ERROR)
+                raise _StreamFailed(batch.error, Outcome.UPSTREAM_ERROR, "in_band")
             if batch.terminal is not None:
                 return
 

@@ -8,12 +8,39 @@ exactly as it delays the client.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from typing import Final
 
 from gateway.context import RequestContext, StateKey
 from gateway.deltas import event_texts
 from gateway.plugin import Plugin
 from gateway.sse import SSEEvent
+
+# Upper bounds (seconds) of the buckets `LatencyStats.gap_buckets` counts gaps into; the
+# gateway's inter-token latency histogram uses the same bounds (one bisect per event here,
+# merged into the histogram once per request: nothing per event touches the metrics).
+GAP_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.035,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+
+def _empty_buckets() -> list[int]:
+    return [0] * (len(GAP_BUCKETS) + 1)
 
 
 @dataclass(slots=True)
@@ -25,10 +52,12 @@ class LatencyStats:
     gap_count: int = 0
     gap_total: float = 0.0
     gap_max: float = 0.0
+    # gap counts per GAP_BUCKETS bucket (not cumulative; the last one is above 5 s)
+    gap_buckets: list[int] = field(default_factory=_empty_buckets)
     duration: float | None = None  # request received -> request ended
     time_per_output_token: float | None = None
     tokens_per_second: float | None = None
-    overhead: float = 0.0  # gateway time: upstream bytes in hand -> handed to the client socket
+    overhead: float = 0.0  # the gateway's own time (ctx.overhead_seconds; docs/metrics.md)
     overhead_per_event: float | None = None
     _first: float | None = None
     _last: float | None = None
@@ -68,6 +97,7 @@ class LatencyMeter(Plugin):
             stats.gap_total += gap
             if gap > stats.gap_max:
                 stats.gap_max = gap
+            stats.gap_buckets[bisect_left(GAP_BUCKETS, gap)] += 1
         stats._last = now
         stats.events += 1
         return None

@@ -1,0 +1,151 @@
+"""GatewayMetrics without a network: names, label mapping, gap buckets, config checks."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import build_state
+from gateway.config import ConfigError, parse_config
+from gateway.context import Endpoint, Identity, Outcome, RequestContext
+from gateway.metrics import GatewayMetrics
+from plugins.latency import GAP_BUCKETS, LATENCY, LatencyStats
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+
+# The exact families (sample names without _total/_bucket/...) the dashboards rely on.
+FAMILIES = {
+    "sluice_requests": "counter",
+    "sluice_time_to_first_token_seconds": "histogram",
+    "sluice_inter_token_latency_seconds": "histogram",
+    "sluice_request_duration_seconds": "histogram",
+    "sluice_gateway_overhead_seconds": "histogram",
+    "sluice_plugin_event_seconds": "counter",
+    "sluice_plugin_events": "counter",
+    "sluice_prompt_tokens": "counter",
+    "sluice_completion_tokens": "counter",
+    "sluice_token_count_difference_tokens": "histogram",
+    "sluice_inflight_streams": "gauge",
+    "sluice_upstream_errors": "counter",
+    "sluice_retries": "counter",
+    "sluice_upstream_breaker_state": "gauge",
+    "sluice_upstream_ejections": "counter",
+    "sluice_upstream_queue_depth": "gauge",
+    "sluice_upstream_queue_wait_seconds": "histogram",
+    "sluice_rate_limit_rejections": "counter",
+    "sluice_content_filter_actions": "counter",
+    "sluice_tokenizer_estimator_in_use": "gauge",
+    "sluice_rate_limit_backend_failures": "counter",
+    "sluice_plugin_errors": "counter",
+    "sluice_build_info": "gauge",
+}
+
+
+def _config(**extra: Any) -> dict[str, Any]:
+    return {
+        "upstreams": {"up": {"kind": "demo"}},
+        "routes": [{"model": "m", "upstream": "up"}, {"model_prefix": "x/", "upstream": "up"}],
+        "teams": {"ml": {"keys": [{"name": "k", "sha256": "0" * 64}]}},
+        "plugins": [{"name": "latency"}],
+        **extra,
+    }
+
+
+def _metrics() -> GatewayMetrics:
+    return build_state(parse_config(_config(), {})).metrics
+
+
+def test_every_metric_is_declared_with_its_type() -> None:
+    declared = {m.name: m.type for m in _metrics().registry.collect()}
+    assert declared == FAMILIES
+
+
+def test_docs_list_every_metric() -> None:
+    text = DOCS.read_text("utf-8")
+    for name in FAMILIES:
+        shown = f"{name}_total" if FAMILIES[name] == "counter" else name
+        assert f"`{shown}`" in text, shown
+
+
+def test_label_values_are_bounded_by_the_config() -> None:
+    labels = _metrics().labels
+    ctx = RequestContext("r", Endpoint.CHAT, model="secret-model{}")
+    assert labels.model(ctx) == "other"
+    assert labels.team(ctx) == "anonymous"
+    ctx.identity = Identity(team="intruder")
+    assert labels.team(ctx) == "other"
+    ctx.identity = Identity(team="ml")
+    assert labels.team(ctx) == "ml"
+    assert labels.upstream(None) == "none"
+    assert labels.upstream("up") == "up"
+    assert labels.upstream("nope") == "other"
+    assert labels.plugin("latency") == "latency"
+    assert labels.plugin("unknown") == "other"
+    assert labels.rule("anything") == "other"
+
+
+def test_a_prefix_route_is_labelled_with_its_name_not_the_model_sent() -> None:
+    state = build_state(parse_config(_config(), {}))
+    ctx = RequestContext("r", Endpoint.CHAT, model="x/some-user-string")
+    ctx.route = state.router.resolve(ctx.model)
+    assert state.metrics.labels.model(ctx) == "x/*"
+
+
+def test_gaps_are_bucketed_like_prometheus_le() -> None:
+    metrics = _metrics()
+    stats = LatencyStats()
+    for gap in (0.0005, 0.001, 0.0011, 5.0, 7.0):
+        stats.gap_buckets[bisect_left(GAP_BUCKETS, gap)] += 1
+        stats.gap_count += 1
+        stats.gap_total += gap
+    ctx = RequestContext("r", Endpoint.CHAT, stream=True)
+    ctx.set(LATENCY, stats)
+    ctx.outcome = Outcome.COMPLETED
+    metrics.observe_request(ctx, None)
+    text = generate_latest(metrics.registry).decode()
+    (family,) = [
+        f
+        for f in text_string_to_metric_families(text)
+        if f.name == "sluice_inter_token_latency_seconds"
+    ]
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    assert buckets["0.001"] == 2  # le is inclusive
+    assert buckets["0.0025"] == 3
+    assert buckets["5.0"] == 4
+    assert buckets["+Inf"] == 5
+    (count,) = [s.value for s in family.samples if s.name.endswith("_count")]
+    (total,) = [s.value for s in family.samples if s.name.endswith("_sum")]
+    assert count == 5
+    assert total == pytest.approx(12.0026)
+
+
+def test_observe_request_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = _metrics()
+    ctx = RequestContext("r", Endpoint.CHAT, stream=True)
+    ctx.set(LATENCY, cast(LatencyStats, "not stats"))
+    metrics.observe_request(ctx, None)
+    assert "recording metrics failed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ({"metrics": {"require_admin_key": True}}, "needs server.admin_key"),
+        ({"port": 9000, "metrics": {"port": 9000}}, "must differ from server.port"),
+        ({"metrics": {"port": 70000}}, "metrics.port"),
+        ({"metrics": {"path": "/m"}}, "unknown key"),
+    ],
+)
+def test_metrics_config_errors_name_the_key(server: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(_config(server=server), {})
+
+
+def test_each_gateway_has_its_own_registry() -> None:
+    first, second = _metrics(), _metrics()
+    assert first.registry is not second.registry
