@@ -51,6 +51,7 @@ class GatewayState:
     default_chain: Chain
     metrics: GatewayMetrics
     ready: bool = False
+    proxy: Proxy | None = None  # set by build_app
     metrics_port: int | None = None  # the separate metrics listener's bound port, once started
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -260,6 +261,7 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
         state.keys,
         metrics=state.metrics,
     )
+    state.proxy = proxy
     app.router.add_post("/v1/chat/completions", proxy.chat)
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/embeddings", proxy.embeddings)

@@ -53,6 +53,16 @@ async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool =
         print("Try:\n  " + example, flush=True)
     try:
         await stop.wait()
+        # Graceful drain: not ready, no new connections, in-flight streams finish (up to the
+        # deadline; the rest end with a retry event), then exit 0.
+        state.ready = False
+        log.info("draining: up to %.0f s for in-flight requests", config.server.drain_seconds)
+        for listener in list(runner.sites):
+            await listener.stop()
+        if state.proxy is not None:
+            cut = await state.proxy.drain(config.server.drain_seconds)
+            if cut:
+                log.warning("drain deadline reached: %d streams ended with a retry event", cut)
     finally:
         log.info("shutting down")
         await runner.cleanup()

@@ -276,6 +276,9 @@ class ServerConfig(_Strict):
     max_response_bytes: int = Field(
         64 << 20, ge=1024, description="largest non-streaming upstream body"
     )
+    drain_seconds: float = Field(
+        30.0, ge=0, description="on SIGTERM: how long in-flight streams may run before they are cut"
+    )
     admin_key: SecretStr | None = Field(
         None, description="key for /admin endpoints (Bearer or X-Admin-Key); unset: disabled"
     )

@@ -9,6 +9,7 @@ stays bounded by the decoder's limits and the sockets' buffers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -190,6 +191,10 @@ class Proxy:
     ) -> None:
         self.keys = keys
         self.metrics = metrics
+        self.draining = False  # set by `drain`: new requests get 503
+        self._inflight = 0
+        self._streams: set[_Stream] = set()
+        self._changed = asyncio.Event()
         self.server = server
         self.router = router
         self.upstreams = upstreams
@@ -217,8 +222,11 @@ class Proxy:
         self, request: web.Request, endpoint: Endpoint, client_format: str = "openai"
     ) -> web.StreamResponse:
         """One request from arrival to its single end (`on_end` runs exactly once)."""
+        if self.draining:
+            return _draining_error().to_response({"Connection": "close"})
         request_id = request_id_from(request.headers.get("X-Request-Id"))
         ctx = RequestContext(request_id, endpoint, client_format)
+        self._inflight += 1
         overhead = _Overhead()
         ctx.set(_OVERHEAD, overhead)
         chain = self.default_chain
@@ -244,6 +252,31 @@ class Proxy:
                 await chain.run_end(ctx)
             finally:
                 self.metrics.observe_request(ctx, overhead.answered)
+                self._inflight -= 1
+                self._changed.set()
+
+    async def drain(self, deadline: float) -> int:
+        """Refuse new requests, let in-flight ones finish for up to `deadline` seconds, then
+        end the streams still running with a final event telling the client to retry.
+
+        Returns how many streams had to be cut.
+        """
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(deadline):
+                await self._settled()
+        cut = list(self._streams)
+        for stream in cut:
+            stream.interrupt()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):  # their final events are being written
+                await self._settled()
+        return len(cut)
+
+    async def _settled(self) -> None:
+        while self._inflight:
+            self._changed.clear()
+            await self._changed.wait()
 
     async def _admit(self, request: web.Request, ctx: RequestContext) -> None:
         principal = None
@@ -464,12 +497,14 @@ class Proxy:
         watchdog = Watchdog(loop, upstream.timeouts, loop.time())
         call: UpstreamCall | None = None
         observer: StreamObserver | None = None
+        stream: _Stream | None = None
         try:
             call = await self._open(request, ctx, upstream)
             watchdog.attach(call)
             decoder, observer = upstream.stream_parts(ctx, self.server)
             stream = _Stream(self.server, ctx, chain, decoder, observer, call, watchdog)
             stream.upstream_failed = lambda kind: self.metrics.upstream_error(upstream.name, kind)
+            self._streams.add(stream)
             response = await stream.start(request)
             if stream.response is None:  # the client left before the headers
                 return response
@@ -480,11 +515,23 @@ class Proxy:
                 self.metrics.stream_ended(ctx)
             return response
         finally:
+            if stream is not None:
+                self._streams.discard(stream)
             watchdog.cancel()
             if observer is not None:
                 observer.finish(ctx)
             if call is not None:
                 call.abort()
+
+
+def _draining_error() -> GatewayError:
+    return GatewayError(
+        503,
+        "The gateway is restarting; retry the request.",
+        type="server_error",
+        code="gateway_draining",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _ignore(kind: str) -> None:
@@ -518,6 +565,7 @@ class _Stream:
         self.dialect = DIALECTS[ctx.client_format]
         self.egress = self.dialect.egress(ctx)
         self.upstream_failed: Callable[[str], None] = _ignore  # counts a failure by kind
+        self.interrupted = False  # the gateway is shutting down: end with a retry hint
 
     # -- reading ---------------------------------------------------------------------
 
@@ -533,11 +581,18 @@ class _Stream:
             ) from None
         finally:
             wd.waiting_since = None
-        if wd.fired is not None:
+        if wd.fired is not None or self.interrupted:
             raise self._read_failure("")
         return chunk
 
+    def interrupt(self) -> None:
+        """End this stream now (graceful shutdown): the pending read returns at once."""
+        self.interrupted = True
+        self.call.abort()
+
     def _read_failure(self, detail: str) -> _StreamFailed:
+        if self.interrupted:
+            return _StreamFailed(_draining_error(), Outcome.ERROR, "draining")
         if self.watchdog.fired is not None:
             return _StreamFailed(timeout_error(self.watchdog.fired), Outcome.TIMEOUT, "timeout")
         return _StreamFailed(
@@ -655,7 +710,8 @@ class _Stream:
         except _StreamFailed as failed:
             ctx.outcome = failed.outcome
             ctx.error = failed.error
-            self.upstream_failed(failed.kind)
+            if failed.kind != "draining":
+                self.upstream_failed(failed.kind)
             await self._fail(response, failed.error)
         except GatewayError as err:  # Reject from a plugin, or a fail-closed plugin's failure
             ctx.outcome = Outcome.REJECTED if isinstance(err, Reject) else Outcome.ERROR
