@@ -24,14 +24,12 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from gateway.auth import hash_key
 from gateway.context import Outcome, RequestContext
 from gateway.plugin import Plugin
 from gateway.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from gateway.testing.fake_upstream import (
-    Exchange,
     Script,
     json_script,
     openai_completion,
@@ -123,31 +121,8 @@ def make_tracker() -> tuple[dict[str, type[Any]], TrackLog]:
     return registry, record
 
 
-# ----- a gated upstream that can also reset the connection ------------------------------------
-
-
-class HeldUpstream(GatedUpstream):
-    """GatedUpstream that also honours `then="reset"` for gated scripts: after the last
-    chunk the connection is aborted (GatedUpstream itself ends those with a clean EOF)."""
-
-    async def _play(
-        self, request: web.Request, script: Script, exchange: Exchange
-    ) -> web.StreamResponse:
-        if not (isinstance(script, GatedScript) and script.then == "reset"):
-            return await super()._play(request, script, exchange)
-        response = web.StreamResponse(status=script.status, headers=script.headers)
-        response.content_type = script.content_type
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        for i, chunk in enumerate(script.chunks):
-            gate = script.gates.get(i)
-            if gate is not None:
-                await gate.wait()
-            await response.write(chunk)
-            exchange.chunks_written += 1
-        assert request.transport is not None
-        request.transport.abort()
-        return response
+# GatedUpstream honours `then="reset"` for gated scripts too (the connection is aborted).
+HeldUpstream = GatedUpstream
 
 
 @pytest.fixture
