@@ -1,9 +1,8 @@
-"""The request handler: parse, route, run the chain, and re-stream the upstream's events.
+"""The request handler: authenticate, parse, route, run the chain, try deployments in order.
 
-Streaming is one pull loop per request: read upstream bytes, decode events, pass them
-through the chain, `await` the write to the client. Nothing queues between upstream and
-client, so a slow reader stops the upstream reads (backpressure) and memory per stream
-stays bounded by the decoder's limits and the sockets' buffers.
+A streamed answer is relayed by `gateway.stream.StreamRelay` (the pull loop); a
+non-streaming one is read whole (bounded) here. Retries happen only before a byte reached
+the client; `drain` is the graceful shutdown.
 """
 
 from __future__ import annotations
@@ -13,9 +12,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 import orjson
@@ -25,7 +23,7 @@ from gateway.auth import PRINCIPAL, KeyStore, key_from_headers
 from gateway.balancer import QueueFull, QueueTimeout, Slot, backoff_delay, parse_retry_after
 from gateway.chain import Chain
 from gateway.config import ServerConfig
-from gateway.context import Endpoint, Outcome, RequestContext, StateKey, request_id_from
+from gateway.context import Endpoint, Outcome, RequestContext, request_id_from
 from gateway.dialects import DIALECTS
 from gateway.errors import (
     GatewayError,
@@ -34,14 +32,12 @@ from gateway.errors import (
     timeout_error,
     upstream_error,
 )
-from gateway.headers import SSE_RESPONSE_HEADERS, upstream_headers
+from gateway.headers import upstream_headers
 from gateway.metrics import GatewayMetrics
-from gateway.plugin import EndStream, Reject
+from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, Overhead, overhead_ms, waiting
 from gateway.routing import Router, Target, UpstreamHealth
-from gateway.sse import SSEError, SSEEvent, encode_events
+from gateway.stream import StreamRelay, draining_error
 from gateway.upstreams.base import (
-    Batch,
-    StreamDecoder,
     StreamObserver,
     Upstream,
     UpstreamCall,
@@ -51,55 +47,6 @@ from gateway.validation import read_json_body, validate_body
 from gateway.watchdog import Watchdog
 
 log = logging.getLogger("sluice.proxy")
-
-OVERHEAD_HEADER: Final = "x-sluice-overhead-ms"
-T = TypeVar("T")
-
-
-@dataclass(slots=True)
-class _Overhead:
-    """A request's time spent waiting (client body, queue, backoff, upstream before headers)."""
-
-    waited: float = 0.0
-    answered: float | None = None  # the gateway's own time when the response/headers went out
-
-    def now(self, ctx: RequestContext) -> float:
-        """Seconds since the request arrived, minus the waits."""
-        return max(0.0, time.perf_counter() - ctx.timing.received - self.waited)
-
-
-_OVERHEAD: StateKey[_Overhead] = StateKey("sluice.proxy.overhead")
-
-
-async def _waiting(ctx: RequestContext, awaitable: Awaitable[T]) -> T:
-    """Await `awaitable`, counting the time as waiting (not gateway overhead)."""
-    started = time.perf_counter()
-    try:
-        return await awaitable
-    finally:
-        ctx.require(_OVERHEAD).waited += time.perf_counter() - started
-
-
-def _overhead_ms(seconds: float) -> str:
-    return f"{seconds * 1000.0:.3f}"
-
-
-class _ClientGone(Exception):
-    """Writing to the client failed: it disconnected."""
-
-
-class _Ended(Exception):
-    """A plugin ended the stream early; its final events are written."""
-
-
-class _StreamFailed(Exception):
-    """The stream must end with an error event (after headers were sent)."""
-
-    def __init__(self, error: GatewayError, outcome: Outcome, kind: str) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.outcome = outcome
-        self.kind = kind  # for sluice_upstream_errors_total
 
 
 class _Retry(Exception):
@@ -193,7 +140,7 @@ class Proxy:
         self.metrics = metrics
         self.draining = False  # set by `drain`: new requests get 503
         self._inflight = 0
-        self._streams: set[_Stream] = set()
+        self._streams: set[StreamRelay] = set()
         self._changed = asyncio.Event()
         self.server = server
         self.router = router
@@ -223,12 +170,12 @@ class Proxy:
     ) -> web.StreamResponse:
         """One request from arrival to its single end (`on_end` runs exactly once)."""
         if self.draining:
-            return _draining_error().to_response({"Connection": "close"})
+            return draining_error().to_response({"Connection": "close"})
         request_id = request_id_from(request.headers.get("X-Request-Id"))
         ctx = RequestContext(request_id, endpoint, client_format)
         self._inflight += 1
-        overhead = _Overhead()
-        ctx.set(_OVERHEAD, overhead)
+        overhead = Overhead()
+        ctx.set(OVERHEAD, overhead)
         chain = self.default_chain
         try:
             try:
@@ -284,7 +231,7 @@ class Proxy:
             principal = self.keys.authenticate(key_from_headers(request.headers))
             ctx.identity = principal.identity()
             ctx.set(PRINCIPAL, principal)
-        body = await _waiting(ctx, read_json_body(request, self.server.max_body_bytes))
+        body = await waiting(ctx, read_json_body(request, self.server.max_body_bytes))
         validate_body(ctx.endpoint, body)
         ctx.model = body["model"]
         ctx.body = DIALECTS[ctx.client_format].admit(ctx, body)
@@ -320,7 +267,7 @@ class Proxy:
                 last = retry.error
                 if attempt < len(tries) - 1:
                     delay = backoff_delay(attempt, retry_after=retry.retry_after)
-                    await _waiting(ctx, asyncio.sleep(delay))
+                    await waiting(ctx, asyncio.sleep(delay))
         assert last is not None
         ctx.outcome = ctx.outcome or Outcome.UPSTREAM_ERROR
         raise last
@@ -343,7 +290,7 @@ class Proxy:
             )
         ctx.upstream_name, ctx.upstream_model, ctx.outcome = target.upstream, target.model, None
         try:
-            slot = await _waiting(ctx, _acquire(health, ctx))
+            slot = await waiting(ctx, _acquire(health, ctx))
         except GatewayError as err:  # queue full or too slow here: another deployment may do
             kind = "queue_full" if err.code == "upstream_queue_full" else "queue_timeout"
             self.metrics.upstream_error(target.upstream, kind)
@@ -372,7 +319,7 @@ class Proxy:
         if ctx.outcome is None:
             ctx.outcome = Outcome.REJECTED if err.status < 500 else Outcome.UPSTREAM_ERROR
         response = DIALECTS[ctx.client_format].error_response(ctx, err)
-        response.headers[OVERHEAD_HEADER] = _overhead_ms(ctx.require(_OVERHEAD).now(ctx))
+        response.headers[OVERHEAD_HEADER] = overhead_ms(ctx.require(OVERHEAD).now(ctx))
         return response
 
     def _outgoing(
@@ -387,7 +334,7 @@ class Proxy:
     ) -> UpstreamCall:
         """Send upstream and wait for its headers; errors before a byte reached the client."""
         body, headers = self._outgoing(request, ctx)
-        return await _waiting(ctx, self._send(ctx, upstream, body, headers))
+        return await waiting(ctx, self._send(ctx, upstream, body, headers))
 
     async def _send(
         self,
@@ -442,7 +389,7 @@ class Proxy:
         failed = ""  # a cancellation (client gone) is no upstream error
         try:
             async with asyncio.timeout(upstream.timeouts.total):
-                raw = await _waiting(ctx, call.read_body(self.server.max_response_bytes))
+                raw = await waiting(ctx, call.read_body(self.server.max_response_bytes))
         except TimeoutError:
             ctx.outcome = Outcome.TIMEOUT
             failed = "timeout"
@@ -476,7 +423,7 @@ class Proxy:
         ctx.outcome = Outcome.COMPLETED
         out = orjson.dumps(DIALECTS[ctx.client_format].unary(ctx, payload))
         ctx.bytes_out = len(out)
-        overhead = ctx.require(_OVERHEAD)
+        overhead = ctx.require(OVERHEAD)
         ctx.overhead_seconds = overhead.answered = overhead.now(ctx)
         return web.Response(
             body=out,
@@ -484,7 +431,7 @@ class Proxy:
             headers={
                 "X-Request-Id": ctx.request_id,
                 **ctx.response_headers,
-                OVERHEAD_HEADER: _overhead_ms(ctx.overhead_seconds),
+                OVERHEAD_HEADER: overhead_ms(ctx.overhead_seconds),
             },
         )
 
@@ -497,12 +444,12 @@ class Proxy:
         watchdog = Watchdog(loop, upstream.timeouts, loop.time())
         call: UpstreamCall | None = None
         observer: StreamObserver | None = None
-        stream: _Stream | None = None
+        stream: StreamRelay | None = None
         try:
             call = await self._open(request, ctx, upstream)
             watchdog.attach(call)
             decoder, observer = upstream.stream_parts(ctx, self.server)
-            stream = _Stream(self.server, ctx, chain, decoder, observer, call, watchdog)
+            stream = StreamRelay(self.server, ctx, chain, decoder, observer, call, watchdog)
             stream.upstream_failed = lambda kind: self.metrics.upstream_error(upstream.name, kind)
             self._streams.add(stream)
             response = await stream.start(request)
@@ -522,284 +469,3 @@ class Proxy:
                 observer.finish(ctx)
             if call is not None:
                 call.abort()
-
-
-def _draining_error() -> GatewayError:
-    return GatewayError(
-        503,
-        "The gateway is restarting; retry the request.",
-        type="server_error",
-        code="gateway_draining",
-        headers={"Retry-After": "1"},
-    )
-
-
-def _ignore(kind: str) -> None:
-    """The default `_Stream.upstream_failed`: count nothing."""
-
-
-class _Stream:
-    """The state of one streamed response; `start` commits headers, `run` pumps events."""
-
-    def __init__(
-        self,
-        server: ServerConfig,
-        ctx: RequestContext,
-        chain: Chain,
-        decoder: StreamDecoder,
-        observer: StreamObserver,
-        call: UpstreamCall,
-        watchdog: Watchdog,
-    ) -> None:
-        self.server = server
-        self.ctx = ctx
-        self.chain = chain
-        self.observer = observer
-        self.call = call
-        self.watchdog = watchdog
-        self.decoder = decoder
-        self.response: web.StreamResponse | None = None
-        self.finished = False
-        self._arrived: float | None = None  # when the bytes being processed came in
-        self._first = Batch([])  # what `start` read before committing headers
-        self.dialect = DIALECTS[ctx.client_format]
-        self.egress = self.dialect.egress(ctx)
-        self.upstream_failed: Callable[[str], None] = _ignore  # counts a failure by kind
-        self.interrupted = False  # the gateway is shutting down: end with a retry hint
-
-    # -- reading ---------------------------------------------------------------------
-
-    async def _read(self) -> bytes:
-        """The next upstream chunk; timeouts and broken connections become _StreamFailed."""
-        wd = self.watchdog
-        wd.waiting_since = wd._loop.time()
-        try:
-            chunk = await self.call.read_chunk()
-        except (aiohttp.ClientError, ConnectionError, OSError) as err:
-            raise self._read_failure(
-                f"the upstream connection broke ({type(err).__name__})"
-            ) from None
-        finally:
-            wd.waiting_since = None
-        if wd.fired is not None or self.interrupted:
-            raise self._read_failure("")
-        return chunk
-
-    def interrupt(self) -> None:
-        """End this stream now (graceful shutdown): the pending read returns at once."""
-        self.interrupted = True
-        self.call.abort()
-
-    def _read_failure(self, detail: str) -> _StreamFailed:
-        if self.interrupted:
-            return _StreamFailed(_draining_error(), Outcome.ERROR, "draining")
-        if self.watchdog.fired is not None:
-            return _StreamFailed(timeout_error(self.watchdog.fired), Outcome.TIMEOUT, "timeout")
-        return _StreamFailed(
-            upstream_error(f"The upstream stream failed: {detail}."),
-            Outcome.UPSTREAM_ERROR,
-            "broken",
-        )
-
-    def _decode(self, chunk: bytes) -> list[SSEEvent]:
-        """Events completed by `chunk`; at the end of the body (b""), what the decoder held."""
-        try:
-            if chunk:
-                return self.decoder.feed(chunk)
-            events = self.decoder.flush()
-        except SSEError as err:
-            raise _StreamFailed(
-                upstream_error(f"The upstream sent a malformed stream: {err}."),
-                Outcome.UPSTREAM_ERROR,
-                "malformed",
-            ) from None
-        if not events:
-            raise self._eof_failure()
-        return events
-
-    def _eof_failure(self) -> _StreamFailed:
-        what = "in the middle of an event" if self.decoder.has_pending else "before its final event"
-        return _StreamFailed(
-            upstream_error(f"The upstream closed the stream {what}.", code="upstream_truncated"),
-            Outcome.UPSTREAM_ERROR,
-            "truncated",
-        )
-
-    # -- phase 1: hold headers until the first event tells success from failure -------
-
-    async def start(self, request: web.Request) -> web.StreamResponse:
-        """Read up to the first data event (bounded wait), then commit 200 headers.
-
-        Errors found here are real HTTP errors. The events read so far are delivered by
-        `run`, so any failure from then on follows the after-headers contract.
-        """
-        held: list[SSEEvent] = []
-        batch = Batch([])
-        hold = self.server.header_hold_seconds
-        ctx = self.ctx
-        try:
-            async with asyncio.timeout(hold):
-                while not (batch.has_data or batch.terminal or batch.error):
-                    events = self._decode(await _waiting(ctx, self._read()))
-                    ctx.events_in += len(events)
-                    batch = self.observer.classify(ctx, events)
-                    held.extend(batch.events)
-        except TimeoutError:
-            pass  # slow first token: send headers now, keep streaming
-        except _StreamFailed as failed:
-            ctx.outcome = failed.outcome
-            self.upstream_failed(failed.kind)
-            raise failed.error from None
-        good_data = any(event.data_bytes is not None for event in held)
-        if batch.error is not None and not good_data:
-            ctx.outcome = Outcome.UPSTREAM_ERROR
-            self.upstream_failed("in_band")
-            raise batch.error
-        if batch.has_data:
-            self._mark_first()
-        # An error after good events in the same read is reported after them, exactly as
-        # if it had arrived in a later read: the result must not depend on chunking.
-        self._first = Batch(held, batch.terminal, batch.error)
-        await self.chain.run_response_start(ctx)
-        # The gateway's own time so far; the rest of a stream's is added as events go out.
-        overhead = ctx.require(_OVERHEAD)
-        ctx.overhead_seconds = overhead.answered = overhead.now(ctx)
-        response = web.StreamResponse(
-            status=200,
-            headers={
-                **SSE_RESPONSE_HEADERS,
-                "X-Request-Id": ctx.request_id,
-                **ctx.response_headers,
-                OVERHEAD_HEADER: _overhead_ms(ctx.overhead_seconds),
-            },
-        )
-        response.enable_chunked_encoding()
-        try:
-            await response.prepare(request)
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
-            ctx.outcome = Outcome.CLIENT_DISCONNECTED
-            self.finished = True
-            return response
-        ctx.timing.response_started = self._arrived = time.perf_counter()
-        self.response = response
-        return response
-
-    def _mark_first(self) -> None:
-        self.watchdog.mark_first()
-        self.ctx.timing.first_upstream_event = time.perf_counter()
-
-    # -- phase 2: the pump ---------------------------------------------------------------
-
-    async def run(self, response: web.StreamResponse) -> None:
-        """Deliver what `start` read, then pump until the end, a failure or the client leaving."""
-        if self.finished:
-            return
-        ctx = self.ctx
-        try:
-            try:
-                first = self._first
-                await self._deliver(first)
-                if first.error is not None:
-                    raise _StreamFailed(first.error, Outcome.UPSTREAM_ERROR, "in_band")
-                if first.terminal is None:
-                    await self._pump()
-            except _Ended:
-                pass
-            ctx.outcome = ctx.outcome or Outcome.COMPLETED
-            await self._finish(response)
-        except _StreamFailed as failed:
-            ctx.outcome = failed.outcome
-            ctx.error = failed.error
-            if failed.kind != "draining":
-                self.upstream_failed(failed.kind)
-            await self._fail(response, failed.error)
-        except GatewayError as err:  # Reject from a plugin, or a fail-closed plugin's failure
-            ctx.outcome = Outcome.REJECTED if isinstance(err, Reject) else Outcome.ERROR
-            ctx.error = err
-            await self._fail(response, err)
-        except _ClientGone:
-            ctx.outcome = Outcome.CLIENT_DISCONNECTED
-        except asyncio.CancelledError:
-            ctx.outcome = Outcome.CLIENT_DISCONNECTED
-            self.call.abort()
-            raise
-
-    async def _pump(self) -> None:
-        observer, ctx = self.observer, self.ctx
-        while True:
-            chunk = await self._read()
-            self._arrived = time.perf_counter()
-            events = self._decode(chunk)
-            if not events:
-                continue
-            ctx.events_in += len(events)
-            batch = observer.classify(ctx, events)
-            if batch.has_data and not self.watchdog.got_first:
-                self._mark_first()
-            await self._deliver(batch)
-            if batch.error is not None:
-                raise _StreamFailed(batch.error, Outcome.UPSTREAM_ERROR, "in_band")
-            if batch.terminal is not None:
-                return
-
-    async def _deliver(self, batch: Batch) -> None:
-        """Run a batch through the chain and write it in one go (plus the flush at the end)."""
-        chain = self.chain
-        out: list[SSEEvent] = []
-        try:
-            if chain.has_event_hooks:
-                out = chain.run_events(self.ctx, batch.events)
-            else:
-                out = batch.events
-            if batch.terminal is not None:
-                out = [*out, *chain.run_flush(self.ctx), batch.terminal]
-        except EndStream as end:
-            # What passed the chain before a flush-time EndStream still goes out first.
-            await self._end_early([*out, *end.events], end.outcome)
-            raise _Ended() from None
-        if out:
-            await self._write(out)
-
-    async def _write(self, events: list[SSEEvent], *, translate: bool = True) -> None:
-        assert self.response is not None
-        egress = self.egress
-        if egress is not None and translate:
-            events = [out for event in events for out in egress.feed(event)]
-        data = encode_events(events)
-        if self._arrived is not None:
-            self.ctx.overhead_seconds += time.perf_counter() - self._arrived
-            self._arrived = None
-        try:
-            await self.response.write(data)
-        except (ConnectionError, aiohttp.ClientConnectionResetError) as err:
-            raise _ClientGone() from err
-        now = time.perf_counter()
-        timing = self.ctx.timing
-        if timing.first_event_written is None:
-            timing.first_event_written = now
-        timing.last_event_written = now
-        self.ctx.events_out += len(events)
-        self.ctx.bytes_out += len(data)
-
-    async def _end_early(self, events: list[SSEEvent], outcome: Outcome) -> None:
-        self.call.abort()
-        self.ctx.outcome = outcome
-        terminal = self.observer.terminal_event()
-        await self._write([*events, *([terminal] if terminal else [])])
-
-    async def _finish(self, response: web.StreamResponse) -> None:
-        self.call.release()
-        try:
-            await response.write_eof()
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
-            self.ctx.outcome = Outcome.CLIENT_DISCONNECTED
-
-    async def _fail(self, response: web.StreamResponse, err: GatewayError) -> None:
-        """The contract after headers: one final error event, then the stream ends."""
-        self.call.abort()  # ctx.status stays 200: that is what the client got; ctx.error says why
-        try:
-            event = self.dialect.final_error_event(self.ctx, err) or self.observer.error_event(err)
-            await self._write([event], translate=False)
-            await response.write_eof()
-        except (_ClientGone, ConnectionError, aiohttp.ClientConnectionResetError):
-            self.ctx.outcome = Outcome.CLIENT_DISCONNECTED
