@@ -387,9 +387,11 @@ class Proxy:
         """A non-streaming request: the one place a whole (bounded) body is held."""
         call = await self._open(request, ctx, upstream)
         failed = ""  # a cancellation (client gone) is no upstream error
+        read = False
         try:
             async with asyncio.timeout(upstream.timeouts.total):
                 raw = await waiting(ctx, call.read_body(self.server.max_response_bytes))
+            read = True
         except TimeoutError:
             ctx.outcome = Outcome.TIMEOUT
             failed = "timeout"
@@ -402,7 +404,11 @@ class Proxy:
             failed = "too_large"
             raise
         finally:
-            call.abort()
+            # A body read to its end leaves a reusable connection: back to the pool.
+            if read:
+                call.release()
+            else:
+                call.abort()
             if failed:
                 self.metrics.upstream_error(upstream.name, failed)
         try:
