@@ -59,19 +59,28 @@ def _expect(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what
         raise bad_request(f"`{name}` must be {what}.", param=name, code="invalid_type")
 
 
+def _check_common_fields(body: dict[str, Any]) -> None:
+    """Types of the optional fields every endpoint shares."""
+    _expect(body, "stream", bool, "a boolean")
+    _expect(body, "max_tokens", int, "an integer")
+    _expect(body, "max_completion_tokens", int, "an integer")
+    _expect(body, "stream_options", dict, "an object")
+    # Sampling numbers pass through untouched (ranges are the upstream's call), but a
+    # string or a list where a number belongs is refused here rather than upstream.
+    for name in ("temperature", "top_p"):
+        _expect(body, name, (int, float), "a number")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and value < 1:
+            raise bad_request(f"`{name}` must be at least 1.", param=name, code="invalid_value")
+
+
 def validate_body(endpoint: Endpoint, body: dict[str, Any]) -> None:
     """Check the fields the gateway relies on; everything else passes through untouched."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("`model` is required and must be a non-empty string.", param="model")
-    _expect(body, "stream", bool, "a boolean")
-    _expect(body, "max_tokens", int, "an integer")
-    _expect(body, "max_completion_tokens", int, "an integer")
-    _expect(body, "stream_options", dict, "an object")
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = body.get(name)
-        if isinstance(value, int) and value < 1:
-            raise bad_request(f"`{name}` must be at least 1.", param=name, code="invalid_value")
+    _check_common_fields(body)
     if endpoint is Endpoint.CHAT:
         messages = body.get("messages")
         if not isinstance(messages, list):

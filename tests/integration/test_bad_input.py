@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -93,6 +94,10 @@ INVALID_FIELDS: list[Any] = [
     pytest.param({"max_tokens": True}, "max_tokens", id="max-tokens-bool"),
     pytest.param({"max_completion_tokens": "9"}, "max_completion_tokens", id="mct-string"),
     pytest.param({"stream_options": "usage"}, "stream_options", id="stream-options-string"),
+    pytest.param({"temperature": "0.7"}, "temperature", id="temperature-string"),
+    pytest.param({"temperature": [1]}, "temperature", id="temperature-list"),
+    pytest.param({"temperature": True}, "temperature", id="temperature-bool"),
+    pytest.param({"top_p": "high"}, "top_p", id="top-p-string"),
     pytest.param({"model": ""}, "model", id="model-empty"),
     pytest.param({"model": 7}, "model", id="model-number"),
     pytest.param({"model": None}, "model", id="model-null"),
@@ -219,3 +224,78 @@ async def test_body_just_under_limit_is_accepted(
     assert resp.status == 200
     (exchange,) = fake.exchanges
     assert exchange.body["messages"] == body["messages"]
+
+
+# ----- oversized or malformed request heads ---------------------------------------------------
+#
+# These never reach the gateway's handlers: aiohttp's HTTP parser refuses them (any header
+# line or request line over 8190 bytes, more than 128 headers, forbidden bytes in a value)
+# with `400 Bad Request`, a one-line text/plain reason, and closes the connection. aiohttp
+# has no 431. The tests pin down that the reply is that clean 400, never a traceback or a
+# silently closed socket, that nothing reaches the upstream, and that the gateway carries on.
+
+_HEAD_LIMIT = 8190  # aiohttp's max_line_size / max_field_size
+
+
+async def _raw_exchange(url: str, head_lines: list[bytes], body: bytes) -> bytes:
+    """Send one request over a fresh socket; everything the gateway sent until it closed."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        head = b"\r\n".join(
+            [
+                b"POST /v1/chat/completions HTTP/1.1",
+                b"Host: 127.0.0.1",
+                b"Content-Type: application/json",
+                *head_lines,
+                b"Content-Length: %d" % len(body),
+                b"Connection: close",
+            ]
+        )
+        writer.write(head + b"\r\n\r\n" + body)
+        await writer.drain()
+        async with asyncio.timeout(BOUND):
+            return await reader.read()  # to EOF: the gateway must close, not hang
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+BAD_HEADS: list[Any] = [
+    pytest.param([b"X-Big: " + b"a" * (_HEAD_LIMIT + 10)], id="header-value-too-long"),
+    pytest.param([b"X-" + b"n" * (_HEAD_LIMIT + 10) + b": v"], id="header-name-too-long"),
+    pytest.param([b"X-H%d: v" % i for i in range(200)], id="too-many-headers"),
+    pytest.param([b"Authorization: Bearer " + b"k" * (_HEAD_LIMIT + 10)], id="huge-auth-header"),
+    pytest.param([b"X-Bad: a\x00b"], id="nul-in-header-value"),
+    pytest.param([b"X-Split: a\rInjected: b"], id="bare-cr-in-header-value"),
+]
+
+
+@pytest.mark.parametrize("head_lines", BAD_HEADS)
+async def test_oversized_or_malformed_headers_get_a_clean_400(
+    gw: RunningGateway, fake: FakeUpstream, http: aiohttp.ClientSession, head_lines: list[bytes]
+) -> None:
+    reply = await _raw_exchange(gw.url, head_lines, _json(chat_body()))
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1."), reply[:200]
+    assert status_line.split(b" ")[1] == b"400", reply[:200]
+    _, _, body = rest.partition(b"\r\n\r\n")
+    assert 0 < len(body) < 300  # a short reason, not an echo of the whole header
+    assert b"Traceback" not in reply
+    assert b'File "' not in reply
+    assert fake.exchanges == []
+    # The gateway is unharmed: the next request on a new connection is served.
+    async with asyncio.timeout(BOUND), http.post(gw.v1 + CHAT, json=chat_body()) as resp:
+        assert resp.status == 200
+        await resp.read()
+
+
+async def test_large_headers_under_the_limit_are_served(
+    gw: RunningGateway, fake: FakeUpstream
+) -> None:
+    value = b"v" * (_HEAD_LIMIT - 200)
+    reply = await _raw_exchange(gw.url, [b"X-Large: " + value], _json(chat_body()))
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+    (exchange,) = fake.exchanges
+    assert exchange.headers["X-Large"] == value.decode()

@@ -94,6 +94,20 @@ def test_token_limits_must_be_at_least_one(name: str, value: int) -> None:
     assert err.code == "invalid_value"
 
 
+@pytest.mark.parametrize("name", ["temperature", "top_p"])
+@pytest.mark.parametrize("value", ["0.7", True, [0.7], {"value": 1}])
+def test_sampling_numbers_must_be_numbers(name: str, value: Any) -> None:
+    err = _reject(Endpoint.CHAT, _chat(**{name: value}))
+    assert err.param == name
+    assert err.code == "invalid_type"
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p"])
+@pytest.mark.parametrize("value", [0, 1, 0.7, 2.5, -1, None])
+def test_sampling_numbers_pass_through_unchecked_for_range(name: str, value: Any) -> None:
+    validate_body(Endpoint.CHAT, _chat(**{name: value}))
+
+
 def test_stream_options_must_be_an_object() -> None:
     err = _reject(Endpoint.CHAT, _chat(stream_options=True))
     assert err.param == "stream_options"
