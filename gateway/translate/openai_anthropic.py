@@ -176,6 +176,14 @@ def _blocks(content: Any, i: int) -> list[Any]:
     return content
 
 
+def _text_of(block: dict[str, Any], where: str) -> str:
+    """A text block's text; a 400 if it is not a string (Anthropic requires one)."""
+    text = block.get("text", "")
+    if not isinstance(text, str):
+        raise bad_request(f"{where}.text must be a string.", param=where)
+    return text
+
+
 def _unsupported(kind: Any, where: str) -> GatewayError:
     return bad_request(
         f"{where}: content block type {kind!r} is not supported by OpenAI-compatible upstreams.",
@@ -194,7 +202,7 @@ def _user_messages(content: Any, i: int) -> list[dict[str, Any]]:
         where = f"messages[{i}].content[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            parts.append({"type": "text", "text": block.get("text", "")})
+            parts.append({"type": "text", "text": _text_of(block, where)})
         elif kind == "image":
             parts.append(_image_part(block, where))
         elif kind == "tool_result":
@@ -234,7 +242,7 @@ def _tool_message(
     for k, inner in enumerate(_blocks(content, 0)):
         kind = inner.get("type") if isinstance(inner, dict) else None
         if kind == "text":
-            texts.append(inner.get("text", ""))
+            texts.append(_text_of(inner, f"{where}.content[{k}]"))
         elif kind == "image":
             deferred.append(_image_part(inner, f"{where}.content[{k}]"))
         else:
@@ -254,7 +262,7 @@ def _assistant_message(content: Any, i: int) -> dict[str, Any]:
     for j, block in enumerate(_blocks(content, i)):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            texts.append(block.get("text", ""))
+            texts.append(_text_of(block, f"messages[{i}].content[{j}]"))
         elif kind == "tool_use":
             calls.append(
                 {

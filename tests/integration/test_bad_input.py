@@ -299,3 +299,46 @@ async def test_large_headers_under_the_limit_are_served(
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
     (exchange,) = fake.exchanges
     assert exchange.headers["X-Large"] == value.decode()
+
+
+# ----- bodies that used to crash a translation (found by tests/unit/test_request_fuzz.py) ----
+
+
+async def test_non_string_text_block_on_v1_messages_is_400(
+    gw: RunningGateway, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    body = {
+        "model": "m",
+        "max_tokens": 10,
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "text", "text": None}]},
+        ],
+    }
+    async with asyncio.timeout(BOUND), http.post(gw.url + "/v1/messages", json=body) as resp:
+        raw = await resp.read()
+    assert resp.status == 400
+    payload = orjson.loads(raw)
+    assert payload["type"] == "error"
+    assert payload["error"]["type"] == "invalid_request_error"
+    assert "messages[1].content[0]" in payload["error"]["message"]
+    assert fake.exchanges == []
+
+
+async def test_non_string_text_part_to_the_demo_model_is_served(
+    http: aiohttp.ClientSession,
+) -> None:
+    config = {
+        "upstreams": {"demo": {"kind": "demo", "ttft_ms": 0, "itl_ms": 0}},
+        "routes": [{"model": "demo", "upstream": "demo"}],
+    }
+    content = [{"type": "text", "text": None}, {"type": "text", "text": "tea"}]
+    body = chat_body(model="demo", stream=False, messages=[{"role": "user", "content": content}])
+    async with (
+        run_gateway(config) as demo,
+        asyncio.timeout(BOUND),
+        http.post(demo.v1 + CHAT, json=body) as resp,
+    ):
+        payload = await resp.json()
+    assert resp.status == 200
+    assert "tea" in payload["choices"][0]["message"]["content"]
