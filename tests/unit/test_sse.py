@@ -666,3 +666,67 @@ def test_arbitrary_bytes_only_raise_sseerror_and_stay_bounded(
         assert dec.flush() == []
     except SSEError:
         assert dec.pending_bytes == 0
+
+
+def _outcome(chunks: Iterable[bytes], max_line: int, max_event: int) -> tuple[list[Fields], bool]:
+    """The events decoded before any error, and whether a limit was hit."""
+    dec = SSEDecoder(max_line_bytes=max_line, max_event_bytes=max_event)
+    events: list[Fields] = []
+    try:
+        for chunk in chunks:
+            events += [fields(ev) for ev in dec.feed(chunk)]
+    except SSEError:
+        with pytest.raises(SSEError):  # poisoned: it keeps refusing
+            dec.feed(b"data: x\n\n")
+        return events, True
+    return events, False
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams_and_chunks(), st.integers(1, 40), st.integers(1, 120))
+def test_whether_a_limit_fires_does_not_depend_on_chunking(
+    case: tuple[bytes, list[bytes]], max_line: int, max_event: int
+) -> None:
+    """A stream within the limits passes however it is cut; before an error, the events
+    delivered are a prefix of the stream's events (one read may be refused whole).
+
+    One byte of slack on the event limit: the LF of a CRLF split across two reads belongs
+    to the next event's raw bytes (test_raw_bytes_reassemble_the_stream), so an event's
+    size, and whether it is just over max_event_bytes, can move by one byte with the cut.
+    """
+    stream, chunks = case
+    expected = reference(strip_bom(stream))[0]
+    whole, whole_failed = _outcome([stream], max_line, max_event)
+    split, split_failed = _outcome(chunks, max_line, max_event)
+    if not whole_failed:
+        assert _outcome(chunks, max_line, max_event + 1) == (expected, False)
+    if not split_failed:
+        assert _outcome([stream], max_line, max_event + 1) == (expected, False)
+    assert split == expected[: len(split)]
+    assert whole == expected[: len(whole)]
+
+
+def test_event_limit_slack_of_a_split_crlf() -> None:
+    """The case above, concretely: the first event is 21 bytes in one read, but 20 when its
+    last LF arrives in the next read (and the second event 8 bytes instead of 7)."""
+    stream = b"data: " + b"x" * 11 + b"\r\n\r\ndata:\n\n"
+    assert _outcome([stream], 17, 20) == ([], True)
+    cut = len(stream) - len(b"\ndata:\n\n")
+    both = [(b"x" * 11, None, None, None, ()), (b"", None, None, None, ())]
+    assert _outcome([stream[:cut], stream[cut:]], 17, 20) == (both, False)
+    assert _outcome([stream], 17, 21) == (both, False)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_TEXT.map(str.encode), min_size=1, max_size=5), st.sampled_from([b"\n", b"\r\n"]))
+def test_limits_are_inclusive_and_exact(lines: list[bytes], eol: bytes) -> None:
+    """A line of exactly max_line_bytes (line end not counted) and an event of exactly
+    max_event_bytes (raw bytes, line ends counted) pass; one byte less of limit fails."""
+    stream = b"".join(b"data: " + line + eol for line in lines) + eol
+    longest = max(len(b"data: " + line) for line in lines)
+    events, failed = _outcome([stream], longest, len(stream))
+    assert not failed
+    assert len(events) == 1
+    assert _outcome([stream], longest - 1, len(stream))[1]
+    assert _outcome([stream], longest, len(stream) - 1)[1]
+    assert _outcome([bytes([b]) for b in stream], longest - 1, len(stream))[1]
