@@ -24,6 +24,7 @@ from gateway.config import (
     PluginConfig,
     UpstreamConfig,
 )
+from gateway.cors import Cors
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
@@ -246,9 +247,13 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
     `host` is the address the main listener binds (default `server.host`); a separate
     metrics listener binds the same one.
     """
+    cors = Cors(state.config.server.cors) if state.config.server.cors.allow_origins else None
     app = web.Application(
-        middlewares=[openai_errors], client_max_size=state.config.server.max_body_bytes
+        middlewares=[openai_errors] if cors is None else [cors.middleware, openai_errors],
+        client_max_size=state.config.server.max_body_bytes,
     )
+    if cors is not None:
+        app.on_response_prepare.append(cors.on_response_prepare)
     app[STATE] = state
     app[_LISTEN_HOST] = state.config.server.host if host is None else host
     proxy = Proxy(

@@ -265,6 +265,61 @@ class MetricsConfig(_Strict):
     )
 
 
+_ORIGIN_RE: Final = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
+
+
+class CorsConfig(_Strict):
+    """Cross-origin requests from browsers (see docs/security.md); off while allow_origins is
+    empty. `*` allows any origin, but never together with credentials."""
+
+    allow_origins: list[str] = Field(
+        default_factory=list, description="exact origins, e.g. https://app.example.com, or '*'"
+    )
+    allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST"])
+    allow_headers: list[str] = Field(
+        default_factory=lambda: [
+            "Authorization",
+            "Content-Type",
+            "X-Api-Key",
+            "X-Request-Id",
+            "Anthropic-Version",
+            "OpenAI-Organization",
+            "OpenAI-Project",
+        ],
+        description="request headers a browser may send ('*': any, without credentials)",
+    )
+    expose_headers: list[str] = Field(
+        default_factory=lambda: [
+            "X-Request-Id",
+            "x-sluice-overhead-ms",
+            "Retry-After",
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+        description="response headers a browser script may read",
+    )
+    allow_credentials: bool = Field(
+        False, description="let browsers send cookies/HTTP auth (needs exact origins)"
+    )
+    max_age: int = Field(600, ge=0, le=86400, description="seconds a preflight may be cached")
+
+    @model_validator(mode="after")
+    def _check(self) -> CorsConfig:
+        for i, origin in enumerate(self.allow_origins):
+            if origin != "*" and not _ORIGIN_RE.fullmatch(origin):
+                raise ValueError(
+                    f"allow_origins[{i}]: {origin!r} is not an origin "
+                    "(scheme://host[:port], no path or trailing slash) or '*'"
+                )
+        if self.allow_credentials and "*" in self.allow_origins + self.allow_headers:
+            raise ValueError("allow_credentials: cannot be combined with '*'; list the origins")
+        return self
+
+
 class ServerConfig(_Strict):
     """Listener and request-handling limits."""
 
@@ -288,6 +343,7 @@ class ServerConfig(_Strict):
         description="how long to wait for the first upstream event before sending 200 headers",
     )
     metrics: MetricsConfig = MetricsConfig()
+    cors: CorsConfig = CorsConfig()
 
     @model_validator(mode="after")
     def _check_metrics(self) -> ServerConfig:
