@@ -2,16 +2,46 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aiohttp
 import orjson
 
-from gateway.config import HttpUpstreamConfig
-from gateway.errors import timeout_error, upstream_error
+from gateway.config import ConfigError, HttpUpstreamConfig
+from gateway.errors import GatewayError, timeout_error, upstream_error
 from gateway.upstreams.base import Upstream, UpstreamCall
+
+log = logging.getLogger("sluice.upstream")
+
+_MIN_SECRET = 12  # shorter header values (versions, org names) are not treated as secrets
+_TAIL_START = re.compile(r"[-_.]")
+
+
+def secret_forms(values: Iterable[str]) -> list[str]:
+    """Each credential and the forms an upstream may echo it in: without its scheme
+    (`Bearer x` -> `x`) and without its prefixes (`sk-proj-abc...` -> `proj-abc...`,
+    `abc...`), longest first. Parts shorter than 12 characters are left alone."""
+    forms: set[str] = set()
+    for value in values:
+        scheme, _, rest = value.partition(" ")
+        token = rest.strip() if rest and scheme.lower() in ("bearer", "basic") else value
+        for candidate in (value, token):
+            forms.add(candidate)
+            forms.update(candidate[m.end() :] for m in _TAIL_START.finditer(candidate))
+    return sorted((f for f in forms if len(f) >= _MIN_SECRET), key=len, reverse=True)
+
+
+def scrub(text: str | None, secrets: list[str]) -> str | None:
+    """`text` with every form of the upstream's credentials replaced by `[redacted]`."""
+    if text is None:
+        return None
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    return text
 
 
 class AiohttpCall(UpstreamCall):
@@ -41,17 +71,47 @@ class HttpUpstream(Upstream):
         self._http = config
         self._session: aiohttp.ClientSession | None = None
         self._static_headers: dict[str, str] = dict(config.headers)
+        self._secrets: list[str] | None = None  # from _static_headers, once they are complete
+        self._tls = self._ssl()
 
     def _ssl(self) -> ssl.SSLContext | bool:
+        """Verify TLS against the system CAs, or `ca_bundle`'s; or not at all (`verify_tls`).
+
+        A `ca_bundle` that cannot be loaded is a ConfigError naming the key, at build time.
+        """
         if not self._http.verify_tls:
             return False
-        if self._http.ca_bundle is not None:
-            return ssl.create_default_context(cafile=str(self._http.ca_bundle))
+        bundle = self._http.ca_bundle
+        if bundle is not None:
+            try:
+                return ssl.create_default_context(cafile=str(bundle))
+            except (OSError, ssl.SSLError) as err:
+                reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+                raise ConfigError(
+                    f"upstreams.{self.name}.ca_bundle: cannot load {str(bundle)!r}: {reason}"
+                ) from None
         return True
 
+    def map_status_error(self, status: int, body: bytes) -> GatewayError:
+        """The base mapping, minus any echo of this upstream's own credentials (an error body
+        may quote the key, with or without its `sk-` prefix)."""
+        error = super().map_status_error(status, body)
+        if self._secrets is None:
+            self._secrets = secret_forms(self._static_headers.values())
+        error.message = scrub(error.message, self._secrets) or ""
+        error.type = scrub(error.type, self._secrets) or "upstream_error"
+        error.code = scrub(error.code, self._secrets)
+        return error
+
     async def start(self) -> None:
+        if not self._http.verify_tls:
+            log.warning(
+                "upstream %r: TLS certificate verification is off (verify_tls: false); "
+                "use ca_bundle for a private CA instead",
+                self.name,
+            )
         connector = aiohttp.TCPConnector(
-            limit=self._http.max_connections, ssl=self._ssl(), keepalive_timeout=30
+            limit=self._http.max_connections, ssl=self._tls, keepalive_timeout=30
         )
         # sock_connect only: `connect` would also count the wait for a free pooled
         # connection, which is not a connect failure (concurrency limits live elsewhere).
@@ -80,6 +140,20 @@ class HttpUpstream(Upstream):
             )
         except aiohttp.ServerTimeoutError:
             raise timeout_error("connect") from None
+        except aiohttp.ClientConnectorCertificateError as err:
+            cert_error = err.certificate_error
+            reason = getattr(cert_error, "verify_message", None) or str(cert_error)
+            raise upstream_error(
+                f"TLS verification of upstream {self.name!r} failed: {reason}. Trust its CA "
+                "with ca_bundle.",
+                code="upstream_tls_error",
+            ) from None
+        except aiohttp.ClientSSLError as err:
+            reason = getattr(err.os_error, "reason", None) or type(err.os_error).__name__
+            raise upstream_error(
+                f"TLS handshake with upstream {self.name!r} failed ({reason}).",
+                code="upstream_tls_error",
+            ) from None
         except aiohttp.ClientConnectorError as err:
             raise upstream_error(
                 f"Could not connect to upstream {self.name!r}: {err.strerror or 'refused'}.",
