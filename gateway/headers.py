@@ -31,11 +31,16 @@ _NOT_FORWARDED = HOP_BY_HOP | {
     "cookie",
     "x-request-id",
     "expect",
+    # Client-supplied forwarding headers: spoofable, and they would tell a provider the
+    # end user's address and the internal topology. (Also every `x-forwarded-*`.)
+    "forwarded",
+    "x-real-ip",
 }
 
 
 def upstream_headers(client: Mapping[str, str], request_id: str) -> dict[str, str]:
-    """Headers to send upstream: the client's end-to-end headers minus credentials.
+    """Headers to send upstream: the client's end-to-end headers minus credentials and
+    forwarding headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`).
 
     Headers named in the client's `Connection` header are hop-by-hop too and dropped.
     """
@@ -48,7 +53,9 @@ def upstream_headers(client: Mapping[str, str], request_id: str) -> dict[str, st
     out = {
         name: value
         for name, value in client.items()
-        if (low := name.lower()) not in _NOT_FORWARDED and low not in listed
+        if (low := name.lower()) not in _NOT_FORWARDED
+        and low not in listed
+        and not low.startswith("x-forwarded-")
     }
     out["X-Request-Id"] = request_id
     out["Content-Type"] = "application/json"

@@ -21,6 +21,11 @@ DROPPED = [
     "Transfer-Encoding",
     "Upgrade",
     "Proxy-Authorization",
+    "Forwarded",
+    "X-Forwarded-For",
+    "X-Forwarded-Host",
+    "X-Forwarded-Proto",
+    "X-Real-IP",
 ]
 
 
