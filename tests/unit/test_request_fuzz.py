@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 from unittest import mock
 
@@ -191,7 +191,7 @@ def request_bodies(draw: st.DrawFn, anthropic: bool = False) -> dict[str, Any]:
     return loaded
 
 
-def _refused_cleanly(err: GatewayError) -> None:
+def assert_clean_refusal(err: GatewayError) -> None:
     assert 400 <= err.status < 500, (err.status, err.message)
     assert err.message
     orjson.dumps(err.body())
@@ -215,11 +215,20 @@ def _translations(endpoint: Endpoint) -> list[Callable[[dict[str, Any]], dict[st
     return out
 
 
-def _each_step(endpoint: Endpoint, client_format: str, body: dict[str, Any]) -> None:
+def run_pipeline(
+    endpoint: Endpoint,
+    client_format: str,
+    body: dict[str, Any],
+    run: Callable[[Coroutine[Any, Any, Any]], Any] = asyncio.run,
+) -> None:
+    """Every step a parsed body goes through before it is sent; only 4xx refusals allowed.
+
+    `run` runs a coroutine to completion. Shared with tests/fuzz/fuzz_request.py.
+    """
     try:
         admitted = _admitted(endpoint, client_format, body)
     except GatewayError as err:
-        _refused_cleanly(err)
+        assert_clean_refusal(err)
         return
     outgoing = {**admitted, "model": "upstream-model"}  # as Proxy._outgoing builds it
     orjson.dumps(outgoing)
@@ -228,12 +237,12 @@ def _each_step(endpoint: Endpoint, client_format: str, body: dict[str, Any]) -> 
         try:
             orjson.dumps(translate(outgoing))
         except GatewayError as err:
-            _refused_cleanly(err)
+            assert_clean_refusal(err)
     ctx = RequestContext("req_fuzz", chat_endpoint)
     try:  # the embedded demo model answers from the body itself
-        asyncio.run(_DEMO.open(ctx, outgoing, {}))
+        run(_DEMO.open(ctx, outgoing, {}))
     except GatewayError as err:
-        _refused_cleanly(err)
+        assert_clean_refusal(err)
 
 
 @FUZZ
@@ -245,7 +254,7 @@ def _each_step(endpoint: Endpoint, client_format: str, body: dict[str, Any]) -> 
 def test_any_openai_body_is_accepted_or_refused_with_a_4xx(
     body: dict[str, Any], endpoint: Endpoint
 ) -> None:
-    _each_step(endpoint, "openai", body)
+    run_pipeline(endpoint, "openai", body)
 
 
 @FUZZ
@@ -260,13 +269,14 @@ def test_any_openai_body_is_accepted_or_refused_with_a_4xx(
     }
 )
 def test_any_anthropic_body_is_accepted_or_refused_with_a_4xx(body: dict[str, Any]) -> None:
-    _each_step(Endpoint.CHAT, "anthropic", body)
+    run_pipeline(Endpoint.CHAT, "anthropic", body)
 
 
 # ----- raw bytes: read_json_body -------------------------------------------------------------
 
 
-async def _read(raw: bytes, content_type: str | None) -> dict[str, Any]:
+async def read_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
+    """`read_json_body` on a request carrying `raw` (shared with tests/fuzz/fuzz_request.py)."""
     loop = asyncio.get_running_loop()
     payload = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=loop)
     payload.feed_data(raw)
@@ -301,14 +311,14 @@ _CONTENT_TYPES = st.one_of(
 @given(_RAW, _CONTENT_TYPES)
 def test_any_bytes_are_a_json_object_or_a_4xx(raw: bytes, content_type: str | None) -> None:
     try:
-        body = asyncio.run(_read(raw, content_type))
+        body = asyncio.run(read_body(raw, content_type))
     except GatewayError as err:
-        _refused_cleanly(err)
+        assert_clean_refusal(err)
         return
     assert isinstance(body, dict)
     assert len(raw) <= LIMIT
     for endpoint in Endpoint:
-        _each_step(endpoint, "openai", body)
+        run_pipeline(endpoint, "openai", body)
 
 
 @pytest.mark.parametrize(
@@ -318,5 +328,5 @@ def test_any_bytes_are_a_json_object_or_a_4xx(raw: bytes, content_type: str | No
 def test_json_that_python_would_accept_but_orjson_refuses_is_400(raw: bytes) -> None:
     """Lone surrogates, infinities, deep nesting: refused at parse time, never later."""
     with pytest.raises(GatewayError) as info:
-        asyncio.run(_read(raw, "application/json"))
+        asyncio.run(read_body(raw, "application/json"))
     assert info.value.status == 400
