@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
 import ssl
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -42,6 +44,16 @@ def scrub(text: str | None, secrets: list[str]) -> str | None:
     for secret in secrets:
         text = text.replace(secret, "[redacted]")
     return text
+
+
+def _connect_failure(err: aiohttp.ClientConnectorError) -> str:
+    """Why a connection failed, without the upstream's address (internal topology)."""
+    os_error = err.os_error
+    if isinstance(os_error, socket.gaierror):
+        return "its host name did not resolve"
+    if os_error.errno:
+        return os.strerror(os_error.errno).lower()
+    return "connection failed"
 
 
 class AiohttpCall(UpstreamCall):
@@ -156,7 +168,7 @@ class HttpUpstream(Upstream):
             ) from None
         except aiohttp.ClientConnectorError as err:
             raise upstream_error(
-                f"Could not connect to upstream {self.name!r}: {err.strerror or 'refused'}.",
+                f"Could not connect to upstream {self.name!r}: {_connect_failure(err)}.",
                 code="upstream_connect_error",
             ) from None
         except aiohttp.ClientError as err:

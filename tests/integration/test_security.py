@@ -469,3 +469,26 @@ async def test_anthropic_upstream_credentials_are_the_gateways(
     assert exchange.path == "/v1/messages"
     assert seen["x-api-key"] == UPSTREAM_KEY
     assert seen["anthropic-version"] == "2023-06-01"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_connect_errors_do_not_reveal_the_upstream_address(
+    http: aiohttp.ClientSession, stream: bool
+) -> None:
+    port = closed_port()
+    config = {
+        "upstreams": {"internal": {"kind": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}},
+        "routes": [{"model": "m", "upstream": "internal", "retries": 0}],
+    }
+    async with (
+        run_gateway(config) as gw,
+        asyncio.timeout(BOUND),
+        http.post(gw.v1 + CHAT, json=chat_body(stream=stream)) as resp,
+    ):
+        raw = await resp.read()
+    assert resp.status == 502
+    error = json_error(raw)
+    assert error["code"] == "upstream_connect_error"
+    assert error["message"] == "Could not connect to upstream 'internal': connection refused."
+    assert str(port).encode() not in raw
+    assert b"127.0.0.1" not in raw
