@@ -34,6 +34,7 @@ from gateway.upstreams.base import Upstream
 from gateway.upstreams.demo import Demo
 from gateway.upstreams.ollama import Ollama
 from gateway.upstreams.openai import OpenAICompatible
+from gateway.websocket import websocket_handler
 
 log = logging.getLogger("sluice.app")
 
@@ -266,6 +267,7 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/embeddings", proxy.embeddings)
     app.router.add_post("/v1/messages", proxy.messages)
+    app.router.add_get("/v1/ws", websocket_handler(proxy, state.config.server.max_body_bytes))
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
