@@ -217,6 +217,9 @@ class RouteConfig(_Strict):
     plugins: list[PluginConfig] = Field(
         default_factory=list, description="run after the global plugins"
     )
+    resumable: bool = Field(
+        False, description="every stream on this route can be resumed (see `resumable:`)"
+    )
     skip_plugins: list[str] = Field(
         default_factory=list, description="global plugins not run on this route"
     )
@@ -298,6 +301,27 @@ class ServerConfig(_Strict):
         return self
 
 
+class ResumableConfig(_Strict):
+    """Resumable streams: events keep ids, a dropped client can reconnect and catch up."""
+
+    enabled: bool = Field(
+        True, description="honour the X-Sluice-Resumable request header (routes opt in anyway)"
+    )
+    grace_seconds: float = Field(
+        30.0, gt=0, description="how long generation goes on with no client attached"
+    )
+    retention_seconds: float = Field(
+        60.0, ge=0, description="how long a finished stream can still be replayed"
+    )
+    max_bytes: int = Field(
+        4 << 20, ge=4096, description="per stream; older events are dropped past it"
+    )
+    redis_url: SecretStr | None = Field(
+        None, description="redis://host:6379/0: share stream logs between replicas"
+    )
+    key_prefix: str = Field("sluice:stream:", min_length=1)
+
+
 class GatewayConfig(_Strict):
     """The whole configuration file."""
 
@@ -309,6 +333,7 @@ class GatewayConfig(_Strict):
     upstreams: dict[str, UpstreamConfig]
     routes: list[RouteConfig] = Field(min_length=1)
     plugins: list[PluginConfig] = Field(default_factory=list)
+    resumable: ResumableConfig = ResumableConfig()
 
     @model_validator(mode="before")
     @classmethod

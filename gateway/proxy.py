@@ -36,6 +36,7 @@ from gateway.errors import (
 from gateway.headers import upstream_headers
 from gateway.metrics import GatewayMetrics
 from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, Overhead, overhead_ms, waiting
+from gateway.resume import ResumableSink, Resumer, wants_resume
 from gateway.routing import Router, Target, UpstreamHealth
 from gateway.sinks import HttpSink, StreamSink
 from gateway.stream import StreamRelay, draining_error
@@ -152,8 +153,12 @@ class Proxy:
         keys: KeyStore | None = None,
         *,
         metrics: GatewayMetrics,
+        resumer: Resumer | None = None,
     ) -> None:
         self.keys = keys
+        self.resumer = resumer
+        self._resumable_routes = resumer is not None and resumer.routes_opt_in
+        self._detached: set[asyncio.Task[Served]] = set()  # resumable streams' producers
         self.metrics = metrics
         self.draining = False  # set by `drain`: new requests get 503
         self._inflight = 0
@@ -188,18 +193,52 @@ class Proxy:
         """One HTTP request: serve it, then render what came of it."""
         if self.draining:
             return draining_error().to_response({"Connection": "close"})
+        if self.resumer is not None and "Last-Event-ID" in request.headers:
+            return await self._resume(request)
         ctx = RequestContext(request_id_from(request.headers.get("X-Request-Id")), endpoint)
         ctx.client_format = client_format
-        sink = HttpSink(request)
         max_body = self.server.max_body_bytes
-        inbound = Inbound(request.headers, lambda: read_json_body(request, max_body), sink)
-        served = await self.serve(ctx, inbound)
+        sink: HttpSink
+        if self.resumer is not None and (self._resumable_routes or wants_resume(request.headers)):
+            requested = self.resumer.config.enabled and wants_resume(request.headers)
+            sink = ResumableSink(request, self.resumer, ctx, requested=requested)
+            inbound = Inbound(request.headers, lambda: read_json_body(request, max_body), sink)
+            served = await self._serve_detachable(ctx, inbound, sink)
+        else:
+            sink = HttpSink(request)
+            inbound = Inbound(request.headers, lambda: read_json_body(request, max_body), sink)
+            served = await self.serve(ctx, inbound)
         if isinstance(served, GatewayError):
             return self.error_response(ctx, served)
         if served is None:
             assert sink.response is not None
             return sink.response
         return served
+
+    async def _serve_detachable(
+        self, ctx: RequestContext, inbound: Inbound, sink: ResumableSink
+    ) -> Served:
+        """Serve in a task of its own, so a resumable stream outlives its first client."""
+        task = asyncio.create_task(self.serve(ctx, inbound))
+        sink.producer = task
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+        task.add_done_callback(lambda _task: sink.ended())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if sink.log is None:  # not (yet) resumable: stop the upstream at once, as always
+                task.cancel()
+            else:
+                sink.detach()  # generation goes on for the grace period
+            raise
+
+    async def _resume(self, request: web.Request) -> web.StreamResponse:
+        """A request carrying `Last-Event-ID: rs_x.n`: resume that stream instead."""
+        assert self.resumer is not None
+        last = request.headers["Last-Event-ID"]
+        stream_id = last.rsplit(".", 1)[0] if "." in last else ""
+        return await self.resumer.resume(request, stream_id, last)
 
     async def serve(self, ctx: RequestContext, inbound: Inbound) -> Served:
         """One request from arrival to its single end (`on_end` runs exactly once).

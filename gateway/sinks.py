@@ -64,13 +64,17 @@ class HttpSink:
         return True
 
     async def send(self, events: list[SSEEvent]) -> int:
-        assert self.response is not None
         data = encode_events(events)
+        await self.send_bytes(data)
+        return len(data)
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Write encoded events (ClientGone when the client disconnected)."""
+        assert self.response is not None
         try:
             await self.response.write(data)
         except (ConnectionError, aiohttp.ClientConnectionResetError) as err:
             raise ClientGone() from err
-        return len(data)
 
     async def close(self) -> bool:
         assert self.response is not None
