@@ -1,6 +1,7 @@
 """Resumable streams across replicas: each stream's log mirrored into a Redis Stream.
 
-Keys, under `resumable.key_prefix` + stream id: the stream itself (entry id `<n>-0` holds
+Keys, under `resumable.key_prefix` + `{stream id}` (braced: one Redis Cluster slot per
+stream): the stream itself (entry id `<n>-0` holds
 event n's bytes in field `d`; a last entry with field `end` marks the end), `:meta` (the
 owner and the response headers) and `:reader` (a short lease a remote reader renews, which
 keeps generation going past the grace period). Every key expires `grace + retention`
@@ -28,6 +29,11 @@ log = logging.getLogger("sluice.resume")
 LEASE_MS = 5000  # a remote reader's lease; renewed every LEASE_MS / 2.5
 BLOCK_MS = 1000  # longest XREAD wait before the reader checks the stream still exists
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+
+
+def stream_key(prefix: str, stream_id: str) -> str:
+    """The Redis Stream's key; the braces keep a stream's keys in one Redis Cluster slot."""
+    return f"{prefix}{{{stream_id}}}"
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
@@ -71,7 +77,7 @@ class RedisStreams:
         """Serve a stream whose log lives on another replica, from after `after`."""
         from gateway.resume import error_event, expired, not_found
 
-        key = self.prefix + stream_id
+        key = stream_key(self.prefix, stream_id)
         meta: Any
         first: Any
         try:
@@ -164,7 +170,7 @@ class RedisMirror:
     def __init__(self, streams: RedisStreams, log_: StreamLog) -> None:
         self.streams = streams
         self.log = log_
-        self.key = streams.prefix + log_.stream_id
+        self.key = stream_key(streams.prefix, log_.stream_id)
         self.written = 0  # last sequence number in Redis
         self._wake = asyncio.Event()
         self._wake.set()
