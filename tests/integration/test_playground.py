@@ -60,7 +60,6 @@ async def test_unchanged_page_revalidates_with_304(http: aiohttp.ClientSession) 
 async def test_off_means_not_found(
     http: aiohttp.ClientSession, playground: bool | None, path: str
 ) -> None:
-    async with run_gateway(_config(playground)) as gw:
-        async with http.get(gw.url + path) as r:
-            assert r.status == 404
-            assert json_error(await r.read())["code"] == "not_found"
+    async with run_gateway(_config(playground)) as gw, http.get(gw.url + path) as r:
+        assert r.status == 404
+        assert json_error(await r.read())["code"] == "not_found"
