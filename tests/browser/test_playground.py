@@ -314,6 +314,56 @@ def test_an_error_mid_stream_is_shown_after_the_partial_answer(
         assert page.element("status").text == "Failed"
 
 
+# Comment, UTF-8 (2 and 4 bytes), CRLF, LF, CR-only, multi-line data, unknown fields, no space
+# after the colon, and an unterminated last event (dropped, as the SSE spec says).
+SSE_SAMPLES = [
+    (
+        b": keep-alive\r\n\r\n"
+        b'data: {"content":"h\xc3\xa9llo \xf0\x9f\x8c\x8a"}\r\n\r\n'
+        b"data: first\ndata:second\n\n"
+        b"event: x\rid: 1\rdata: cr only\r\r"
+        b"data: [DONE]\n\n"
+        b"data: unterminated",
+        ['{"content":"h\u00e9llo \U0001f30a"}', "first\nsecond", "cr only", "[DONE]"],
+    ),
+    (b"data: one\r\ndata: two\r\n\r\ndata: tail\r\r", ["one\ntwo", "tail"]),
+]
+
+DECODE_EVERY_SPLIT = """
+const bytes = new Uint8Array(arguments[0]);
+const { sseDecoder } = window.sluicePlayground;
+function decode(pieces) {
+  const sse = sseDecoder(), out = [];
+  for (const piece of pieces) out.push(...sse.feed(piece));
+  out.push(...sse.end());
+  return JSON.stringify(out);
+}
+const whole = decode([bytes]);
+const differ = [];
+for (let i = 0; i <= bytes.length; i++) {
+  if (decode([bytes.slice(0, i), bytes.slice(i)]) !== whole) differ.push(i);
+}
+const bytewise = decode(Array.from(bytes, (_, i) => bytes.slice(i, i + 1)));
+return [JSON.parse(whole), differ, JSON.parse(bytewise)];
+"""
+
+
+@pytest.mark.parametrize(("raw", "expected"), SSE_SAMPLES)
+def test_the_page_decodes_sse_split_anywhere(
+    loop: LoopThread,
+    fake: GatedUpstream,
+    browser: webdriver.Chrome,
+    raw: bytes,
+    expected: list[str],
+) -> None:
+    with gateway(loop, playground_config(fake)) as url:
+        Page(browser, url)
+        whole, differ, bytewise = browser.execute_script(DECODE_EVERY_SPLIT, list(raw))
+    assert whole == expected
+    assert differ == [], "split positions that changed the events"
+    assert bytewise == expected
+
+
 def _status(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=BOUND) as response:
