@@ -26,6 +26,7 @@ from gateway.config import (
 )
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
+from gateway.playground import add_routes as add_playground_routes
 from gateway.proxy import Proxy
 from gateway.resume import Resumer
 from gateway.routing import Router, UpstreamHealth
@@ -284,6 +285,8 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
     metrics = state.config.server.metrics
     if metrics.enabled and metrics.port is None:
         app.router.add_get("/metrics", _metrics)
+    if state.config.server.playground:  # null (auto) is resolved by load_config
+        add_playground_routes(app)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(_metrics_listener)
     app.on_shutdown.append(_not_ready_on_shutdown)

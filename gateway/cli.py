@@ -48,6 +48,8 @@ async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool =
         if config.server.metrics.enabled:
             metrics_port = real_port if state.metrics_port is None else state.metrics_port
             print(f"Prometheus metrics at http://{host}:{metrics_port}/metrics", flush=True)
+        if config.server.playground:
+            print(f"Playground at http://{host}:{real_port}/playground", flush=True)
         model = state.router.models[0] if state.router.models else "MODEL"
         example = _example(host, real_port, model, keys=state.keys is not None)
         print("Try:\n  " + example, flush=True)

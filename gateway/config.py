@@ -291,6 +291,11 @@ class ServerConfig(_Strict):
         description="how long to wait for the first upstream event before sending 200 headers",
     )
     metrics: MetricsConfig = MetricsConfig()
+    playground: bool | None = Field(
+        None,
+        description="the browser page at GET /playground (GET / redirects to it); null: on for "
+        "the embedded demo (no config file), off for a config file",
+    )
 
     @model_validator(mode="after")
     def _check_metrics(self) -> ServerConfig:
@@ -438,7 +443,11 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> GatewayConf
 
 
 def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Load a YAML file, or the embedded default (the demo model, no keys) when `path` is None."""
+    """Load a YAML file, or the embedded default (the demo model, no keys) when `path` is None.
+
+    `server.playground: null` means automatic: the embedded default turns it on; a file that
+    does not set it keeps it off.
+    """
     if path is None:
         text = resources.files("gateway").joinpath("default_config.yaml").read_text("utf-8")
         source = "<embedded default>"
@@ -455,6 +464,11 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Gate
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {err}") from None
     try:
-        return parse_config(data, env)
+        config = parse_config(data, env)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+    if path is None and config.server.playground is None:
+        # `playground: null` is automatic: on for the embedded demo, off for any config file.
+        server = config.server.model_copy(update={"playground": True})
+        config = config.model_copy(update={"server": server})
+    return config
