@@ -1,4 +1,4 @@
-"""The `sluice` command line: serve, check-config."""
+"""The `sluice` command line: serve, check-config, chat."""
 
 from __future__ import annotations
 
@@ -144,6 +144,20 @@ def _cmd_keys_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from gateway.chat_client import ChatOptions, run_chat
+
+    options = ChatOptions(
+        url=args.url,
+        model=args.model,
+        key=args.key,
+        system=args.system,
+        max_tokens=args.max_tokens,
+        once=args.once,
+    )
+    return run_chat(options)
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     top = argparse.ArgumentParser(prog="sluice", description="Sluice: a streaming LLM gateway.")
@@ -173,6 +187,14 @@ def parser() -> argparse.ArgumentParser:
     kn.add_argument("--team", required=True)
     kn.add_argument("--name", help="unique within the team (default: key-YYYYMMDD-xxxx)")
     kn.set_defaults(func=_cmd_keys_new)
+    ch = sub.add_parser("chat", help="chat with a model in the terminal, answers streamed live")
+    ch.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway's base URL")
+    ch.add_argument("--model", help="model name (default: the first one in GET /v1/models)")
+    ch.add_argument("--key", help="API key (default: $SLUICE_API_KEY, then $OPENAI_API_KEY)")
+    ch.add_argument("--system", help="a system message that starts the conversation")
+    ch.add_argument("--max-tokens", type=int, help="cap on the tokens of each answer")
+    ch.add_argument("--once", metavar="PROMPT", help="answer one prompt and exit")
+    ch.set_defaults(func=_cmd_chat)
     return top
 
 
