@@ -285,12 +285,14 @@ class StreamRelay:
 
     async def _write(self, events: list[SSEEvent], *, translate: bool = True) -> None:
         egress = self.egress
+        failed: GatewayError | None = None
         if egress is not None and translate:
             events = [out for event in events for out in egress.feed(event)]
+            failed = egress.error
         if self._arrived is not None:
             self.ctx.overhead_seconds += time.perf_counter() - self._arrived
             self._arrived = None
-        sent = await self.sink.send(events)
+        sent = await self.sink.send(events) if events or failed is None else 0
         now = time.perf_counter()
         timing = self.ctx.timing
         if timing.first_event_written is None:
@@ -298,6 +300,8 @@ class StreamRelay:
         timing.last_event_written = now
         self.ctx.events_out += len(events)
         self.ctx.bytes_out += sent
+        if failed is not None:  # the client's format could not carry what came: say so
+            raise StreamFailed(failed, Outcome.UPSTREAM_ERROR, "malformed")
 
     async def _end_early(self, events: list[SSEEvent], outcome: Outcome) -> None:
         self.call.abort()
