@@ -15,7 +15,8 @@ Afterwards, once idle, nothing may have leaked: asyncio tasks, file descriptors 
 gateway objects back to their baseline (taken after a warm-up, so lazy imports, caches and
 metric series exist already), upstream and rate-limit concurrency slots all released,
 `sluice_inflight_streams` at 0, RSS within RSS_GROWTH_BOUND of the baseline, and every
-request counted once in `sluice_requests_total` with the outcome its fault implies.
+request counted once in `sluice_requests_total` with the outcome its fault implies; the
+gateway exits 0 on SIGTERM and logged no error, lost task exception or unclosed resource.
 
 Shape: SLUICE_SOAK_STREAMS (2000) over SLUICE_SOAK_SECONDS (60); run with `-s` to see
 the report.
@@ -436,7 +437,12 @@ async def test_soak_no_leaks(tmp_path: Path) -> None:
             report(load, before, after, duration)
             check(load, before, after)
             exit_code = await gw.stop()
-            assert exit_code == 0, gw.log_text()[-3000:]
+            log_text = gw.log_text()
+        assert exit_code == 0, log_text[-3000:]
+        # Nothing went wrong unnoticed: no unhandled error, lost task exception or unclosed
+        # resource reported by asyncio or aiohttp.
+        for needle in ("Traceback", " ERROR ", "never retrieved", "nclosed"):
+            assert needle not in log_text, log_text[log_text.find(needle) - 500 :][:3000]
     finally:
         await upstream.close()
 
