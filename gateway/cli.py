@@ -70,6 +70,32 @@ async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool =
         await runner.cleanup()
 
 
+# The soft limit to aim for when the hard one is "unlimited" (Linux's default fs.nr_open).
+_NOFILE_UNLIMITED_TARGET = 1 << 20
+
+
+def raise_open_files_limit() -> tuple[int, int] | None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as proxies do: every open stream holds
+    two sockets, and a login shell's soft limit (often 1024) would cap the gateway at a few
+    hundred streams. Returns (old, new) soft limits when raised, None otherwise; logs both.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _NOFILE_UNLIMITED_TARGET if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as err:
+        log.warning("could not raise the open-files limit from %d to %d: %s", soft, target, err)
+        return None
+    log.info("raised the open-files limit (RLIMIT_NOFILE) from %d to %d", soft, target)
+    return soft, target
+
+
 def _run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
     try:
         import uvloop
@@ -89,6 +115,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
+    raise_open_files_limit()
     _run(lambda: serve(config, host, port))
     return 0
 
