@@ -27,7 +27,9 @@ from gateway.config import (
 from gateway.cors import Cors
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
+from gateway.playground import add_routes as add_playground_routes
 from gateway.proxy import Proxy
+from gateway.resume import Resumer
 from gateway.routing import Router, UpstreamHealth
 from gateway.upstreams.anthropic import Anthropic
 from gateway.upstreams.azure import AzureOpenAI
@@ -35,6 +37,7 @@ from gateway.upstreams.base import Upstream
 from gateway.upstreams.demo import Demo
 from gateway.upstreams.ollama import Ollama
 from gateway.upstreams.openai import OpenAICompatible
+from gateway.websocket import websocket_handler
 
 log = logging.getLogger("sluice.app")
 
@@ -53,6 +56,7 @@ class GatewayState:
     metrics: GatewayMetrics
     ready: bool = False
     proxy: Proxy | None = None  # set by build_app
+    resumer: Resumer | None = None  # set by build_app
     metrics_port: int | None = None  # the separate metrics listener's bound port, once started
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -218,6 +222,8 @@ async def _lifecycle(app: web.Application) -> Any:
     for upstream in state.upstreams.values():
         await upstream.close()
     await close_plugins([state.default_chain, *state.chains.values()])
+    if state.resumer is not None:
+        await state.resumer.close()
 
 
 async def close_plugins(chains: list[Chain]) -> None:
@@ -256,6 +262,9 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
         app.on_response_prepare.append(cors.on_response_prepare)
     app[STATE] = state
     app[_LISTEN_HOST] = state.config.server.host if host is None else host
+    opt_in = any(route.resumable for route in state.config.routes)
+    resumer = Resumer(state.config.resumable, state.keys, routes_opt_in=opt_in)
+    state.resumer = resumer
     proxy = Proxy(
         state.config.server,
         state.router,
@@ -265,19 +274,24 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
         state.health,
         state.keys,
         metrics=state.metrics,
+        resumer=resumer,
     )
     state.proxy = proxy
     app.router.add_post("/v1/chat/completions", proxy.chat)
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/embeddings", proxy.embeddings)
     app.router.add_post("/v1/messages", proxy.messages)
+    app.router.add_get("/v1/ws", websocket_handler(proxy, state.config.server.max_body_bytes))
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/streams/{stream_id}", resumer.handle)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/admin/upstreams", _admin_upstreams)
     metrics = state.config.server.metrics
     if metrics.enabled and metrics.port is None:
         app.router.add_get("/metrics", _metrics)
+    if state.config.server.playground:  # null (auto) is resolved by load_config
+        add_playground_routes(app)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(_metrics_listener)
     app.on_shutdown.append(_not_ready_on_shutdown)

@@ -1,4 +1,4 @@
-"""The `sluice` command line: serve, check-config."""
+"""The `sluice` command line: serve, check-config, chat."""
 
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool =
         if config.server.metrics.enabled:
             metrics_port = real_port if state.metrics_port is None else state.metrics_port
             print(f"Prometheus metrics at http://{host}:{metrics_port}/metrics", flush=True)
+        if config.server.playground:
+            print(f"Playground at http://{host}:{real_port}/playground", flush=True)
         model = state.router.models[0] if state.router.models else "MODEL"
         example = _example(host, real_port, model, keys=state.keys is not None)
         print("Try:\n  " + example, flush=True)
@@ -66,6 +68,32 @@ async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool =
     finally:
         log.info("shutting down")
         await runner.cleanup()
+
+
+# The soft limit to aim for when the hard one is "unlimited" (Linux's default fs.nr_open).
+_NOFILE_UNLIMITED_TARGET = 1 << 20
+
+
+def raise_open_files_limit() -> tuple[int, int] | None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as proxies do: every open stream holds
+    two sockets, and a login shell's soft limit (often 1024) would cap the gateway at a few
+    hundred streams. Returns (old, new) soft limits when raised, None otherwise; logs both.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _NOFILE_UNLIMITED_TARGET if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as err:
+        log.warning("could not raise the open-files limit from %d to %d: %s", soft, target, err)
+        return None
+    log.info("raised the open-files limit (RLIMIT_NOFILE) from %d to %d", soft, target)
+    return soft, target
 
 
 def _run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -87,6 +115,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
+    raise_open_files_limit()
     _run(lambda: serve(config, host, port))
     return 0
 
@@ -142,6 +171,20 @@ def _cmd_keys_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from gateway.chat_client import ChatOptions, run_chat
+
+    options = ChatOptions(
+        url=args.url,
+        model=args.model,
+        key=args.key,
+        system=args.system,
+        max_tokens=args.max_tokens,
+        once=args.once,
+    )
+    return run_chat(options)
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     top = argparse.ArgumentParser(prog="sluice", description="Sluice: a streaming LLM gateway.")
@@ -171,6 +214,14 @@ def parser() -> argparse.ArgumentParser:
     kn.add_argument("--team", required=True)
     kn.add_argument("--name", help="unique within the team (default: key-YYYYMMDD-xxxx)")
     kn.set_defaults(func=_cmd_keys_new)
+    ch = sub.add_parser("chat", help="chat with a model in the terminal, answers streamed live")
+    ch.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway's base URL")
+    ch.add_argument("--model", help="model name (default: the first one in GET /v1/models)")
+    ch.add_argument("--key", help="API key (default: $SLUICE_API_KEY, then $OPENAI_API_KEY)")
+    ch.add_argument("--system", help="a system message that starts the conversation")
+    ch.add_argument("--max-tokens", type=int, help="cap on the tokens of each answer")
+    ch.add_argument("--once", metavar="PROMPT", help="answer one prompt and exit")
+    ch.set_defaults(func=_cmd_chat)
     return top
 
 

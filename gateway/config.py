@@ -217,6 +217,9 @@ class RouteConfig(_Strict):
     plugins: list[PluginConfig] = Field(
         default_factory=list, description="run after the global plugins"
     )
+    resumable: bool = Field(
+        False, description="every stream on this route can be resumed (see `resumable:`)"
+    )
     skip_plugins: list[str] = Field(
         default_factory=list, description="global plugins not run on this route"
     )
@@ -344,6 +347,11 @@ class ServerConfig(_Strict):
     )
     metrics: MetricsConfig = MetricsConfig()
     cors: CorsConfig = CorsConfig()
+    playground: bool | None = Field(
+        None,
+        description="the browser page at GET /playground (GET / redirects to it); null: on for "
+        "the embedded demo (no config file), off for a config file",
+    )
 
     @model_validator(mode="after")
     def _check_metrics(self) -> ServerConfig:
@@ -352,6 +360,27 @@ class ServerConfig(_Strict):
         if self.metrics.enabled and self.metrics.port and self.metrics.port == self.port:
             raise ValueError("metrics.port: must differ from server.port (null: use the main port)")
         return self
+
+
+class ResumableConfig(_Strict):
+    """Resumable streams: events keep ids, a dropped client can reconnect and catch up."""
+
+    enabled: bool = Field(
+        True, description="honour the X-Sluice-Resumable request header (routes opt in anyway)"
+    )
+    grace_seconds: float = Field(
+        30.0, gt=0, description="how long generation goes on with no client attached"
+    )
+    retention_seconds: float = Field(
+        60.0, ge=0, description="how long a finished stream can still be replayed"
+    )
+    max_bytes: int = Field(
+        4 << 20, ge=4096, description="per stream; older events are dropped past it"
+    )
+    redis_url: SecretStr | None = Field(
+        None, description="redis://host:6379/0: share stream logs between replicas"
+    )
+    key_prefix: str = Field("sluice:stream:", min_length=1)
 
 
 class GatewayConfig(_Strict):
@@ -365,6 +394,7 @@ class GatewayConfig(_Strict):
     upstreams: dict[str, UpstreamConfig]
     routes: list[RouteConfig] = Field(min_length=1)
     plugins: list[PluginConfig] = Field(default_factory=list)
+    resumable: ResumableConfig = ResumableConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -469,7 +499,11 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> GatewayConf
 
 
 def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Load a YAML file, or the embedded default (the demo model, no keys) when `path` is None."""
+    """Load a YAML file, or the embedded default (the demo model, no keys) when `path` is None.
+
+    `server.playground: null` means automatic: the embedded default turns it on; a file that
+    does not set it keeps it off.
+    """
     if path is None:
         text = resources.files("gateway").joinpath("default_config.yaml").read_text("utf-8")
         source = "<embedded default>"
@@ -486,6 +520,11 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Gate
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {err}") from None
     try:
-        return parse_config(data, env)
+        config = parse_config(data, env)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+    if path is None and config.server.playground is None:
+        # `playground: null` is automatic: on for the embedded demo, off for any config file.
+        server = config.server.model_copy(update={"playground": True})
+        config = config.model_copy(update={"server": server})
+    return config

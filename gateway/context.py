@@ -21,6 +21,7 @@ class Outcome(enum.StrEnum):
 
     COMPLETED = "completed"
     CLIENT_DISCONNECTED = "client_disconnected"
+    CANCELLED = "cancelled"  # the client asked to stop (a WebSocket `cancel`)
     UPSTREAM_ERROR = "upstream_error"
     TIMEOUT = "timeout"
     REJECTED = "rejected"

@@ -26,7 +26,13 @@ from gateway.translate.openai_anthropic import (
 
 
 class StreamEgress(Protocol):
-    """Rewrites the chain's OpenAI events into the client's format, event by event."""
+    """Rewrites the chain's OpenAI events into the client's format, event by event.
+
+    `error` is set once an event could not be translated (or carried an error); the relay
+    then ends the stream with the dialect's final error event.
+    """
+
+    error: GatewayError | None
 
     def feed(self, event: SSEEvent) -> list[SSEEvent]:
         """Zero or more client events for one OpenAI event."""

@@ -12,7 +12,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -35,7 +36,9 @@ from gateway.errors import (
 from gateway.headers import upstream_headers
 from gateway.metrics import GatewayMetrics
 from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, Overhead, overhead_ms, waiting
+from gateway.resume import ResumableSink, Resumer, wants_resume
 from gateway.routing import Router, Target, UpstreamHealth
+from gateway.sinks import HttpSink, StreamSink
 from gateway.stream import StreamRelay, draining_error
 from gateway.upstreams.base import (
     StreamObserver,
@@ -121,6 +124,21 @@ def _parse_unary(raw: bytes) -> Any:
     return payload
 
 
+@dataclass(slots=True)
+class Inbound:
+    """One request as the proxy runs it, whatever carried it (an HTTP request or a WebSocket
+    message): the client's headers, its body, and where a streamed answer goes."""
+
+    headers: Mapping[str, str]
+    read_body: Callable[[], Awaitable[dict[str, Any]]]
+    sink: StreamSink
+
+
+Served = web.Response | GatewayError | None
+"""What `Proxy.serve` returns: a whole (non-streamed) answer, the error to send before any
+byte went out, or None when the answer was streamed into the inbound's sink."""
+
+
 class Proxy:
     """Handlers for the OpenAI-compatible endpoints; shared state is read-only per request."""
 
@@ -135,8 +153,12 @@ class Proxy:
         keys: KeyStore | None = None,
         *,
         metrics: GatewayMetrics,
+        resumer: Resumer | None = None,
     ) -> None:
         self.keys = keys
+        self.resumer = resumer
+        self._resumable_routes = resumer is not None and resumer.routes_opt_in
+        self._detached: set[asyncio.Task[Served]] = set()  # resumable streams' producers
         self.metrics = metrics
         self.draining = False  # set by `drain`: new requests get 503
         self._inflight = 0
@@ -168,31 +190,82 @@ class Proxy:
     async def handle(
         self, request: web.Request, endpoint: Endpoint, client_format: str = "openai"
     ) -> web.StreamResponse:
-        """One request from arrival to its single end (`on_end` runs exactly once)."""
+        """One HTTP request: serve it, then render what came of it."""
         if self.draining:
             return draining_error().to_response({"Connection": "close"})
-        request_id = request_id_from(request.headers.get("X-Request-Id"))
-        ctx = RequestContext(request_id, endpoint, client_format)
+        if self.resumer is not None and "Last-Event-ID" in request.headers:
+            return await self._resume(request)
+        ctx = RequestContext(request_id_from(request.headers.get("X-Request-Id")), endpoint)
+        ctx.client_format = client_format
+        max_body = self.server.max_body_bytes
+        sink: HttpSink
+        if self.resumer is not None and (self._resumable_routes or wants_resume(request.headers)):
+            requested = self.resumer.config.enabled and wants_resume(request.headers)
+            sink = ResumableSink(request, self.resumer, ctx, requested=requested)
+            inbound = Inbound(request.headers, lambda: read_json_body(request, max_body), sink)
+            served = await self._serve_detachable(ctx, inbound, sink)
+        else:
+            sink = HttpSink(request)
+            inbound = Inbound(request.headers, lambda: read_json_body(request, max_body), sink)
+            served = await self.serve(ctx, inbound)
+        if isinstance(served, GatewayError):
+            return self.error_response(ctx, served)
+        if served is None:
+            assert sink.response is not None
+            return sink.response
+        return served
+
+    async def _serve_detachable(
+        self, ctx: RequestContext, inbound: Inbound, sink: ResumableSink
+    ) -> Served:
+        """Serve in a task of its own, so a resumable stream outlives its first client."""
+        task = asyncio.create_task(self.serve(ctx, inbound))
+        sink.producer = task
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+        task.add_done_callback(lambda _task: sink.ended())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if sink.log is None:  # not (yet) resumable: stop the upstream at once, as always
+                task.cancel()
+            else:
+                sink.detach()  # generation goes on for the grace period
+            raise
+
+    async def _resume(self, request: web.Request) -> web.StreamResponse:
+        """A request carrying `Last-Event-ID: rs_x.n`: resume that stream instead."""
+        assert self.resumer is not None
+        last = request.headers["Last-Event-ID"]
+        stream_id = last.rsplit(".", 1)[0] if "." in last else ""
+        return await self.resumer.resume(request, stream_id, last)
+
+    async def serve(self, ctx: RequestContext, inbound: Inbound) -> Served:
+        """One request from arrival to its single end (`on_end` runs exactly once).
+
+        Errors before a byte went out are returned, already recorded on `ctx`, for the
+        caller to send in its own format.
+        """
         self._inflight += 1
         overhead = Overhead()
         ctx.set(OVERHEAD, overhead)
         chain = self.default_chain
         try:
             try:
-                await self._admit(request, ctx)
+                await self._admit(inbound, ctx)
                 assert ctx.route is not None
                 chain = self.chains[ctx.route.name]
                 await chain.run_request(ctx)
-                return await self._attempts(request, ctx, chain)
+                return await self._attempts(inbound, ctx, chain)
             except GatewayError as err:
-                return self._error_response(ctx, err)
+                return self._record_error(ctx, err)
         except asyncio.CancelledError:
             ctx.outcome = ctx.outcome or Outcome.CLIENT_DISCONNECTED
             raise
         except Exception:
             log.exception("unhandled error (request %s)", ctx.request_id)
             ctx.outcome = Outcome.ERROR
-            return self._error_response(ctx, internal_error())
+            return self._record_error(ctx, internal_error())
         finally:
             ctx.timing.ended = time.perf_counter()
             try:
@@ -225,13 +298,13 @@ class Proxy:
             self._changed.clear()
             await self._changed.wait()
 
-    async def _admit(self, request: web.Request, ctx: RequestContext) -> None:
+    async def _admit(self, inbound: Inbound, ctx: RequestContext) -> None:
         principal = None
         if self.keys is not None:  # who, before reading a byte of the body
-            principal = self.keys.authenticate(key_from_headers(request.headers))
+            principal = self.keys.authenticate(key_from_headers(inbound.headers))
             ctx.identity = principal.identity()
             ctx.set(PRINCIPAL, principal)
-        body = await waiting(ctx, read_json_body(request, self.server.max_body_bytes))
+        body = await waiting(ctx, inbound.read_body())
         validate_body(ctx.endpoint, body)
         ctx.model = body["model"]
         ctx.body = DIALECTS[ctx.client_format].admit(ctx, body)
@@ -240,9 +313,7 @@ class Proxy:
         if principal is not None and self.keys is not None:
             self.keys.authorize(principal, ctx.model, ctx.route)
 
-    async def _attempts(
-        self, request: web.Request, ctx: RequestContext, chain: Chain
-    ) -> web.StreamResponse:
+    async def _attempts(self, inbound: Inbound, ctx: RequestContext, chain: Chain) -> Served:
         """Try the route's deployments in the balancer's order until one answers.
 
         Only failures before a byte reached the client are retried (connect errors,
@@ -262,7 +333,7 @@ class Proxy:
             if attempt:
                 ctx.retries += 1
             try:
-                return await self._attempt(request, ctx, chain, target, health)
+                return await self._attempt(inbound, ctx, chain, target, health)
             except _Retry as retry:
                 last = retry.error
                 if attempt < len(tries) - 1:
@@ -274,12 +345,12 @@ class Proxy:
 
     async def _attempt(
         self,
-        request: web.Request,
+        inbound: Inbound,
         ctx: RequestContext,
         chain: Chain,
         target: Target,
         health: UpstreamHealth,
-    ) -> web.StreamResponse:
+    ) -> Served:
         """One deployment: queue for a slot, send, and (for streams) relay to the end."""
         upstream = self.upstreams[target.upstream]
         if not upstream.supports(ctx.endpoint):
@@ -299,10 +370,11 @@ class Proxy:
             self.metrics.observe_queue_wait(target.upstream, slot.waited)
         health.outstanding += 1
         try:
+            response: Served = None
             if ctx.stream:
-                response = await self._stream(request, ctx, chain, upstream)
+                await self._stream(inbound, ctx, chain, upstream)
             else:
-                response = await self._unary(request, ctx, chain, upstream)
+                response = await self._unary(inbound, ctx, chain, upstream)
         except GatewayError as err:
             raise _retry_or(err, ctx, health) from None
         finally:
@@ -313,27 +385,32 @@ class Proxy:
         health.breaker.record_success()
         return response
 
-    def _error_response(self, ctx: RequestContext, err: GatewayError) -> web.Response:
+    @staticmethod
+    def _record_error(ctx: RequestContext, err: GatewayError) -> GatewayError:
         ctx.error = err
         ctx.status = err.status
         if ctx.outcome is None:
             ctx.outcome = Outcome.REJECTED if err.status < 500 else Outcome.UPSTREAM_ERROR
+        return err
+
+    def error_response(self, ctx: RequestContext, err: GatewayError) -> web.Response:
+        """An error before headers, as JSON in the client's format."""
         response = DIALECTS[ctx.client_format].error_response(ctx, err)
         response.headers[OVERHEAD_HEADER] = overhead_ms(ctx.require(OVERHEAD).now(ctx))
         return response
 
     def _outgoing(
-        self, request: web.Request, ctx: RequestContext
+        self, inbound: Inbound, ctx: RequestContext
     ) -> tuple[dict[str, Any], dict[str, str]]:
         assert ctx.route is not None
         body = {**ctx.body, "model": ctx.upstream_model or ctx.model}
-        return body, upstream_headers(request.headers, ctx.request_id)
+        return body, upstream_headers(inbound.headers, ctx.request_id)
 
     async def _open(
-        self, request: web.Request, ctx: RequestContext, upstream: Upstream
+        self, inbound: Inbound, ctx: RequestContext, upstream: Upstream
     ) -> UpstreamCall:
         """Send upstream and wait for its headers; errors before a byte reached the client."""
-        body, headers = self._outgoing(request, ctx)
+        body, headers = self._outgoing(inbound, ctx)
         return await waiting(ctx, self._send(ctx, upstream, body, headers))
 
     async def _send(
@@ -382,10 +459,10 @@ class Proxy:
         return call
 
     async def _unary(
-        self, request: web.Request, ctx: RequestContext, chain: Chain, upstream: Upstream
+        self, inbound: Inbound, ctx: RequestContext, chain: Chain, upstream: Upstream
     ) -> web.Response:
         """A non-streaming request: the one place a whole (bounded) body is held."""
-        call = await self._open(request, ctx, upstream)
+        call = await self._open(inbound, ctx, upstream)
         failed = ""  # a cancellation (client gone) is no upstream error
         read = False
         try:
@@ -444,29 +521,29 @@ class Proxy:
     # ----- streaming -------------------------------------------------------------------
 
     async def _stream(
-        self, request: web.Request, ctx: RequestContext, chain: Chain, upstream: Upstream
-    ) -> web.StreamResponse:
+        self, inbound: Inbound, ctx: RequestContext, chain: Chain, upstream: Upstream
+    ) -> None:
         loop = asyncio.get_running_loop()
         watchdog = Watchdog(loop, upstream.timeouts, loop.time())
         call: UpstreamCall | None = None
         observer: StreamObserver | None = None
         stream: StreamRelay | None = None
         try:
-            call = await self._open(request, ctx, upstream)
+            call = await self._open(inbound, ctx, upstream)
             watchdog.attach(call)
             decoder, observer = upstream.stream_parts(ctx, self.server)
-            stream = StreamRelay(self.server, ctx, chain, decoder, observer, call, watchdog)
+            stream = StreamRelay(
+                self.server, ctx, chain, decoder, observer, call, watchdog, inbound.sink
+            )
             stream.upstream_failed = lambda kind: self.metrics.upstream_error(upstream.name, kind)
             self._streams.add(stream)
-            response = await stream.start(request)
-            if stream.response is None:  # the client left before the headers
-                return response
+            if not await stream.start():  # the client left before the headers
+                return
             self.metrics.stream_started(ctx)
             try:
-                await stream.run(response)
+                await stream.run()
             finally:
                 self.metrics.stream_ended(ctx)
-            return response
         finally:
             if stream is not None:
                 self._streams.discard(stream)

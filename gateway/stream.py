@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 
 import aiohttp
-from aiohttp import web
 
 from gateway.chain import Chain
 from gateway.config import ServerConfig
@@ -24,10 +23,10 @@ from gateway.errors import (
     timeout_error,
     upstream_error,
 )
-from gateway.headers import SSE_RESPONSE_HEADERS
 from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, overhead_ms, waiting
 from gateway.plugin import EndStream, Reject
-from gateway.sse import SSEError, SSEEvent, encode_events
+from gateway.sinks import ClientGone, StreamSink
+from gateway.sse import SSEError, SSEEvent
 from gateway.upstreams.base import (
     Batch,
     StreamDecoder,
@@ -35,10 +34,6 @@ from gateway.upstreams.base import (
     UpstreamCall,
 )
 from gateway.watchdog import Watchdog
-
-
-class ClientGone(Exception):
-    """Writing to the client failed: it disconnected."""
 
 
 class Ended(Exception):
@@ -81,6 +76,7 @@ class StreamRelay:
         observer: StreamObserver,
         call: UpstreamCall,
         watchdog: Watchdog,
+        sink: StreamSink,
     ) -> None:
         self.server = server
         self.ctx = ctx
@@ -89,7 +85,8 @@ class StreamRelay:
         self.call = call
         self.watchdog = watchdog
         self.decoder = decoder
-        self.response: web.StreamResponse | None = None
+        self.sink = sink
+        self.opened = False  # headers committed: failures from here on are final events
         self.finished = False
         self._arrived: float | None = None  # when the bytes being processed came in
         self._first = Batch([])  # what `start` read before committing headers
@@ -158,11 +155,12 @@ class StreamRelay:
 
     # -- phase 1: hold headers until the first event tells success from failure -------
 
-    async def start(self, request: web.Request) -> web.StreamResponse:
+    async def start(self) -> bool:
         """Read up to the first data event (bounded wait), then commit 200 headers.
 
         Errors found here are real HTTP errors. The events read so far are delivered by
-        `run`, so any failure from then on follows the after-headers contract.
+        `run`, so any failure from then on follows the after-headers contract. Returns
+        False if the client left before the headers went out.
         """
         held: list[SSEEvent] = []
         batch = Batch([])
@@ -195,25 +193,18 @@ class StreamRelay:
         # The gateway's own time so far; the rest of a stream's is added as events go out.
         overhead = ctx.require(OVERHEAD)
         ctx.overhead_seconds = overhead.answered = overhead.now(ctx)
-        response = web.StreamResponse(
-            status=200,
-            headers={
-                **SSE_RESPONSE_HEADERS,
-                "X-Request-Id": ctx.request_id,
-                **ctx.response_headers,
-                OVERHEAD_HEADER: overhead_ms(ctx.overhead_seconds),
-            },
-        )
-        response.enable_chunked_encoding()
-        try:
-            await response.prepare(request)
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
+        headers = {
+            "X-Request-Id": ctx.request_id,
+            **ctx.response_headers,
+            OVERHEAD_HEADER: overhead_ms(ctx.overhead_seconds),
+        }
+        if not await self.sink.open(headers):
             ctx.outcome = Outcome.CLIENT_DISCONNECTED
             self.finished = True
-            return response
+            return False
         ctx.timing.response_started = self._arrived = time.perf_counter()
-        self.response = response
-        return response
+        self.opened = True
+        return True
 
     def _mark_first(self) -> None:
         self.watchdog.mark_first()
@@ -221,7 +212,7 @@ class StreamRelay:
 
     # -- phase 2: the pump ---------------------------------------------------------------
 
-    async def run(self, response: web.StreamResponse) -> None:
+    async def run(self) -> None:
         """Deliver what `start` read, then pump until the end, a failure or the client leaving."""
         if self.finished:
             return
@@ -237,21 +228,22 @@ class StreamRelay:
             except Ended:
                 pass
             ctx.outcome = ctx.outcome or Outcome.COMPLETED
-            await self._finish(response)
+            await self._finish()
         except StreamFailed as failed:
             ctx.outcome = failed.outcome
             ctx.error = failed.error
             if failed.kind != "draining":
                 self.upstream_failed(failed.kind)
-            await self._fail(response, failed.error)
+            await self._fail(failed.error)
         except GatewayError as err:  # Reject from a plugin, or a fail-closed plugin's failure
             ctx.outcome = Outcome.REJECTED if isinstance(err, Reject) else Outcome.ERROR
             ctx.error = err
-            await self._fail(response, err)
+            await self._fail(err)
         except ClientGone:
             ctx.outcome = Outcome.CLIENT_DISCONNECTED
         except asyncio.CancelledError:
-            ctx.outcome = Outcome.CLIENT_DISCONNECTED
+            if ctx.outcome is not Outcome.CANCELLED:  # a WebSocket `cancel` names itself
+                ctx.outcome = Outcome.CLIENT_DISCONNECTED
             self.call.abort()
             raise
 
@@ -292,25 +284,24 @@ class StreamRelay:
             await self._write(out)
 
     async def _write(self, events: list[SSEEvent], *, translate: bool = True) -> None:
-        assert self.response is not None
         egress = self.egress
+        failed: GatewayError | None = None
         if egress is not None and translate:
             events = [out for event in events for out in egress.feed(event)]
-        data = encode_events(events)
+            failed = egress.error
         if self._arrived is not None:
             self.ctx.overhead_seconds += time.perf_counter() - self._arrived
             self._arrived = None
-        try:
-            await self.response.write(data)
-        except (ConnectionError, aiohttp.ClientConnectionResetError) as err:
-            raise ClientGone() from err
+        sent = await self.sink.send(events) if events or failed is None else 0
         now = time.perf_counter()
         timing = self.ctx.timing
         if timing.first_event_written is None:
             timing.first_event_written = now
         timing.last_event_written = now
         self.ctx.events_out += len(events)
-        self.ctx.bytes_out += len(data)
+        self.ctx.bytes_out += sent
+        if failed is not None:  # the client's format could not carry what came: say so
+            raise StreamFailed(failed, Outcome.UPSTREAM_ERROR, "malformed")
 
     async def _end_early(self, events: list[SSEEvent], outcome: Outcome) -> None:
         self.call.abort()
@@ -318,19 +309,19 @@ class StreamRelay:
         terminal = self.observer.terminal_event()
         await self._write([*events, *([terminal] if terminal else [])])
 
-    async def _finish(self, response: web.StreamResponse) -> None:
+    async def _finish(self) -> None:
         self.call.release()
-        try:
-            await response.write_eof()
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
+        if not await self.sink.close():
             self.ctx.outcome = Outcome.CLIENT_DISCONNECTED
 
-    async def _fail(self, response: web.StreamResponse, err: GatewayError) -> None:
+    async def _fail(self, err: GatewayError) -> None:
         """The contract after headers: one final error event, then the stream ends."""
         self.call.abort()  # ctx.status stays 200: that is what the client got; ctx.error says why
         try:
             event = self.dialect.final_error_event(self.ctx, err) or self.observer.error_event(err)
             await self._write([event], translate=False)
-            await response.write_eof()
-        except (ClientGone, ConnectionError, aiohttp.ClientConnectionResetError):
+            closed = await self.sink.close()
+        except ClientGone:
+            closed = False
+        if not closed:
             self.ctx.outcome = Outcome.CLIENT_DISCONNECTED

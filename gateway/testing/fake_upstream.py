@@ -2,7 +2,9 @@
 
 It replays byte-exact responses with controlled chunking and pacing, records what it
 received (path, headers, JSON body), and records when the gateway closed each connection,
-so tests can assert on cancellation without sleeping.
+so tests can assert on cancellation without sleeping. Responses come from a queue of
+Scripts, else from a `responder` that picks one from the request (for load tests whose
+clients say what they want), else the default.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,8 @@ class Script:
 
     `delays[i]` is slept before chunk i (a single float applies to every chunk). `then` is
     "eof" (end the body), "hang" (keep the connection open, send nothing more) or "reset"
-    (abort the TCP connection).
+    (abort the TCP connection). `reset_before_headers` aborts the connection instead of
+    answering at all (after `release`, if set).
     """
 
     chunks: Sequence[bytes] = ()
@@ -34,6 +37,7 @@ class Script:
     delays: Sequence[float] | float = 0.0
     then: str = "eof"
     release: asyncio.Event | None = None  # if set, wait for it before the first chunk
+    reset_before_headers: bool = False
 
     def delay(self, index: int) -> float:
         """Seconds to wait before chunk `index`."""
@@ -56,11 +60,28 @@ class Exchange:
     closed_at: float | None = None  # time.perf_counter() when the gateway closed the connection
 
 
-class FakeUpstream:
-    """An aiohttp server that answers each request with the next queued Script."""
+Responder = Callable[["Exchange"], Script]
 
-    def __init__(self, default: Script | None = None) -> None:
+
+class FakeUpstream:
+    """An aiohttp server that answers each request with the next queued Script.
+
+    With the queue empty, `responder(exchange)` picks the script (it sees the request's
+    path, headers and JSON body), else `default` plays. `keepalive_timeout` is how long
+    an idle keep-alive connection stays open (aiohttp's default is 75 s); a short one
+    lets leak tests see the gateway's pooled upstream connections go away once idle.
+    """
+
+    def __init__(
+        self,
+        default: Script | None = None,
+        *,
+        responder: Responder | None = None,
+        keepalive_timeout: float = 75.0,
+    ) -> None:
         self.default = default or Script(openai_stream(["Hello", " world"]))
+        self.responder = responder
+        self.keepalive_timeout = keepalive_timeout
         self.scripts: deque[Script] = deque()
         self.exchanges: list[Exchange] = []
         self.arrived = asyncio.Condition()
@@ -80,7 +101,12 @@ class FakeUpstream:
         """Listen on a free loopback port."""
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            keepalive_timeout=self.keepalive_timeout,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -115,7 +141,12 @@ class FakeUpstream:
         async with self.arrived:
             self.exchanges.append(exchange)
             self.arrived.notify_all()
-        script = self.scripts.popleft() if self.scripts else self.default
+        if self.scripts:
+            script = self.scripts.popleft()
+        elif self.responder is not None:
+            script = self.responder(exchange)
+        else:
+            script = self.default
         try:
             return await self._play(request, script, exchange)
         except (asyncio.CancelledError, ConnectionError):
@@ -133,6 +164,10 @@ class FakeUpstream:
         response.enable_chunked_encoding()
         if script.release is not None:
             await script.release.wait()
+        if script.reset_before_headers:
+            assert request.transport is not None
+            request.transport.abort()
+            return response
         await response.prepare(request)
         for i, chunk in enumerate(script.chunks):
             if (pause := script.delay(i)) > 0:

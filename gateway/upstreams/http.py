@@ -66,7 +66,19 @@ class AiohttpCall(UpstreamCall):
         self._content = response.content
 
     async def read_chunk(self) -> bytes:
-        return await self._content.readany()
+        try:
+            return await self._content.readany()
+        except aiohttp.ClientConnectionError as err:
+            # A response closed while a read is pending (a timeout, a drain) fails that read
+            # with one module-level ClientConnectionError that aiohttp shares across responses
+            # (subclasses are fresh per failure). Raising an exception extends its traceback,
+            # so every raise of that instance would chain onto the last one and keep the
+            # frames, hence the whole request, of every such stream alive for good. Detach it
+            # and raise a fresh one instead.
+            if type(err) is not aiohttp.ClientConnectionError:
+                raise
+            err.__traceback__ = err.__context__ = err.__cause__ = None
+            raise aiohttp.ClientConnectionError(*err.args) from None
 
     def abort(self) -> None:
         self._response.close()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import re
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -13,9 +14,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 import gateway.cli
 from gateway.cli import main, parser
+from tests.integration._process import gateway_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -288,3 +291,81 @@ def test_tokenizers_download_failure_is_a_clear_error(
     argv = ["tokenizers", "download", str(tmp_path), "--names", "cl100k_base"]
     assert main([*argv, "--source", (tmp_path / "no-such-mirror").as_uri()]) == 1
     assert "tokenizer download failed" in capsys.readouterr().err
+
+
+# --- the open-files limit ------------------------------------------------------------------
+
+
+class _FakeLimits:
+    """Stands in for resource.getrlimit/setrlimit (RLIMIT_NOFILE only)."""
+
+    def __init__(self, soft: int, hard: int, *, refuse: bool = False) -> None:
+        self.soft, self.hard, self.refuse = soft, hard, refuse
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == resource.RLIMIT_NOFILE
+        return self.soft, self.hard
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        assert which == resource.RLIMIT_NOFILE
+        if self.refuse:
+            raise ValueError("not allowed")
+        self.soft, self.hard = limits
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "raised"),
+    [
+        pytest.param(1024, 65536, (1024, 65536), id="soft-below-hard"),
+        pytest.param(65536, 65536, None, id="already-at-hard"),
+        pytest.param(1024, resource.RLIM_INFINITY, (1024, 1 << 20), id="hard-unlimited"),
+        pytest.param(resource.RLIM_INFINITY, resource.RLIM_INFINITY, None, id="unlimited"),
+    ],
+)
+def test_raise_open_files_limit(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    soft: int,
+    hard: int,
+    raised: tuple[int, int] | None,
+) -> None:
+    limits = _FakeLimits(soft, hard)
+    monkeypatch.setattr(resource, "getrlimit", limits.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", limits.setrlimit)
+    with caplog.at_level(logging.INFO, logger="sluice"):
+        assert gateway.cli.raise_open_files_limit() == raised
+    if raised is None:
+        assert (limits.soft, limits.hard) == (soft, hard)
+        assert caplog.records == []
+    else:
+        assert (limits.soft, limits.hard) == (raised[1], hard)
+        assert caplog.messages == [
+            f"raised the open-files limit (RLIMIT_NOFILE) from {raised[0]} to {raised[1]}"
+        ]
+
+
+def test_raise_open_files_limit_refused_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    limits = _FakeLimits(1024, 4096, refuse=True)
+    monkeypatch.setattr(resource, "getrlimit", limits.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", limits.setrlimit)
+    with caplog.at_level(logging.INFO, logger="sluice"):
+        assert gateway.cli.raise_open_files_limit() is None
+    assert limits.soft == 1024
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "could not raise the open-files limit from 1024 to 4096" in record.getMessage()
+
+
+async def test_serve_raises_its_soft_open_files_limit_to_the_hard_one(tmp_path: Path) -> None:
+    """Started from a shell with a low `ulimit -n`, the gateway lifts its own soft limit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    start = 256
+    if hard != resource.RLIM_INFINITY and hard <= start:
+        pytest.skip(f"the hard open-files limit ({hard}) leaves nothing to raise")
+    target = (1 << 20) if hard == resource.RLIM_INFINITY else hard
+    async with gateway_process(yaml.safe_load(GOOD), tmp_path, nofile_soft=start) as gw:
+        assert gw.nofile() == (target, hard)
+        log_text = gw.log_text()
+    assert f"raised the open-files limit (RLIMIT_NOFILE) from {start} to {target}" in log_text

@@ -1,0 +1,226 @@
+"""Resumable streams across replicas: each stream's log mirrored into a Redis Stream.
+
+Keys, under `resumable.key_prefix` + `{stream id}` (braced: one Redis Cluster slot per
+stream): the stream itself (entry id `<n>-0` holds
+event n's bytes in field `d`; a last entry with field `end` marks the end), `:meta` (the
+owner and the response headers) and `:reader` (a short lease a remote reader renews, which
+keeps generation going past the grace period). Every key expires `grace + retention`
+seconds after the last write, so a crashed replica leaves nothing behind for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Any, cast
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway.config import ResumableConfig
+from gateway.errors import GatewayError
+from gateway.headers import SSE_RESPONSE_HEADERS
+from gateway.streamlog import ResumeExpired, StreamLog
+
+log = logging.getLogger("sluice.resume")
+
+LEASE_MS = 5000  # a remote reader's lease; renewed every LEASE_MS / 2.5
+BLOCK_MS = 1000  # longest XREAD wait before the reader checks the stream still exists
+_REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+
+
+def stream_key(prefix: str, stream_id: str) -> str:
+    """The Redis Stream's key; the braces keep a stream's keys in one Redis Cluster slot."""
+    return f"{prefix}{{{stream_id}}}"
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import RedisError
+
+    return (RedisError, *_REDIS_ERRORS)
+
+
+class RedisStreams:
+    """The Redis side of resumable streams for one replica."""
+
+    def __init__(self, config: ResumableConfig) -> None:
+        from redis.asyncio import Redis
+
+        assert config.redis_url is not None
+        self.config = config
+        self.prefix = config.key_prefix
+        self.ttl = int(config.grace_seconds + config.retention_seconds) + 5
+        self.redis: Redis = Redis.from_url(
+            config.redis_url.get_secret_value(), socket_connect_timeout=2.0
+        )
+        self.warned = False
+
+    def mirror(self, log_: StreamLog) -> RedisMirror:
+        """Start mirroring a new stream's log."""
+        return RedisMirror(self, log_)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.redis.aclose()
+
+    def failed(self, what: str, err: BaseException) -> None:
+        """Log a Redis failure once per incident (no URL, no secrets)."""
+        if not self.warned:
+            self.warned = True
+            log.warning("resumable streams: Redis %s failed (%s)", what, type(err).__name__)
+
+    async def tail(
+        self, request: web.Request, stream_id: str, owner: str, after: int
+    ) -> web.StreamResponse:
+        """Serve a stream whose log lives on another replica, from after `after`."""
+        from gateway.resume import error_event, expired, not_found
+
+        key = stream_key(self.prefix, stream_id)
+        meta: Any
+        first: Any
+        try:
+            meta = await self.redis.hgetall(key + ":meta")
+            first = await self.redis.xrange(key, "-", "+", count=1)
+        except _redis_errors() as err:
+            self.failed("read", err)
+            raise GatewayError(
+                503,
+                "Resumable streams are unavailable right now; retry.",
+                type="server_error",
+                code="resume_unavailable",
+            ) from None
+        if not meta or meta.get(b"owner", b"").decode() != owner:
+            raise not_found()
+        if first:
+            first_seq = int(first[0][0].split(b"-")[0])
+            if first_seq > after + 1:
+                raise expired()
+        headers = orjson.loads(meta.get(b"headers", b"{}"))
+        response = web.StreamResponse(status=200, headers={**SSE_RESPONSE_HEADERS, **headers})
+        response.enable_chunked_encoding()
+        lease = asyncio.create_task(self._hold_lease(key + ":reader"))
+        try:
+            await response.prepare(request)
+            ended = await self._pump(response, key, after)
+            if ended is not None:
+                await response.write(error_event(ended))
+            await response.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            pass
+        finally:
+            lease.cancel()
+        return response
+
+    async def _pump(
+        self, response: web.StreamResponse, key: str, after: int
+    ) -> GatewayError | None:
+        """Write entries after `after` until the end marker; an error if the log broke off."""
+        from gateway.resume import abandoned, expired
+
+        position = after
+        while True:
+            reply: Any
+            try:
+                reply = await self.redis.xread({key: f"{position}-0"}, count=256, block=BLOCK_MS)
+                if not reply and not await self.redis.exists(key):
+                    return GatewayError(
+                        502,
+                        "The replica generating this stream went away.",
+                        type="upstream_error",
+                        code="stream_lost",
+                    )
+            except _redis_errors() as err:
+                self.failed("read", err)
+                return GatewayError(
+                    503,
+                    "Lost the connection to the stream log.",
+                    type="server_error",
+                    code="resume_unavailable",
+                )
+            for _stream, entries in reply:
+                chunk: list[bytes] = []
+                for entry_id, fields in entries:
+                    seq = int(entry_id.split(b"-")[0])
+                    if b"end" in fields:
+                        if chunk:
+                            await response.write(b"".join(chunk))
+                        return abandoned() if fields[b"end"] == b"abandoned" else None
+                    if seq != position + 1:
+                        return expired()  # trimmed past this reader: never a hole
+                    chunk.append(fields[b"d"])
+                    position = seq
+                if chunk:
+                    await response.write(b"".join(chunk))
+
+    async def _hold_lease(self, reader_key: str) -> None:
+        token = secrets.token_hex(8)
+        while True:
+            try:
+                await self.redis.set(reader_key, token, px=LEASE_MS)
+            except _redis_errors() as err:
+                self.failed("lease", err)
+            await asyncio.sleep(LEASE_MS / 2500)
+
+
+class RedisMirror:
+    """Copies one stream's log into Redis, in order, from a single writer task."""
+
+    def __init__(self, streams: RedisStreams, log_: StreamLog) -> None:
+        self.streams = streams
+        self.log = log_
+        self.key = stream_key(streams.prefix, log_.stream_id)
+        self.written = 0  # last sequence number in Redis
+        self._wake = asyncio.Event()
+        self._wake.set()
+        self.task = asyncio.create_task(self._run())
+        self.broken = False
+
+    def changed(self) -> None:
+        """The log grew or finished."""
+        self._wake.set()
+
+    async def reader_attached(self) -> bool:
+        """Whether a reader on some replica holds a lease on this stream."""
+        try:
+            return bool(await self.streams.redis.exists(self.key + ":reader"))
+        except _redis_errors() as err:
+            self.streams.failed("lease check", err)
+            return False
+
+    async def _run(self) -> None:
+        redis, ttl, meta = self.streams.redis, self.streams.ttl, self.key + ":meta"
+        try:
+            head: dict[str, Any] = {
+                "owner": self.log.owner,
+                "headers": orjson.dumps(self.log.headers),
+            }
+            await redis.hset(meta, mapping=cast("Any", head))
+            await redis.expire(meta, ttl)
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                try:
+                    entries = self.log.since(self.written)
+                except ResumeExpired:
+                    entries = self.log.since(self.log.first_seq - 1)
+                finished = self.log.finished
+                pipe = redis.pipeline(transaction=False)
+                for seq, data in entries:
+                    pipe.xadd(self.key, {"d": data}, id=f"{seq}-0")
+                if entries:
+                    self.written = entries[-1][0]
+                if self.log.first_seq > 1:
+                    pipe.xtrim(self.key, minid=f"{self.log.first_seq}-0", approximate=False)
+                if finished:
+                    end = b"abandoned" if self.log.abandoned else b"1"
+                    pipe.xadd(self.key, {"end": end}, id=f"{self.log.last_seq + 1}-0")
+                pipe.expire(self.key, ttl)
+                pipe.expire(meta, ttl)
+                await pipe.execute()
+                if finished:
+                    return
+        except _redis_errors() as err:
+            self.broken = True
+            self.streams.failed("write", err)
