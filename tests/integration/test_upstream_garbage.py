@@ -163,11 +163,6 @@ async def test_invalid_json_with_parsing_plugins_is_survived(
         _json_502(status, content_type, raw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in gateway/stream.py (being refactored elsewhere): StreamRelay._write never "
-    "checks the Anthropic egress's `error`, so the stream stops silently after message_start",
-)
 @pytest.mark.parametrize(
     "bad",
     [
