@@ -281,7 +281,9 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/embeddings", proxy.embeddings)
     app.router.add_post("/v1/messages", proxy.messages)
-    app.router.add_get("/v1/ws", websocket_handler(proxy, state.config.server.max_body_bytes))
+    server = state.config.server
+    ws = websocket_handler(proxy, server.max_body_bytes, server.cors.allow_origins)
+    app.router.add_get("/v1/ws", ws)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/v1/streams/{stream_id}", resumer.handle)
     app.router.add_get("/healthz", _healthz)

@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -221,10 +222,31 @@ class WsSession:
                 await task
 
 
-def websocket_handler(proxy: Proxy, max_message_bytes: int) -> Any:
+def origin_allowed(request: web.Request, allowed: Collection[str]) -> bool:
+    """Browsers send `Origin` on a WebSocket handshake and apply no CORS to it, so the gateway
+    checks it: its own origin and `server.cors.allow_origins` may connect; clients that send
+    no `Origin` (not browsers) may too."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    if "*" in allowed or origin in allowed:
+        return True
+    return urlsplit(origin).netloc.lower() == request.host.lower()
+
+
+def websocket_handler(
+    proxy: Proxy, max_message_bytes: int, allowed_origins: Collection[str] = ()
+) -> Any:
     """The aiohttp handler for GET /v1/ws."""
 
-    async def handle(request: web.Request) -> web.WebSocketResponse:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if not origin_allowed(request, allowed_origins):
+            return GatewayError(
+                403,
+                "This origin may not open a WebSocket here (see server.cors.allow_origins).",
+                type="permission_error",
+                code="origin_not_allowed",
+            ).to_response()
         ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=max_message_bytes)
         await ws.prepare(request)
         session = WsSession(proxy, ws, request.headers)

@@ -7,6 +7,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from gateway.context import Outcome
 from gateway.testing.fake_upstream import FakeUpstream, Script, openai_stream
@@ -229,3 +230,19 @@ async def test_keys_from_the_handshake_or_an_auth_message(
         {"team": "a", "model": "m", "upstream": "fake", "status": "200", "outcome": "completed"},
     )
     assert metrics == 2
+
+
+async def test_a_foreign_browser_origin_is_refused_at_the_handshake(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    config = config_for(fake, server={"cors": {"allow_origins": ["https://app.example.com"]}})
+    fake.default = Script(openai_stream(["ok"]))
+    async with run_gateway(config) as gw:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(gw.v1 + "/ws", headers={"Origin": "https://evil.example"})
+        assert refused.value.status == 403
+        host = gw.url.removeprefix("http://")
+        for origin in ("https://app.example.com", f"http://{host}"):
+            async with http.ws_connect(gw.v1 + "/ws", headers={"Origin": origin}) as ws:
+                await _request(ws, "o")
+                assert _text(await _until_done(ws, "o")) == "ok"
