@@ -31,6 +31,7 @@ from gateway.playground import add_routes as add_playground_routes
 from gateway.proxy import Proxy
 from gateway.resume import Resumer
 from gateway.routing import Router, UpstreamHealth
+from gateway.serverlog import http_server_logger
 from gateway.upstreams.anthropic import Anthropic
 from gateway.upstreams.azure import AzureOpenAI
 from gateway.upstreams.base import Upstream
@@ -200,7 +201,7 @@ async def _metrics_listener(app: web.Application) -> Any:
     metrics_app = web.Application()
     metrics_app[STATE] = state
     metrics_app.router.add_get("/metrics", _metrics)
-    runner = web.AppRunner(metrics_app, access_log=None)
+    runner = web.AppRunner(metrics_app, access_log=None, logger=http_server_logger())
     await runner.setup()
     try:
         site = web.TCPSite(runner, app[_LISTEN_HOST], settings.port, reuse_address=True)

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway.app import build_app, build_state
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.serverlog import http_server_logger
 
 log = logging.getLogger("sluice")
 
@@ -33,7 +34,9 @@ async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool =
     """Run the gateway until SIGINT or SIGTERM."""
     state = build_state(config)
     app = build_app(state, host=host)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, logger=http_server_logger()
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

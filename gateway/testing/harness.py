@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway.app import GatewayState, build_app, build_state
 from gateway.config import parse_config
+from gateway.serverlog import http_server_logger
 
 
 @dataclass
@@ -35,7 +36,9 @@ async def run_gateway(
 ) -> AsyncIterator[RunningGateway]:
     """Start the gateway exactly as `sluice serve` does (handler cancellation on)."""
     state = build_state(parse_config(dict(config), env or {}), registry)
-    runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        build_app(state), handler_cancellation=True, access_log=None, logger=http_server_logger()
+    )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

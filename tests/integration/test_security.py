@@ -492,3 +492,27 @@ async def test_connect_errors_do_not_reveal_the_upstream_address(
     assert error["message"] == "Could not connect to upstream 'internal': connection refused."
     assert str(port).encode() not in raw
     assert b"127.0.0.1" not in raw
+
+
+async def test_a_malformed_request_head_is_logged_without_its_bytes(
+    fake: FakeUpstream, log_stream: io.StringIO
+) -> None:
+    """aiohttp quotes the offending header line in its exception; the log must not."""
+    async with run_gateway(config_for(fake)) as gw:
+        client = await RawClient.connect(gw.url)
+        try:
+            padding = "A" * 9000  # past aiohttp's 8190-byte line limit
+            client.writer.write(
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {CLIENT_KEY}{padding}\r\n\r\n".encode()
+            )
+            async with asyncio.timeout(BOUND):
+                status_line = await client.reader.readline()
+        finally:
+            await client.close()
+    assert status_line.split()[1] == b"400"  # aiohttp's own answer, before any handler
+    logged = log_stream.getvalue()
+    assert "refused a malformed request head from 127.0.0.1 (LineTooLong, status 400)" in logged
+    for form in forms(CLIENT_KEY):
+        assert form not in logged
+    assert "Traceback" not in logged
