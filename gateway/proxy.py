@@ -456,6 +456,16 @@ class Proxy:
             if retry_after and error.status in (429, 503) and len(retry_after) < 64:
                 error.headers["Retry-After"] = retry_after
             raise error
+        if "text/html" in call.headers.get("Content-Type", ""):
+            # A captive portal, a login page or a base_url that points at a web server.
+            call.abort()
+            ctx.outcome = Outcome.UPSTREAM_ERROR
+            self.metrics.upstream_error(upstream.name, "malformed")
+            raise upstream_error(
+                f"Upstream {upstream.name!r} answered {call.status} with an HTML page, not an "
+                "API response (check its base_url, or a proxy or login page in the way).",
+                code="upstream_not_an_api",
+            )
         return call
 
     async def _unary(

@@ -253,19 +253,22 @@ async def test_200_with_an_html_body_is_502_json(
     fake.queue(Script(rechunk(HTML, [17]), content_type="text/html"))
     async with run_gateway(config_for(fake)) as gw:
         error = _json_502(*await _post(http, gw.v1, stream=stream))
+    assert error["code"] == "upstream_not_an_api"
+    assert "HTML page" in error["message"]
     assert "<html" not in error["message"]
     assert "It works" not in error["message"]
 
 
-async def test_200_html_that_never_ends_is_a_first_byte_504(
+async def test_200_html_that_never_ends_is_refused_at_its_headers(
     fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
+    """The Content-Type says enough: no waiting for a first event that cannot come."""
     fake.queue(Script([HTML], content_type="text/html", then="hang"))
-    config = config_for(fake, timeouts={"first_byte": 0.3})
-    async with run_gateway(config) as gw:
+    config = config_for(fake, timeouts={"first_byte": 60})
+    async with run_gateway(config) as gw, asyncio.timeout(BOUND):
         status, _, raw = await _post(http, gw.v1)
-    assert status == 504
-    assert json_error(raw)["code"] == "upstream_first_byte_timeout"
+    assert status == 502
+    assert json_error(raw)["code"] == "upstream_not_an_api"
 
 
 # ----- a trickle: one byte at a time --------------------------------------------------------------
