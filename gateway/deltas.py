@@ -79,10 +79,12 @@ def text_delta(ctx: RequestContext, event: SSEEvent) -> tuple[int, str] | None:
     (use those two). Found by one regular expression over the data bytes, without parsing
     the JSON, and cached on the event, so every plugin after the first gets it for free.
     """
-    view = _view(event)
-    if view is None or view[0] != ctx.endpoint:
+    view = event._view
+    if view is _UNSET:
+        view = event._view = _plain_text(event.data_bytes)
+    if view is None or view[0] is not ctx.endpoint:
         return None
-    return view[1]
+    return view[1]  # type: ignore[no-any-return]
 
 
 _Plain = tuple[Endpoint, tuple[int, str], int, int]
@@ -116,7 +118,8 @@ def _plain_text(data: bytes | None) -> _Plain | None:
         text = orjson.loads(b'"' + raw + b'"') if 92 in raw else raw.decode()  # 92: backslash
     except ValueError:  # invalid UTF-8 or escape: the slow path decides
         return None
-    return endpoint, (int(index), text), m.start(group) - 1, m.end(group) + 1
+    start, end = m.span(group)
+    return endpoint, (0 if index == b"0" else int(index), text), start - 1, end + 1
 
 
 def _spliced(event: SSEEvent, view: _Plain, text: str, data: bytes) -> SSEEvent:
@@ -146,7 +149,7 @@ def finish_reasons(ctx: RequestContext, event: SSEEvent) -> dict[int, str]:
 def with_texts(ctx: RequestContext, event: SSEEvent, texts: Mapping[int, str]) -> SSEEvent:
     """A copy of `event` whose text for each choice index in `texts` is replaced."""
     view = _view(event)
-    if view is not None and view[0] == ctx.endpoint and len(texts) == 1:
+    if view is not None and view[0] is ctx.endpoint and len(texts) == 1:
         text = texts.get(view[1][0])
         data = event.data_bytes
         if text is not None and data is not None:
@@ -182,7 +185,7 @@ def text_event(
     data = template.data_bytes
     if (
         view is not None
-        and view[0] == ctx.endpoint
+        and view[0] is ctx.endpoint
         and view[1][0] == index
         and finish_reason is None
         and data is not None

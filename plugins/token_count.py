@@ -226,14 +226,14 @@ class TokenCount:
         """Start counting streamed text with `count`."""
         self._count = count
 
-    def _add(self, index: int, text: str) -> None:
-        """Streamed `text` of choice `index`: gathered, tokenized with its neighbours later."""
+    def _add_all(self, index: int, texts: list[str]) -> None:
+        """Streamed `texts` of choice `index`: gathered, tokenized with their neighbours later."""
         if index != self._index:
             if self._pending:
                 self._settle()
             self._index = index
-        self._pending.append(text)
-        self._pending_chars += len(text)
+        self._pending += texts
+        self._pending_chars += sum(map(len, texts))
         if self._pending_chars >= SETTLE_CHARS:
             self._settle_some()
 
@@ -940,12 +940,35 @@ class TokenCounter(Plugin):
 
     def on_events(self, ctx: RequestContext, events: list[SSEEvent]) -> list[SSEEvent] | None:
         run = ctx.get(_RUN)
-        if run is not None:
-            for event in events:
-                self._count_event(ctx, run, event)
+        if run is None:
+            return None
+        tokens = run.tokens
+        index, texts = tokens._index, []
+        for event in events:
+            plain = text_delta(ctx, event)
+            if plain is not None and plain[0] == index:
+                texts.append(plain[1])  # the hot path: no parse, tokenized later
+                continue
+            if texts:
+                tokens._add_all(index, texts)
+                texts = []
+            if plain is not None:
+                index, texts = plain[0], [plain[1]]
+            else:
+                self._count_other(ctx, run, event)
+        if texts:
+            tokens._add_all(index, texts)
         return None
 
     def _count_event(self, ctx: RequestContext, run: _Run, event: SSEEvent) -> None:
+        plain = text_delta(ctx, event)
+        if plain is not None:  # the hot path: no parse, tokenized later with its neighbours
+            index, text = plain
+            run.tokens._add_all(index, [text])
+        else:
+            self._count_other(ctx, run, event)
+
+    def _count_other(self, ctx: RequestContext, run: _Run, event: SSEEvent) -> None:
         data = event.data_bytes
         if data is None:
             return
@@ -956,10 +979,6 @@ class TokenCounter(Plugin):
             ):
                 return  # finish, usage, [DONE]: nothing to count
         elif b'"text"' not in data:
-            return
-        plain = text_delta(ctx, event)
-        if plain is not None:  # the hot path: no parse, tokenized later with its neighbours
-            run.tokens._add(*plain)
             return
         if run.chat:
             n = self._chat_delta(run, event)
