@@ -20,6 +20,7 @@ from gateway.deltas import event_texts, finish_reasons
 from gateway.plugin import EndStream, Reject
 from gateway.sse import SSEEvent
 from gateway.testing.fake_upstream import openai_chunk, openai_completion
+from plugins import content_filter
 from plugins.content_filter import (
     DETECTOR_MAX_CHARS,
     FILTER,
@@ -936,6 +937,31 @@ async def test_held_events_and_batches_stop_before_the_first_match(
         assert run.text() == safe
         assert run.finishes() == (["content_filter"] if rule >= 0 else ["stop"])
         assert run.ended == (rule >= 0)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(split_texts(), st.sampled_from(["+44 20 79 46 09 58", "4111-1111-1111-1111", "x@y.io"]))
+def test_leaving_out_rules_whose_needs_are_absent_changes_nothing(
+    case: tuple[str, list[str]], extra: str
+) -> None:
+    """Long scans first drop the detectors that cannot match (no "@", no 4 digits...)."""
+    text = case[0] + " " + extra
+    plugin = make(rules=FUZZ_RULES)
+    scanner = plugin.scanner
+    for start in (0, len(text) // 2):
+        for final, stop in ((True, False), (False, False), (True, True)):
+            gated = scanner.scan(text, start, final, stop)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(content_filter, "GATE_CHARS", 1 << 30)
+                assert scanner.scan(text, start, final, stop) == gated
+
+
+def test_needs_are_met_by_every_detectors_examples() -> None:
+    for name, needs in content_filter._NEEDS.items():
+        examples = {"email": EMAIL, "phone": PHONE, "credit_card": CARD, "api_key": KEY}
+        assert needs(examples[name])
+    assert content_filter._NEEDS["phone"]("+44 20 7946 0958")
+    assert content_filter._NEEDS["api_key"]("-----BEGIN RSA PRIVATE KEY-----")
 
 
 # ----- non-streaming responses --------------------------------------------------------------------
