@@ -23,6 +23,7 @@ plugins:
       completion_action: redact    # redact | stop (finish_reason "content_filter") | off
       redaction: "[REDACTED:{rule}]"
       max_hold_chars: 256          # cap on the hold-back window (config error if a rule needs more)
+      hold_whole_events: true      # false: release text at once in rewritten events (see Streams)
 ```
 
 **Prompts** (``on_request``): ``reject`` answers 400 naming the first rule that matched;
@@ -52,6 +53,9 @@ arrives; at most ``window`` characters wait. Released text with a letter or digi
 at once: the event is rewritten to carry it (its text replaced in its bytes, nothing else
 re-encoded) and the held rest follows in later events. A redaction rewrites the events that
 carried the match. With several choices (``n`` > 1) released text always goes out at once.
+``hold_whole_events: false`` makes released text always go out at once (one rewritten event
+per upstream event, so the events keep the upstream's timing while the held text is one
+token late, as before events could wait); only events with no released text at all wait.
 
 **Window and latency** (characters held per choice at most = longest possible match):
 ``email`` 153, ``phone`` 36, ``credit_card`` 19, ``api_key`` 203, ``words`` the longest word,
@@ -459,6 +463,11 @@ class ContentFilterOptions(BaseModel):
     completion_action: Literal["redact", "stop", "off"] = "redact"
     redaction: str = Field("[REDACTED:{rule}]", description="`{rule}` is the rule's name")
     max_hold_chars: int = Field(256, ge=1, le=65536, validate_default=True)
+    hold_whole_events: bool = Field(
+        True,
+        description="an event whose released text has no letter or digit waits whole and "
+        "goes out unchanged; false: released text always goes out at once, rewritten",
+    )
     _scanner: Scanner = PrivateAttr()
 
     @field_validator("rules")
@@ -730,6 +739,7 @@ class ContentFilter(Plugin):
         self.opts = options
         self.scanner = options.scanner
         self._stop = options.completion_action == "stop"
+        self._whole = options.hold_whole_events
         self._completions = options.completion_action != "off"
 
     @property
@@ -938,12 +948,12 @@ class ContentFilter(Plugin):
             lead, settled = "", st.settled + released
             events, texts = [*st.waiting, *events], [*st.waiting_texts, *texts]
             st.clear_waiting()
+            if not clean:
+                return [*sent, *self._redacted(ctx, st, index, events, texts, settled)]
         elif clean and before <= len(released):
             lead, settled = released[:before], released[before:]
-        else:
-            return [*sent, *self._spread(ctx, index, events, texts, released)]
-        if not clean:
-            return [*sent, *self._spread(ctx, index, events, texts, settled)]
+        else:  # a redaction, or text held from earlier events still partly held
+            return [*sent, *self._redacted(ctx, st, index, events, texts, released)]
         out = self._settle(ctx, st, index, events, texts, lead, settled)
         if out is given and not sent:
             return None  # all pass as they came
@@ -969,11 +979,8 @@ class ContentFilter(Plugin):
         pos = ends[k - 1] if k else 0
         rest = settled[pos:]
         waiting = ends[-1] - pos
-        if k < len(events) and st.n == 1 and waiting <= self.window and not _has_word(rest, 0):
-            st.whole, st.settled = index, rest
-            st.waiting, st.waiting_texts, st.waiting_chars = events[k:], texts[k:], waiting
-            if waiting > st.stats.held_max:
-                st.stats.held_max = waiting
+        if k < len(events) and self._may_wait(st, waiting, rest, lead):
+            self._wait(st, index, events[k:], texts[k:], rest, waiting)
             head = [text_event(ctx, events[0], index, lead)] if lead else []
             return [*head, *events[:k]]
         out = events[:k]
@@ -983,6 +990,82 @@ class ContentFilter(Plugin):
         if lead:
             out[0] = with_texts(ctx, events[0], {index: lead + (texts[0] if k else rest)})
         return out
+
+    def _may_wait(self, st: _Stream, waiting: int, released: str, lead: str) -> bool:
+        """May events holding `waiting` characters wait whole, `released` of theirs decided
+        already (and `lead`, earlier held text, released now)?"""
+        if st.n != 1 or waiting > self.window:
+            return False
+        return not _has_word(released, 0) if self._whole else not (released or lead)
+
+    @staticmethod
+    def _wait(
+        st: _Stream, index: int, events: list[SSEEvent], texts: list[str], settled: str, chars: int
+    ) -> None:
+        """Hold `events` whole: their texts are `settled` followed by the choice's held text."""
+        st.whole, st.settled = index, settled
+        st.waiting, st.waiting_texts, st.waiting_chars = events, texts, chars
+        if chars > st.stats.held_max:
+            st.stats.held_max = chars
+
+    def _redacted(
+        self,
+        ctx: RequestContext,
+        st: _Stream,
+        index: int,
+        events: list[SSEEvent],
+        texts: list[str],
+        released: str,
+    ) -> list[SSEEvent]:
+        """`events` after a redaction (or with earlier held text in front of `released`):
+        the events after the last redaction still go out as they came or wait whole, those
+        before it too where their text is found unchanged; the others carry the rest."""
+        ends = list(accumulate(map(len, texts)))
+        frontier = ends[-1] - st.choice(index).held  # where the held text starts in `texts`
+        if frontier <= 0:  # all of their text is held: `released` is earlier text's
+            return self._spread(ctx, index, events, texts, released)
+        k = bisect_right(ends, frontier)  # the events whose text is all released
+        start = ends[k - 1] if k else 0
+        tail = texts[k][: frontier - start] if k < len(events) else ""  # released of event k
+        if not released.endswith(tail):  # the last redaction reaches into event k
+            return self._spread(ctx, index, events, texts, released)
+        head = released[: len(released) - len(tail)]
+        if k == 0:
+            out = [text_event(ctx, events[0], index, head)] if head else []
+        else:
+            out = self._spread_both(ctx, index, events[:k], texts[:k], head)
+        if k == len(events):
+            return out
+        if self._may_wait(st, ends[-1] - start, tail, ""):
+            self._wait(st, index, events[k:], texts[k:], tail, ends[-1] - start)
+            return out
+        out.append(with_texts(ctx, events[k], {index: tail}))
+        return out + [with_texts(ctx, event, {index: ""}) for event in events[k + 1 :]]
+
+    def _spread_both(
+        self, ctx: RequestContext, index: int, events: list[SSEEvent], texts: list[str], text: str
+    ) -> list[SSEEvent]:
+        """`events` (at least one), all of whose text is released as `text`: those whose own
+        text starts or ends it go as they came, the ones between carry the rest."""
+        i = pos = 0
+        while i < len(events) and text.startswith(texts[i], pos):
+            pos += len(texts[i])
+            i += 1
+        j, end = len(events), len(text)
+        while j > i and end - len(texts[j - 1]) >= pos and text.endswith(texts[j - 1], pos, end):
+            end -= len(texts[j - 1])
+            j -= 1
+        if i == j:  # every event matched: text left between them goes with a neighbour
+            if pos == end:
+                return list(events)
+            if j < len(events):
+                fused = with_texts(ctx, events[j], {index: text[pos:end] + texts[j]})
+                return [*events[:j], fused, *events[j + 1 :]]
+            fused = with_texts(ctx, events[i - 1], {index: texts[i - 1] + text[pos:end]})
+            return [*events[: i - 1], fused]
+        middle = [with_texts(ctx, events[i], {index: text[pos:end]})]
+        middle += [with_texts(ctx, event, {index: ""}) for event in events[i + 1 : j]]
+        return [*events[:i], *middle, *events[j:]]
 
     def _spread(
         self, ctx: RequestContext, index: int, events: list[SSEEvent], texts: list[str], text: str
@@ -1022,7 +1105,7 @@ class ContentFilter(Plugin):
                 *_without_choice(events, index),
                 *self._stopped(ctx, st, index, text, rule, template, edit),
             ]
-        return self._spread(ctx, index, events, texts, text)
+        return self._spread_both(ctx, index, events, texts, text)
 
     def _stop_run(
         self,

@@ -815,6 +815,30 @@ async def test_a_match_split_across_waiting_events_is_still_redacted() -> None:
     assert run.stats.counts == {("email", "completion_redact"): 1}
 
 
+async def test_without_whole_events_released_text_goes_out_at_once() -> None:
+    plugin = make(hold_whole_events=False)
+    ctx = await start(plugin)
+    out = [plugin.on_event(ctx, chunk(w)) for w in [" Hello", " world", "."]]
+    assert [[event_texts(ctx, e) for e in events or []] for events in out] == [
+        [{0: " "}],
+        [{0: "Hello "}],
+        [{}],  # "world." may still be an address: nothing released, the event is empty
+    ]
+    assert [event_texts(ctx, e) for e in plugin.on_flush(ctx) or []] == [{0: "world."}]
+
+
+@pytest.mark.parametrize("sizes", [[1], [3], [100]], ids=["per-event", "by-3", "one-batch"])
+async def test_only_the_events_carrying_a_match_are_rewritten(sizes: list[int]) -> None:
+    plugin = make()
+    ctx = await start(plugin)
+    tokens = [" Write", " to", " jane", ".doe", "@", "example", ".com", " or", " not", "."]
+    events = [chunk(t) for t in tokens]
+    run = feed_batches(plugin, ctx, [*events, chunk(None, finish="stop")], sizes)
+    assert run.text() == " Write to [REDACTED:email] or not."
+    same = [e for e in run.events if any(e is original for original in events)]
+    assert same == [events[i] for i in (0, 1, 7, 8, 9)]
+
+
 async def test_released_text_with_words_goes_out_at_once() -> None:
     plugin = make()
     ctx = await start(plugin)
@@ -902,14 +926,14 @@ STREAM_RULES = [*ContentFilterOptions().model_dump()["rules"], *WORD_RULES]  # n
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(split_texts(), st.lists(st.integers(1, 8), min_size=1, max_size=5))
+@given(split_texts(), st.lists(st.integers(1, 8), min_size=1, max_size=5), st.booleans())
 async def test_held_events_and_batches_give_the_redacted_whole(
-    case: tuple[str, list[str]], sizes: list[int]
+    case: tuple[str, list[str]], sizes: list[int], whole: bool
 ) -> None:
     """Without a regex rule any word may be held: events wait whole, and batches are scanned
     in one go; the text that comes out is still exactly the redaction of the whole."""
     text, tokens = case
-    plugin = make(rules=STREAM_RULES)
+    plugin = make(rules=STREAM_RULES, hold_whole_events=whole)
     expected = plugin.scanner.redact(text)[0]
     events = [chunk("", role=True), *(chunk(t) for t in tokens), chunk(None, finish="stop")]
     one = feed(plugin, await start(plugin), events)
@@ -922,12 +946,12 @@ async def test_held_events_and_batches_give_the_redacted_whole(
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(split_texts(), st.lists(st.integers(1, 8), min_size=1, max_size=5))
+@given(split_texts(), st.lists(st.integers(1, 8), min_size=1, max_size=5), st.booleans())
 async def test_held_events_and_batches_stop_before_the_first_match(
-    case: tuple[str, list[str]], sizes: list[int]
+    case: tuple[str, list[str]], sizes: list[int], whole: bool
 ) -> None:
     text, tokens = case
-    plugin = make(rules=STREAM_RULES, completion_action="stop")
+    plugin = make(rules=STREAM_RULES, completion_action="stop", hold_whole_events=whole)
     safe, rule = plugin.scanner.first(text)
     events = [chunk("", role=True), *(chunk(t) for t in tokens), chunk(None, finish="stop")]
     for run in (
