@@ -29,6 +29,7 @@ PLUGINS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "latency": [("latency", {})],
     "token_count": [("token_count", {})],
     "content_filter": [("content_filter", {})],
+    "content_filter (hold_whole_events: false)": [("content_filter", {"hold_whole_events": False})],
     "access_log": [("access_log", {"stream": "/dev/null"})],
     "access_log (log_completions)": [
         ("access_log", {"stream": "/dev/null", "log_completions": True})
