@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import orjson
 
-from gateway.context import Endpoint, RequestContext
+from gateway.context import Endpoint, RequestContext, StateKey
 from gateway.sse import _UNSET, SSEEvent
 
 # A plain text chunk, as OpenAI, vLLM and Sluice's own translators write it: one choice,
@@ -81,7 +81,7 @@ def text_delta(ctx: RequestContext, event: SSEEvent) -> tuple[int, str] | None:
     """
     view = event._view
     if view is _UNSET:
-        view = event._view = _plain_text(event.data_bytes)
+        view = event._view = _plain_text(ctx, event.data_bytes)
     if view is None or view[0] is not ctx.endpoint:
         return None
     return view[1]  # type: ignore[no-any-return]
@@ -90,18 +90,62 @@ def text_delta(ctx: RequestContext, event: SSEEvent) -> tuple[int, str] | None:
 _Plain = tuple[Endpoint, tuple[int, str], int, int]
 """A plain text chunk: its shape, (index, text), and where its quoted text is in the data."""
 
+_Shape = tuple[Endpoint, int, bytes, bytes]
+"""A stream's plain text chunks: shape, index, bytes up to the text, bytes after it to `]`."""
 
-def _view(event: SSEEvent) -> _Plain | None:
+_SHAPE: StateKey[_Shape] = StateKey("deltas.shape")
+
+
+def _view(ctx: RequestContext, event: SSEEvent) -> _Plain | None:
     view = event._view
     if view is _UNSET:
-        view = event._view = _plain_text(event.data_bytes)
+        view = event._view = _plain_text(ctx, event.data_bytes)
     return view  # type: ignore[no-any-return]
 
 
-def _plain_text(data: bytes | None) -> _Plain | None:
-    """The plain text chunk view of `data`, if it is one."""
+def _plain_text(ctx: RequestContext, data: bytes | None) -> _Plain | None:
+    """The plain text chunk view of `data`, if it is one.
+
+    A stream's text chunks differ only in their text (same id, model, key order): once one
+    matched the pattern, the next ones are recognised by its bytes before and after the
+    text, two comparisons instead of a regular expression.
+    """
     if data is None:
         return None
+    shape = ctx.get(_SHAPE)
+    if shape is not None and data.startswith(shape[2]):
+        view = _by_shape(shape, data)
+        if view is not None:
+            return view
+    found = _by_pattern(data)
+    if found is None:
+        return None
+    view, close = found
+    endpoint, (index, _), start, end = view
+    ctx.set(_SHAPE, (endpoint, index, data[: start + 1], data[end - 1 : close]))
+    return view
+
+
+def _by_shape(shape: _Shape, data: bytes) -> _Plain | None:
+    """The view of `data` if it is the stream's usual text chunk with a plain text."""
+    endpoint, index, head, tail = shape
+    start = len(head)
+    end = data.find(tail, start)
+    if end <= start:
+        return None
+    raw = data[start:end]
+    # A quote in between: the text ended earlier (more keys follow it); an escape: the
+    # pattern decodes it; a "choices" after the array: which one is the key?
+    if 34 in raw or 92 in raw or data.find(b'"choices"', end + len(tail)) >= 0:
+        return None
+    try:
+        return endpoint, (index, raw.decode()), start - 1, end + 1
+    except UnicodeDecodeError:
+        return None
+
+
+def _by_pattern(data: bytes) -> tuple[_Plain, int] | None:
+    """The view of `data` by the patterns, and where the choices array ends."""
     if (m := _CHAT_TEXT.search(data)) is not None:
         endpoint, group = _CHAT, 2
         index, raw = m.groups()
@@ -119,7 +163,7 @@ def _plain_text(data: bytes | None) -> _Plain | None:
     except ValueError:  # invalid UTF-8 or escape: the slow path decides
         return None
     start, end = m.span(group)
-    return endpoint, (0 if index == b"0" else int(index), text), start - 1, end + 1
+    return (endpoint, (0 if index == b"0" else int(index), text), start - 1, end + 1), m.end()
 
 
 def _spliced(event: SSEEvent, view: _Plain, text: str, data: bytes) -> SSEEvent:
@@ -148,7 +192,7 @@ def finish_reasons(ctx: RequestContext, event: SSEEvent) -> dict[int, str]:
 
 def with_texts(ctx: RequestContext, event: SSEEvent, texts: Mapping[int, str]) -> SSEEvent:
     """A copy of `event` whose text for each choice index in `texts` is replaced."""
-    view = _view(event)
+    view = _view(ctx, event)
     if view is not None and view[0] is ctx.endpoint and len(texts) == 1:
         text = texts.get(view[1][0])
         data = event.data_bytes
@@ -181,7 +225,7 @@ def text_event(
     ctx: RequestContext, template: SSEEvent, index: int, text: str, finish_reason: str | None = None
 ) -> SSEEvent:
     """A new event carrying `text` for one choice, shaped like `template` (same id, model)."""
-    view = _view(template)
+    view = _view(ctx, template)
     data = template.data_bytes
     if (
         view is not None
