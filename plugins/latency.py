@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -82,55 +81,48 @@ class LatencyMeter(Plugin):
         ctx.set(LATENCY, LatencyStats())
 
     def on_event(self, ctx: RequestContext, event: SSEEvent) -> list[SSEEvent] | None:
-        stats = ctx.get(LATENCY)
-        if stats is not None:
-            self._seen(ctx, stats, (event,), 1, time.perf_counter())
-        return None
+        return self.on_events(ctx, [event])
 
     def on_events(self, ctx: RequestContext, events: list[SSEEvent]) -> list[SSEEvent] | None:
         """One timestamp per batch: its events leave the chain, and are written, together."""
         stats = ctx.get(LATENCY)
-        if stats is not None:
-            data = len(events)
-            for event in events:
-                if event.data_bytes is None:  # a keep-alive comment
-                    data -= 1
-            if data:
-                self._seen(ctx, stats, events, data, time.perf_counter())
+        if stats is None:
+            return None
+        data = len(events)
+        for event in events:
+            if event.data_bytes is None:  # a keep-alive comment
+                data -= 1
+        now = time.perf_counter()
+        if stats._last is None:
+            data = self._first_token(ctx, stats, events, data, now)
+        if not data:
+            return None
+        gap = now - stats._last  # type: ignore[operator]  # set by the first token
+        stats.gap_count += data
+        stats.gap_total += gap
+        if gap > stats.gap_max:
+            stats.gap_max = gap
+        buckets = stats.gap_buckets
+        buckets[bisect_left(GAP_BUCKETS, gap)] += 1
+        buckets[0] += data - 1  # the others of the batch: 0 s after it
+        stats._last = now
+        stats.events += data
         return None
 
     @staticmethod
-    def _seen(
-        ctx: RequestContext,
-        stats: LatencyStats,
-        events: Sequence[SSEEvent],
-        data: int,
-        now: float,
-    ) -> None:
-        """`data` events (comments aside) leave the chain at `now`, the same moment."""
-        if stats._last is None:
-            # Until the first token only: role-only chunks do not count as a token.
-            for event in events:
-                if event.data_bytes is not None:
-                    data -= 1
-                    if text_delta(ctx, event) is not None or event_texts(ctx, event):
-                        break
-            else:
-                return
-            stats.ttft = now - ctx.timing.received
-            stats._first = stats._last = now
-            stats.events += 1
-        if data:
-            gap = now - stats._last
-            stats.gap_count += data
-            stats.gap_total += gap
-            if gap > stats.gap_max:
-                stats.gap_max = gap
-            buckets = stats.gap_buckets
-            buckets[bisect_left(GAP_BUCKETS, gap)] += 1
-            buckets[0] += data - 1  # the others of the batch: 0 s after it
-            stats._last = now
-            stats.events += data
+    def _first_token(
+        ctx: RequestContext, stats: LatencyStats, events: list[SSEEvent], data: int, now: float
+    ) -> int:
+        """Look for the first token (role-only chunks are none); the data events after it."""
+        for event in events:
+            if event.data_bytes is not None:
+                data -= 1
+                if text_delta(ctx, event) is not None or event_texts(ctx, event):
+                    stats.ttft = now - ctx.timing.received
+                    stats._first = stats._last = now
+                    stats.events += 1
+                    return data
+        return 0
 
     async def on_end(self, ctx: RequestContext) -> None:
         stats = ctx.get(LATENCY)
