@@ -77,7 +77,8 @@ def text_delta(ctx: RequestContext, event: SSEEvent) -> tuple[int, str] | None:
     ``content``), a null ``finish_reason`` and OpenAI's key order. For such a chunk,
     `event_texts` is ``{index: text}`` and `finish_reasons` is empty; None says nothing
     (use those two). Found by one regular expression over the data bytes, without parsing
-    the JSON, and cached on the event, so every plugin after the first gets it for free.
+    the JSON (the stream's later chunks by the bytes around the first one's text), and
+    cached on the event, so every plugin after the first gets it for free.
     """
     view = event._view
     if view is _UNSET:
