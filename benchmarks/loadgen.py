@@ -299,15 +299,26 @@ class IdleStreams:
             if not released:
                 self._opening.release()
 
-    async def open(self, count: int, timeout_s: float) -> int:
-        """Open `count` streams; wait until each got its first event (or failed, or timeout)."""
+    async def open(self, count: int, timeout_s: float, stall_s: float = 10.0) -> int:
+        """Open `count` streams; wait until each got its first event (or failed), at most
+        `timeout_s`, and give up early when no stream opened or failed for `stall_s`."""
         assert self._session is not None, "use IdleStreams as an async context manager"
         self._wanted = count
         self._tasks = [asyncio.create_task(self._hold(self._session)) for _ in range(count)]
-        try:
-            await asyncio.wait_for(self._settled.wait(), timeout_s)
-        except TimeoutError:
-            self.errors["timed out waiting for the first event"] += count - self.opened
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        seen = -1
+        while (done := self.opened + sum(self.errors.values())) > seen:
+            seen = done
+            wait = min(stall_s, deadline - loop.time())
+            if wait <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._settled.wait(), wait)
+                return self.opened
+            except TimeoutError:
+                continue
+        self.errors["timed out waiting for the first event"] += count - self.opened
         return self.opened
 
 

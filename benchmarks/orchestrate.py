@@ -33,18 +33,25 @@ from benchmarks.phases import (
     saturation_summary,
 )
 from benchmarks.targets import (
+    LITELLM_READY_PATH,
     LOOPBACK,
     ManagedProcess,
     ProcessFactory,
     StartError,
     bare_process,
     launch_repeatedly,
+    litellm_binary,
+    litellm_process,
     nginx_binary,
     nginx_process,
     sluice_process,
 )
 
 READY_TIMEOUT_S = 30.0
+PEERS: dict[str, Callable[[], object | None]] = {"nginx": nginx_binary, "litellm": litellm_binary}
+"""Optional targets: measured when found, else skipped with a line saying so."""
+SLOW_START_S = {"litellm": 180.0}  # a large Python app: imports alone take seconds
+READY_PATHS = {"litellm": LITELLM_READY_PATH}
 PHASE_ERRORS = (
     StartError,
     TimeoutError,
@@ -92,6 +99,8 @@ def _factory(name: str, ctx: Context) -> ProcessFactory:
         return lambda port: sluice_process(ctx.workdir, port, ctx.fake_port, ctx.config)
     if name == "nginx":
         return lambda port: nginx_process(ctx.workdir, port, ctx.fake_port)
+    if name == "litellm":
+        return lambda port: litellm_process(ctx.workdir, port, ctx.fake_port)
     raise ValueError(f"unknown target {name!r}")
 
 
@@ -115,15 +124,16 @@ class Run:
         if name == "direct":
             running.target = Target(name, ctx.fake.base_url, ctx.fake.pid)
             return
-        if name == "nginx" and nginx_binary() is None:
-            progress(name, "not installed, skipped")
+        if name in PEERS and PEERS[name]() is None:
+            progress(name, "not installed (python -m benchmarks.peers setup), skipped")
             running.result["skipped"] = "not installed"
             return
         repeats = ctx.plan.startup_repeats
-        progress(name, f"starting ({repeats}x to time spawn -> /readyz 200)")
+        ready = READY_PATHS.get(name, "/readyz")
+        progress(name, f"starting ({repeats}x to time spawn -> {ready} 200)")
         try:
             proc, port, times = await launch_repeatedly(
-                _factory(name, ctx), repeats, READY_TIMEOUT_S
+                _factory(name, ctx), repeats, SLOW_START_S.get(name, READY_TIMEOUT_S), ready
             )
         except StartError as exc:
             running.result["error"] = f"failed to start: {exc}"

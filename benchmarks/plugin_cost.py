@@ -2,16 +2,18 @@
 
 Each plugin is built with its default options (the content filter with its default
 detectors, the access log writing to /dev/null), given one chat request, then fed freshly
-decoded OpenAI chunk events (so JSON parsing, which the first plugin to look pays, is
-included), the way the proxy's chain calls `on_event`. Reports µs per event, median of
-several rounds.
+decoded OpenAI chunk events (so reading an event's text, which the first plugin to look
+pays, is included) through the chain, the way the proxy calls it: one event per call (an
+upstream read per token, as in a paced stream) and in batches of `--batch` events (several
+events per read, as under load). Also the whole chain with every plugin (`all`). Reports CPU
+µs per event (`time.process_time`, so other processes on the machine do not count), the
+minimum over several rounds, minus the cost of an empty chain.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import time
 from typing import Any
 
@@ -23,12 +25,21 @@ from gateway.context import Endpoint, RequestContext
 from gateway.sse import SSEDecoder
 from gateway.testing.fake_upstream import openai_chunk, sse
 
-PLUGINS: dict[str, dict[str, Any]] = {
-    "latency": {},
-    "token_count": {},
-    "content_filter": {},
-    "access_log": {"stream": "/dev/null"},
-    "access_log (log_completions)": {"stream": "/dev/null", "log_completions": True},
+PLUGINS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "latency": [("latency", {})],
+    "token_count": [("token_count", {})],
+    "content_filter": [("content_filter", {})],
+    "content_filter (hold_whole_events: false)": [("content_filter", {"hold_whole_events": False})],
+    "access_log": [("access_log", {"stream": "/dev/null"})],
+    "access_log (log_completions)": [
+        ("access_log", {"stream": "/dev/null", "log_completions": True})
+    ],
+    "all (the order of configs/all-plugins.yaml)": [
+        ("token_count", {}),
+        ("content_filter", {}),
+        ("access_log", {"stream": "/dev/null"}),
+        ("latency", {}),
+    ],
 }
 _WORDS = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", "."]
 
@@ -39,62 +50,66 @@ def _events(count: int) -> bytes:
     )
 
 
-async def _measure(name: str, options: dict[str, Any], events: int, rounds: int) -> float:
-    plugin = name.split(" ")[0]
+def _context() -> RequestContext:
+    ctx = RequestContext("bench", Endpoint.CHAT)
+    ctx.body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    ctx.model = "gpt-4o"
+    ctx.stream = True
+    ctx.route = RouteConfig(model="gpt-4o", upstream="u")
+    return ctx
+
+
+async def _measure(plugins: list[tuple[str, dict[str, Any]]], events: int, batch: int) -> float:
+    """Minimum CPU seconds per event over several rounds."""
     chain = build_chain(
-        [("plugins[0]", PluginConfig(name=plugin, options=options))], discover_plugins()
+        [
+            (f"plugins[{i}]", PluginConfig(name=name, options=options))
+            for i, (name, options) in enumerate(plugins)
+        ],
+        discover_plugins(),
     )
     payload = _events(events)
     samples = []
-    for _ in range(rounds):
-        ctx = RequestContext("bench", Endpoint.CHAT)
-        ctx.body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
-        ctx.model = "gpt-4o"
-        ctx.stream = True
-        ctx.route = RouteConfig(model="gpt-4o", upstream="u")
+    for _ in range(ROUNDS):
+        ctx = _context()
         await chain.run_request(ctx)
-        batch = SSEDecoder().feed(payload)  # fresh events: no cached JSON
-        started = time.perf_counter()
-        for event in batch:
-            chain.run_events(ctx, [event])
-        samples.append((time.perf_counter() - started) / len(batch))
+        fresh = SSEDecoder().feed(payload)  # fresh events: nothing cached on them
+        batches = [fresh[i : i + batch] for i in range(0, len(fresh), batch)]
+        started = time.process_time()
+        for part in batches:
+            chain.run_events(ctx, part)
+        chain.run_flush(ctx)
+        samples.append((time.process_time() - started) / len(fresh))
         await chain.run_end(ctx)
-    return statistics.median(samples) * 1e6
+    return min(samples)
 
 
-async def _baseline(events: int, rounds: int) -> float:
-    chain = build_chain([], {})
-    payload = _events(events)
-    samples = []
-    for _ in range(rounds):
-        ctx = RequestContext("bench", Endpoint.CHAT)
-        batch = SSEDecoder().feed(payload)
-        started = time.perf_counter()
-        for event in batch:
-            chain.run_events(ctx, [event])
-        samples.append((time.perf_counter() - started) / len(batch))
-    return statistics.median(samples) * 1e6
+ROUNDS = 9
 
 
-async def measure_all(events: int = 2000, rounds: int = 7) -> dict[str, float]:
-    """µs per event for each plugin alone, minus the empty chain's cost."""
-    base = await _baseline(events, rounds)
-    out = {}
-    for name, options in PLUGINS.items():
-        out[name] = max(0.0, await _measure(name, options, events, rounds) - base)
+async def measure_all(events: int = 4000, batch: int = 16) -> dict[str, dict[str, float]]:
+    """µs per event for each plugin alone (and all together), minus the empty chain's cost,
+    one event per call and in batches of `batch`."""
+    out: dict[str, dict[str, float]] = {}
+    for size, label in ((1, "one"), (batch, "batch")):
+        base = await _measure([], events, size)
+        for name, plugins in PLUGINS.items():
+            cost = max(0.0, await _measure(plugins, events, size) - base) * 1e6
+            out.setdefault(name, {})[label] = cost
     return out
 
 
 def main() -> None:
     """Print (and optionally write as JSON) the per-event cost of each built-in plugin."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument("--events", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=16, help="events per call, second column")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
-    costs = asyncio.run(measure_all(args.events))
-    print(f"{'plugin':32} µs per event (on_event, one 1-token chunk)")
+    costs = asyncio.run(measure_all(args.events, args.batch))
+    print(f"{'CPU µs per event (chain.run_events)':44} {'1 per call':>10} {args.batch:>4} per call")
     for name, cost in costs.items():
-        print(f"{name:32} {cost:8.2f}")
+        print(f"{name:44} {cost['one']:10.2f} {cost['batch']:13.2f}")
     if args.json:
         with open(args.json, "wb") as out:
             out.write(orjson.dumps(costs, option=orjson.OPT_INDENT_2))

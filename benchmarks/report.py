@@ -188,6 +188,73 @@ def render_table(results: Results, columns: list[str], rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+PROXIES = ("sluice", "nginx", "litellm")
+RATIO_ROWS = {
+    "events/s": "events/s at saturation",
+    "proxy CPU s / 100k events (direct: fake)": "CPU s per 100k events",
+    "KiB per open idle stream": "KiB per open idle stream",
+    "spawn to /readyz 200, median (ms)": "spawn to ready",
+}
+ADDED_ROWS = (
+    "c=32 added TTFT p99 (ms)",
+    "c=32 added gap p99 (ms)",
+)
+
+
+def peer_ratios(results: Results, rows: list[Row]) -> dict[str, dict[str, Value]]:
+    """Each proxy against bare for the rows that compare proxies, plus its added latency."""
+    by_label = {row.label: row for row in rows if row.get is not None}
+    out: dict[str, dict[str, Value]] = {}
+    for label in RATIO_ROWS:
+        row = by_label.get(label)
+        if row is None or row.get is None:
+            continue
+        bare = row.get(results, "bare")
+        cells: dict[str, Value] = {}
+        for name in PROXIES:
+            mine = row.get(results, name)
+            ok = isinstance(mine, int | float) and isinstance(bare, int | float) and bare
+            cells[name] = float(mine) / float(bare) if ok else None  # type: ignore[arg-type]
+        out[label] = cells
+    for label in ADDED_ROWS:
+        row = by_label.get(label)
+        if row is not None and row.get is not None:
+            out[label] = {name: row.get(results, name) for name in ("bare", *PROXIES)}
+    return out
+
+
+def _times(value: Value) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
+
+
+def render_peer_ratios(results: Results, rows: list[Row], columns: list[str]) -> str:
+    """The proxies side by side: ratios to bare (x) and added latency (ms, also bare's)."""
+    names = [n for n in PROXIES if n in columns]
+    if not names:
+        return ""
+    table = peer_ratios(results, rows)
+    header = ["each proxy vs bare (same run)", *names]
+    lines: list[list[str]] = []
+    for label, cells in table.items():
+        if label in ADDED_ROWS:
+            bare = fmt_value(cells.get("bare"), "+.2f")
+            values = [fmt_value(cells.get(n), "+.2f") for n in names]
+            lines.append([f"{label} (bare {bare})", *values])
+        else:
+            values = [_times(cells.get(n)) for n in names]
+            lines.append([f"{RATIO_ROWS[label]} / bare", *values])
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+
+    def join(cells: list[str]) -> str:
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([cells[0].ljust(widths[0]), *rest])
+
+    text = [join(r) for r in [header, *lines]]
+    return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+
+
 def criteria_summary(results: Results, rows: list[Row]) -> list[dict[str, Any]]:
     out = []
     for row in rows:

@@ -1,6 +1,8 @@
-"""Sluice streaming benchmark: direct vs bare aiohttp proxy vs Sluice (vs nginx if installed).
+"""Sluice streaming benchmark: direct vs bare aiohttp proxy vs Sluice (vs peers if installed).
 
     python -m benchmarks.run [--quick] [--json PATH] [--config PATH] [--targets direct,bare,sluice]
+
+Peers (nginx, LiteLLM's proxy) are measured when installed: python -m benchmarks.peers setup.
 
 See benchmarks/README.md for what every number means.
 """
@@ -27,10 +29,17 @@ import orjson
 from benchmarks._runtime import raise_fd_limit, run
 from benchmarks.orchestrate import READY_TIMEOUT_S, Context, run_targets
 from benchmarks.phases import FakeControl, Plan
-from benchmarks.report import build_rows, criteria_summary, derived, render_table
+from benchmarks.report import (
+    build_rows,
+    criteria_summary,
+    derived,
+    peer_ratios,
+    render_peer_ratios,
+    render_table,
+)
 from benchmarks.targets import LOOPBACK, REPO_ROOT, fake_process, free_port, launch
 
-KNOWN_TARGETS = ("direct", "bare", "sluice", "nginx")
+KNOWN_TARGETS = ("direct", "bare", "sluice", "nginx", "litellm")
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "latest.json"
 RUN_BUDGET_S = 900.0  # a hard ceiling; a healthy full run takes about 2.5 minutes
 
@@ -50,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default=",".join(KNOWN_TARGETS),
-        help="comma-separated subset of direct,bare,sluice,nginx (default: all)",
+        help="comma-separated subset of direct,bare,sluice,nginx,litellm (default: all)",
     )
     parser.add_argument(
         "--strict", action="store_true", help="exit 1 when a Sluice target is missed"
@@ -154,6 +163,9 @@ def print_report(report: dict[str, Any], columns: list[str]) -> None:
     print()
     print(report["table"])
     print()
+    if report["peers_table"]:
+        print(report["peers_table"])
+        print()
     for line in report["problems"]:
         print(line)
     verdicts = [c["result"] for c in report["criteria"]]
@@ -183,6 +195,8 @@ async def main_async(args: argparse.Namespace) -> int:
         "criteria": criteria_summary(results, rows),
         "table_values": derived(results, rows),
         "table": render_table(results, columns, rows),
+        "peers": peer_ratios(results, rows),
+        "peers_table": render_peer_ratios(results, rows, columns),
         "problems": _problems(results),
         "elapsed_s": time.perf_counter() - started,
     }

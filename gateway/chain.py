@@ -20,6 +20,7 @@ from gateway.plugin import (
     EndStream,
     OnEnd,
     OnEvent,
+    OnEvents,
     OnFlush,
     OnRequest,
     OnResponse,
@@ -87,6 +88,15 @@ class _Entry:
     fail_closed: bool
 
 
+@dataclass(slots=True)
+class _EventHook:
+    """A plugin's event hook: `batch` (`on_events`) if it has one, else `one` (`on_event`)."""
+
+    entry: _Entry
+    one: OnEvent | None
+    batch: OnEvents | None
+
+
 class PluginFailed(GatewayError):
     """A fail-closed plugin raised; the request fails with a 500."""
 
@@ -102,7 +112,7 @@ class Chain:
     errors: Counter[str] = field(default_factory=Counter)
     _request: list[tuple[_Entry, OnRequest]] = field(init=False)
     _response_start: list[tuple[_Entry, OnResponseStart]] = field(init=False)
-    _event: list[tuple[_Entry, OnEvent]] = field(init=False)
+    _event: list[_EventHook] = field(init=False)
     _flush: list[tuple[_Entry, OnFlush]] = field(init=False)
     _response: list[tuple[_Entry, OnResponse]] = field(init=False)
     _end: list[tuple[_Entry, OnEnd]] = field(init=False)
@@ -110,7 +120,12 @@ class Chain:
     def __post_init__(self) -> None:
         self._request = self._hooks("on_request", want_async=True)
         self._response_start = self._hooks("on_response_start", want_async=True)
-        self._event = self._hooks("on_event", want_async=False)
+        self._event = []
+        for entry in self.entries:
+            batch = self._hook(entry, "on_events", want_async=False)
+            one = None if batch is not None else self._hook(entry, "on_event", want_async=False)
+            if batch is not None or one is not None:
+                self._event.append(_EventHook(entry, one, batch))
         self._flush = self._hooks("on_flush", want_async=False)
         self._response = self._hooks("on_response", want_async=True)
         self._end = self._hooks("on_end", want_async=True)
@@ -118,14 +133,18 @@ class Chain:
     def _hooks(self, name: str, *, want_async: bool) -> list[tuple[_Entry, Any]]:
         found = []
         for entry in self.entries:
-            hook = getattr(entry.plugin, name, None)
-            if hook is None:
-                continue
-            if inspect.iscoroutinefunction(hook) != want_async:
-                kind = "async" if want_async else "a plain (synchronous) method"
-                raise ConfigError(f"plugin {entry.name!r}: {name} must be {kind}")
-            found.append((entry, hook))
+            hook = self._hook(entry, name, want_async=want_async)
+            if hook is not None:
+                found.append((entry, hook))
         return found
+
+    @staticmethod
+    def _hook(entry: _Entry, name: str, *, want_async: bool) -> Any:
+        hook = getattr(entry.plugin, name, None)
+        if hook is not None and inspect.iscoroutinefunction(hook) != want_async:
+            kind = "async" if want_async else "a plain (synchronous) method"
+            raise ConfigError(f"plugin {entry.name!r}: {name} must be {kind}")
+        return hook
 
     @property
     def names(self) -> list[str]:
@@ -165,39 +184,68 @@ class Chain:
                 self._failed(entry, "on_response_start", ctx)
 
     def run_events(self, ctx: RequestContext, events: list[SSEEvent]) -> list[SSEEvent]:
-        """Pass data events through every `on_event` hook in order (the hot path)."""
+        """Pass a batch of events through every event hook in order (the hot path)."""
         return self._apply(ctx, events, self._event)
 
     def _apply(
-        self, ctx: RequestContext, events: list[SSEEvent], hooks: list[tuple[_Entry, OnEvent]]
+        self, ctx: RequestContext, events: list[SSEEvent], hooks: list[_EventHook]
     ) -> list[SSEEvent]:
         spent = ctx.plugin_seconds
-        for position, (entry, hook) in enumerate(hooks):
-            started = perf_counter()
-            out: list[SSEEvent] = []
-            for event in events:
-                if event.data_bytes is None:  # keep-alive comments skip plugins
-                    out.append(event)
-                    continue
-                try:
-                    result = hook(ctx, event)
-                except EndStream as end:
-                    # What this plugin already let through still goes out, before its final
-                    # events, and both pass the plugins after it.
-                    end.events = self._apply(ctx, [*out, *end.events], hooks[position + 1 :])
-                    raise
-                except Reject:
-                    raise
-                except Exception:
-                    self._failed(entry, "on_event", ctx)
-                    result = None
-                if result is None:
-                    out.append(event)
-                else:
-                    out.extend(result)
-            events = out
-            spent[entry.name] = spent.get(entry.name, 0.0) + (perf_counter() - started)
+        for position, hook in enumerate(hooks):
+            if not events:  # all held or dropped: nothing for the plugins after
+                break
+            name = hook.entry.name
+            started = perf_counter()  # per plugin and batch, not per event
+            try:
+                events = (
+                    self._batch(ctx, events, hook) if hook.batch else self._each(ctx, events, hook)
+                )
+            except EndStream as end:
+                # What this plugin already let through still goes out, before its final
+                # events, and both pass the plugins after it.
+                end.events = self._apply(ctx, end.events, hooks[position + 1 :])
+                raise
+            spent[name] = spent.get(name, 0.0) + (perf_counter() - started)
         return events
+
+    def _batch(
+        self, ctx: RequestContext, events: list[SSEEvent], hook: _EventHook
+    ) -> list[SSEEvent]:
+        assert hook.batch is not None
+        try:
+            result = hook.batch(ctx, events)
+        except (EndStream, Reject):
+            raise
+        except Exception:
+            self._failed(hook.entry, "on_events", ctx)
+            result = None
+        return events if result is None else result
+
+    def _each(
+        self, ctx: RequestContext, events: list[SSEEvent], hook: _EventHook
+    ) -> list[SSEEvent]:
+        call = hook.one
+        assert call is not None
+        out: list[SSEEvent] = []
+        for event in events:
+            if event.data_bytes is None:  # keep-alive comments skip plugins
+                out.append(event)
+                continue
+            try:
+                result = call(ctx, event)
+            except EndStream as end:
+                end.events = [*out, *end.events]
+                raise
+            except Reject:
+                raise
+            except Exception:
+                self._failed(hook.entry, "on_event", ctx)
+                result = None
+            if result is None:
+                out.append(event)
+            else:
+                out.extend(result)
+        return out
 
     def run_flush(self, ctx: RequestContext) -> list[SSEEvent]:
         """Collect held-back events at the normal end, in chain order.
@@ -214,7 +262,7 @@ class Chain:
                 flushed = []
             if flushed:
                 position = self.entries.index(entry)
-                later = [(e, h) for e, h in self._event if self.entries.index(e) > position]
+                later = [h for h in self._event if self.entries.index(h.entry) > position]
                 pending.extend(self._apply(ctx, flushed, later))
         return pending
 

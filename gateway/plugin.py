@@ -15,6 +15,14 @@ and implements any subset of these hooks (the chain detects them once, when it i
     the event on unchanged (its original bytes go out), a list to replace it: empty to
     drop, several to split, or hold events back and release them later. Raise
     :class:`EndStream` to finish the stream early with final events of your own.
+``on_events(ctx, events) -> list[SSEEvent] | None``
+    Optional, used instead of ``on_event`` when a plugin has both: the events that came in
+    one upstream read, in order, keep-alive comments (events without data) included: put
+    those back where they were. Return None to pass the batch on unchanged (original bytes),
+    or a new list to send instead; do not change the list given. To end the stream, raise
+    :class:`EndStream` with everything of the batch that goes out, then the final events.
+    A plugin that raises here fails (or is skipped, fail-open) for the whole batch. For
+    per-event costs that a batch can share: one scan, one timestamp, no per-event calls.
 ``on_flush(ctx) -> list[SSEEvent] | None``
     The upstream finished normally; release anything held back, before the terminal event.
 ``async on_response(ctx, body) -> dict | None``
@@ -39,11 +47,20 @@ from gateway.sse import SSEEvent
 OnRequest = Callable[[RequestContext], Awaitable[None]]
 OnResponseStart = Callable[[RequestContext], Awaitable[None]]
 OnEvent = Callable[[RequestContext, SSEEvent], "list[SSEEvent] | None"]
+OnEvents = Callable[[RequestContext, list[SSEEvent]], "list[SSEEvent] | None"]
 OnFlush = Callable[[RequestContext], "list[SSEEvent] | None"]
 OnResponse = Callable[[RequestContext, dict[str, Any]], Awaitable["dict[str, Any] | None"]]
 OnEnd = Callable[[RequestContext], Awaitable[None]]
 
-HOOK_NAMES = ("on_request", "on_response_start", "on_event", "on_flush", "on_response", "on_end")
+HOOK_NAMES = (
+    "on_request",
+    "on_response_start",
+    "on_event",
+    "on_events",
+    "on_flush",
+    "on_response",
+    "on_end",
+)
 
 
 class NoOptions(BaseModel):

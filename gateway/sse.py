@@ -43,10 +43,11 @@ class SSEEvent:
     ``id`` is this block's own id field (not the sticky last-event-ID of the browser API).
     """
 
-    __slots__ = ("_data", "_json", "comments", "event", "id", "raw", "retry")
+    __slots__ = ("_data", "_json", "_view", "comments", "event", "id", "raw", "retry")
 
     _data: str | bytes | None
     _json: Any
+    _view: Any  # a view of the data derived once and cached (see gateway.deltas)
     event: str | None
     id: str | None
     retry: int | None
@@ -69,7 +70,7 @@ class SSEEvent:
         self.retry = retry
         self.comments = comments
         self.raw = raw
-        self._json = _UNSET
+        self._json = self._view = _UNSET
 
     @property
     def data(self) -> str | None:
@@ -339,7 +340,7 @@ class SSEDecoder:
                     ev.event = ev.id = ev.retry = None
                     ev.comments = ()
                     ev.raw = raw
-                    ev._json = _UNSET
+                    ev._json = ev._view = _UNSET
                     events.append(ev)
                 else:
                     events.append(self._dispatch(raw))
@@ -392,7 +393,7 @@ class SSEDecoder:
         else:
             ev._data = None
         ev.raw = raw
-        ev._json = _UNSET
+        ev._json = ev._view = _UNSET
         if self._extra:
             ev.event = self._event
             ev.id = self._id

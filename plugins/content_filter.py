@@ -23,6 +23,7 @@ plugins:
       completion_action: redact    # redact | stop (finish_reason "content_filter") | off
       redaction: "[REDACTED:{rule}]"
       max_hold_chars: 256          # cap on the hold-back window (config error if a rule needs more)
+      hold_whole_events: true      # false: release text at once in rewritten events (see Streams)
 ```
 
 **Prompts** (``on_request``): ``reject`` answers 400 naming the first rule that matched;
@@ -30,36 +31,52 @@ plugins:
 body that goes upstream. **Non-streaming responses**: the message content (or ``text``) is
 redacted, or cut before the first match with ``finish_reason: "content_filter"``.
 
-**Streams** (``on_event``): per choice index the filter holds back only text that may still
-be the start of a match: a position is released once (a) at least ``window`` characters
-follow it (every rule's longest match is at most ``window`` characters, so the outcome there
-can no longer change), or (b) no rule can start a match there whatever comes next, which is
-checked with a second combined expression of every rule's *match prefixes* anchored at the
-end of the text. Regex rules have no derivable prefix set, so with a regex rule the last
-``max_match_chars`` characters are always held. The rest is released at once: either the
-event passes unchanged (its original bytes) or its text is rewritten to carry the released
-text. Held text never exceeds ``window`` characters, is released before a choice's
-``finish_reason`` chunk, and at the end of the stream (``on_flush``); the output is exactly
-the redaction of the whole text. ``stop`` releases the text before the first match, then a
-chunk with ``finish_reason: "content_filter"``; when every choice has ended the stream ends
-(``EndStream``: ``[DONE]`` follows and the upstream connection is closed).
+**Streams** (``on_events``, one call per upstream read; ``on_event`` for one event): per
+choice index the filter holds back only text that may still be the start of a match: a
+position is released once (a) at least ``window`` characters follow it (every rule's longest
+match is at most ``window`` characters, so the outcome there can no longer change), or (b) no
+rule can start a match there whatever comes next, which is checked with a second combined
+expression of every rule's *match prefixes* anchored at the end of the text. Regex rules have
+no derivable prefix set, so with a regex rule the last ``max_match_chars`` characters are
+always held. The text of the events of one read is scanned in one go. Held text never
+exceeds ``window`` characters, is released before a choice's ``finish_reason`` chunk, and at
+the end of the stream (``on_flush``); the output is exactly the redaction of the whole text.
+``stop`` releases the text before the first match, then a chunk with ``finish_reason:
+"content_filter"``; when every choice has ended the stream ends (``EndStream``: ``[DONE]``
+follows and the upstream connection is closed).
+
+What goes out, in a one-choice stream: an event whose whole text is released goes out as it
+came (its original bytes). An event whose text is only partly released *waits whole* when
+the released part has no letter or digit (a space, punctuation: the usual ``" word"``
+token), and goes out unchanged once the rest is decided, typically when the next token
+arrives; at most ``window`` characters wait. Released text with a letter or digit goes out
+at once: the event is rewritten to carry it (its text replaced in its bytes, nothing else
+re-encoded) and the held rest follows in later events. A redaction rewrites the events that
+carried the match. With several choices (``n`` > 1) released text always goes out at once.
+``hold_whole_events: false`` makes released text always go out at once (one rewritten event
+per upstream event, so the events keep the upstream's timing while the held text is one
+token late, as before events could wait); only events with no released text at all wait.
 
 **Window and latency** (characters held per choice at most = longest possible match):
 ``email`` 153, ``phone`` 36, ``credit_card`` 19, ``api_key`` 203, ``words`` the longest word,
 ``regex`` its ``max_match_chars``; the default rule set's window is 203 characters. With the
 default rules the held text is in practice the trailing run of word characters (any word may
 be the local part of an e-mail address, any digits a phone or card number), so a token is
-typically delayed until the next token arrives: about one token of added latency, at most
-the window (~50 tokens) while a real candidate (``sk-...``) is pending. Rule sets without
-``email``/``phone``/``credit_card`` hold nothing for most words and pass events unchanged.
+typically delayed until the next token arrives: about one token of added latency (one
+upstream inter-token gap), at most the window (~50 tokens) while a real candidate
+(``sk-...``) is pending. Rule sets without ``email``/``phone``/``credit_card`` hold nothing
+for most words and pass events unchanged at once.
 
-**Cost** (CPython 3.11, ``timeit`` of ``on_event`` over fresh ``SSEEvent`` objects of
-one-word chat deltas such as ``" world"``, in a steady stream): with the default rules about
-16 µs per event, every event being rewritten (its text shifted by the held word): ~3 µs to
-parse the event and read its texts and finish reasons, ~4 µs to scan and keep state, ~9 µs in
-``gateway.deltas.with_texts``, which deep-copies the chunk (a path copy would make it ~2.5 µs,
-~10 µs per event in all). With rules that hold nothing for ordinary words (e.g. ``api_key``
-and ``words``) events pass unchanged at about 5 µs per event.
+**Cost** (CPython 3.11, ``python -m benchmarks.plugin_cost``: CPU per event of one-word chat
+deltas such as ``" world"`` through the chain, the filter alone, default rules): about 4.9 µs
+per event at one event per read and 1 µs in reads of 400 events (what a loaded gateway
+sees), no event rewritten: reading the delta from the event's bytes (0.3-0.7 µs, shared with
+the plugins after it), the bookkeeping, and one scan per read. A scan of 32 characters or more
+first leaves out the detectors whose necessary text is absent (``email`` needs an ``@``,
+``phone`` a ``+`` or four digits in a row, ``credit_card`` four digits, ``api_key`` one of
+its prefixes): each detector costs ~20 ns per character searched, so ordinary prose is
+searched by none. Before events waited whole, every event was rewritten (JSON copy and
+re-encode) at about 6 µs per event (10-16 µs on the slower machine of the first measurements).
 
 Per-request state lives in the request context; the counts of what was done per rule and
 action are public under ``FILTER`` (a :class:`FilterStats`) for metrics.
@@ -78,9 +95,11 @@ from __future__ import annotations
 
 import importlib
 import re
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, ClassVar, Final, Literal
 
 from pydantic import (
@@ -94,7 +113,14 @@ from pydantic import (
 )
 
 from gateway.context import Endpoint, RequestContext, StateKey
-from gateway.deltas import event_texts, finish_reasons, prompt_texts, text_event, with_texts
+from gateway.deltas import (
+    event_texts,
+    finish_reasons,
+    prompt_texts,
+    text_delta,
+    text_event,
+    with_texts,
+)
 from gateway.plugin import EndStream, Plugin, Reject
 from gateway.sse import SSEEvent
 
@@ -176,6 +202,7 @@ class _Spec:
     max_chars: int
     lookbehind: int = 1
     validate: Callable[[str], bool] | None = None
+    needs: Callable[[str], bool] | None = None  # False: no match in this text; None: unknown
 
 
 _LOCAL = r"[\w.%+-]"
@@ -234,6 +261,21 @@ _DETECTORS: Final[dict[str, tuple[str, str, int, Callable[[str], bool] | None]]]
 }
 
 DETECTOR_MAX_CHARS: Final = {name: spec[2] for name, spec in _DETECTORS.items()}
+
+_FOUR_DIGITS: Final = re.compile("[0-9][0-9][0-9][0-9]")  # ("{4}" would search slower)
+_KEY_PREFIX: Final = re.compile(
+    r"sk-|AKIA|ASIA|gh[pousr]_|github_pat_|xox[abposr]-|AIza|-----BEGIN "
+)
+
+_NEEDS: Final[dict[str, Callable[[str], bool]]] = {
+    # Cheap checks of something every match of the detector contains: where it is absent,
+    # the detector is left out of the search (most text has no "@", few runs of digits).
+    "email": lambda text: "@" in text,
+    # North American numbers end in 4 digits; international ones start with "+"
+    "phone": lambda text: "+" in text or _FOUR_DIGITS.search(text) is not None,
+    "credit_card": lambda text: _FOUR_DIGITS.search(text) is not None,  # groups of 4, or 13+
+    "api_key": lambda text: _KEY_PREFIX.search(text) is not None,
+}
 
 
 def _words_spec(name: str, words: Sequence[str]) -> _Spec:
@@ -371,7 +413,8 @@ class Rule(BaseModel):
             raise ValueError("max_match_chars and ignore_case apply to regex rules only")
         if self.detector is not None:
             pattern, prefix, longest, validate = _DETECTORS[self.detector]
-            spec = _Spec(self.name or self.detector, pattern, prefix, longest, 1, validate)
+            name = self.name or self.detector
+            spec = _Spec(name, pattern, prefix, longest, 1, validate, _NEEDS[self.detector])
         elif self.name is None:
             raise ValueError("a words or regex rule needs a name")
         elif self.words is not None:
@@ -420,6 +463,11 @@ class ContentFilterOptions(BaseModel):
     completion_action: Literal["redact", "stop", "off"] = "redact"
     redaction: str = Field("[REDACTED:{rule}]", description="`{rule}` is the rule's name")
     max_hold_chars: int = Field(256, ge=1, le=65536, validate_default=True)
+    hold_whole_events: bool = Field(
+        True,
+        description="an event whose released text has no letter or digit waits whole and "
+        "goes out unchanged; false: released text always goes out at once, rewritten",
+    )
     _scanner: Scanner = PrivateAttr()
 
     @field_validator("rules")
@@ -469,6 +517,10 @@ class ContentFilterOptions(BaseModel):
 # ----- the scanner --------------------------------------------------------------------------------
 
 
+GATE_CHARS: Final = 32
+"""Scans of at least this much new text first check which rules can match at all."""
+
+
 class Scanner:
     """All rules compiled into one regex, plus one for "a match may start here" at the end.
 
@@ -482,10 +534,12 @@ class Scanner:
         # Rules with a validator go last: when their check fails, no other rule matched there.
         ordered = [s for s in specs if s.validate is None] + [s for s in specs if s.validate]
         self.names = [s.name for s in ordered]
-        self.pattern = re.compile(
-            "|".join(f"(?P<_cf{i}>{s.pattern})" for i, s in enumerate(ordered))
-        )
+        self._parts = [f"(?P<_cf{i}>{s.pattern})" for i, s in enumerate(ordered)]
+        self.pattern = re.compile("|".join(self._parts))
         self._index = {f"_cf{i}": i for i in range(len(ordered))}
+        self._needs = [(i, s.needs) for i, s in enumerate(ordered) if s.needs is not None]
+        self._always = sum(1 << i for i, s in enumerate(ordered) if not s.needs)
+        self._subsets: dict[int, re.Pattern[str] | None] = {(1 << len(ordered)) - 1: self.pattern}
         self._validate = [s.validate for s in ordered]
         prefixes = [s.prefix for s in ordered if s.prefix is not None]
         self.viable = re.compile(f"(?:{'|'.join(prefixes)})\\Z") if prefixes else None
@@ -493,6 +547,23 @@ class Scanner:
         self.window = max(s.max_chars for s in ordered)
         self.context = max(s.lookbehind for s in ordered)
         self.replacements = [redaction.format(rule=s.name) for s in ordered]
+
+    def _pattern_for(self, buf: str, start: int) -> re.Pattern[str] | None:
+        """The combined pattern of the rules that can match in `buf[start - context:]`: a
+        rule whose `needs` is absent there is left out (None: no rule can match)."""
+        if not self._needs or len(buf) - start < GATE_CHARS:
+            return self.pattern  # too little text for the checks to pay off
+        text = buf[start - self.context :] if start > self.context else buf
+        mask = self._always
+        for i, needs in self._needs:
+            if needs(text):
+                mask |= 1 << i
+        try:
+            return self._subsets[mask]
+        except KeyError:
+            parts = [p for i, p in enumerate(self._parts) if mask >> i & 1]
+            pattern = self._subsets[mask] = re.compile("|".join(parts)) if parts else None
+            return pattern
 
     def _frontier(self, buf: str, lo: int) -> int:
         """The first position from `lo` on where a match may still start (len(buf): none)."""
@@ -516,7 +587,11 @@ class Scanner:
         """
         n = len(buf)
         limit = n if final else n - self.window  # positions before it are settled
-        search = self.pattern.search
+        pattern = self._pattern_for(buf, start)
+        if pattern is None:
+            frontier = n if final else self._frontier(buf, max(start, limit))
+            return buf[start:frontier], frontier, -1, None
+        search = pattern.search
         parts: list[str] = []
         hits: list[int] | None = None
         emitted = cursor = start
@@ -569,6 +644,11 @@ class _Choice:
     start: int = 0  # where the held text begins in buf
     done: bool = False  # finished upstream or stopped by the filter
 
+    @property
+    def held(self) -> int:
+        """Characters held back (not released yet)."""
+        return len(self.buf) - self.start
+
 
 @dataclass(slots=True)
 class _Stream:
@@ -577,6 +657,20 @@ class _Stream:
     choices: dict[int, _Choice] = field(default_factory=dict)
     stopped: set[int] = field(default_factory=set)
     template: SSEEvent | None = None  # an event of this stream, for id/model of new events
+    # Events held whole (one-choice streams): text events of choice `whole`, oldest first.
+    # Their texts are `settled` (released, not sent yet, never redacted) + the choice's held
+    # text, so once decided unchanged they go out as they came, original bytes and all.
+    waiting: list[SSEEvent] = field(default_factory=list)
+    waiting_texts: list[str] = field(default_factory=list)
+    waiting_chars: int = 0
+    settled: str = ""
+    whole: int = 0
+
+    def clear_waiting(self) -> None:
+        self.waiting = []
+        self.waiting_texts = []
+        self.waiting_chars = 0
+        self.settled = ""
 
     def choice(self, index: int) -> _Choice:
         ch = self.choices.get(index)
@@ -601,6 +695,20 @@ class _Edit:
     before: list[SSEEvent] = field(default_factory=list)
     after: list[SSEEvent] = field(default_factory=list)
     stopped: bool = False  # the filter ended a choice in this event
+
+
+_WORD: Final = re.compile(r"[^\W_]")  # a letter or a digit
+
+
+def _has_word(text: str, start: int) -> bool:
+    """True if `text[start:]` has a letter or digit (not just spaces and punctuation)."""
+    return _WORD.search(text, start) is not None
+
+
+def _without_choice(events: list[SSEEvent], index: int) -> list[SSEEvent]:
+    """`events` without choice `index` (those left with nothing are dropped)."""
+    kept = [_without_choices(event, {index}) for event in events]
+    return [event for event in kept if event is not None]
 
 
 def _without_choices(event: SSEEvent, drop: set[int]) -> SSEEvent | None:
@@ -631,6 +739,7 @@ class ContentFilter(Plugin):
         self.opts = options
         self.scanner = options.scanner
         self._stop = options.completion_action == "stop"
+        self._whole = options.hold_whole_events
         self._completions = options.completion_action != "off"
 
     @property
@@ -696,14 +805,15 @@ class ContentFilter(Plugin):
 
     # -- streams -----------------------------------------------------------------------------
 
-    def _feed(self, st: _Stream, ch: _Choice, text: str, final: bool) -> tuple[str, int]:
-        """Add `text` to a choice; return what to release now and the rule that stopped (-1)."""
+    def _feed(self, st: _Stream, ch: _Choice, text: str, final: bool) -> tuple[str, int, bool]:
+        """Add `text` to a choice; return what to release now, the rule that stopped (-1)
+        and whether the released text is unredacted (the text as it came)."""
         sc = self.scanner
         buf = ch.buf + text
         out, frontier, stopped, hits = sc.scan(buf, ch.start, final, self._stop)
         if stopped >= 0:
             ch.buf, ch.start = "", 0
-            return out, stopped
+            return out, stopped, False
         held = len(buf) - frontier
         if held > st.stats.held_max:
             st.stats.held_max = held
@@ -715,7 +825,8 @@ class ContentFilter(Plugin):
         if hits:
             for rule in hits:
                 st.stats.record(sc.names[rule], "completion_redact")
-        return out, -1
+            return out, -1, False
+        return out, -1, True
 
     def _stopped(
         self,
@@ -742,26 +853,300 @@ class ContentFilter(Plugin):
         st = ctx.get(_STREAM)
         if st is None:
             return None
+        return self._one(ctx, st, event)
+
+    def on_events(self, ctx: RequestContext, events: list[SSEEvent]) -> list[SSEEvent] | None:
+        """A batch (one upstream read): runs of one choice's text are decided in one scan."""
+        st = ctx.get(_STREAM)
+        if st is None:
+            return None
+        if len(events) == 1:
+            return self._one(ctx, st, events[0]) if events[0].data_bytes is not None else None
+        result: list[SSEEvent] = []
+        run: list[SSEEvent] = []
+        texts: list[str] = []
+        index = -1
+        try:
+            for event in events:
+                plain = text_delta(ctx, event)
+                if plain is not None and plain[0] == index:
+                    run.append(event)
+                    texts.append(plain[1])
+                    continue
+                if run:
+                    result += self._run(ctx, st, index, run, texts)
+                    run, texts = [], []
+                if plain is not None and not st.stopped:
+                    index, run, texts = plain[0], [event], [plain[1]]
+                    continue
+                index = -1
+                if event.data_bytes is None:  # a comment: not for plugins, keeps its place
+                    result.append(event)
+                    continue
+                one = self._one(ctx, st, event)
+                result += [event] if one is None else one
+            if run:
+                result += self._run(ctx, st, index, run, texts)
+        except EndStream as end:
+            end.events = [*result, *end.events]
+            raise
+        return result
+
+    def _run(
+        self, ctx: RequestContext, st: _Stream, index: int, run: list[SSEEvent], texts: list[str]
+    ) -> list[SSEEvent]:
+        out = self._take(ctx, st, index, run, texts)
+        return run if out is None else out
+
+    def _one(self, ctx: RequestContext, st: _Stream, event: SSEEvent) -> list[SSEEvent] | None:
+        """One event, as `on_event`."""
+        if not st.stopped:
+            plain = text_delta(ctx, event)  # no JSON parse for the usual one-token chunk
+            if plain is not None:
+                return self._take(ctx, st, plain[0], [event], [plain[1]])
         texts = event_texts(ctx, event)
         finishes = finish_reasons(ctx, event)
         if not finishes and not st.stopped:
-            if not texts:
-                return None  # role or usage chunk: nothing of ours to release before it
-            if len(texts) == 1:  # the hot path: one token of one choice
+            if len(texts) == 1:
                 ((index, text),) = texts.items()
-                ch = st.choice(index)
-                if st.template is None:
-                    st.template = event
-                if not ch.done:
-                    out, rule = self._feed(st, ch, text, False)
-                    if rule < 0:
-                        return None if out == text else [with_texts(ctx, event, {index: out})]
-                    edit = _Edit(set())
-                    edit.after = self._stopped(ctx, st, index, out, rule, event, edit)
-                    return self._apply(ctx, st, event, edit)
+                return self._take(ctx, st, index, [event], [text])
+            if not texts:  # role or usage chunk: nothing of its own to hold
+                return [*self._send_waiting(ctx, st), event] if st.waiting else None
+        return self._on_chunk(ctx, st, event, texts, finishes)
+
+    def _take(
+        self,
+        ctx: RequestContext,
+        st: _Stream,
+        index: int,
+        events: list[SSEEvent],
+        texts: list[str],
+    ) -> list[SSEEvent] | None:
+        """The hot path: events with text for one choice and nothing else, in order.
+
+        Returns None when they all pass as they came. Their text is scanned in one go; each
+        event whose whole text is released goes out unchanged. One whose text is only partly
+        released waits, whole, when that part has no letter or digit (a space, punctuation);
+        otherwise the released part goes out at once, in it.
+        """
+        ch = st.choice(index)
+        if ch.done:
+            out: list[SSEEvent] = []
+            for event, text in zip(events, texts, strict=True):
+                one = self._on_chunk(ctx, st, event, {index: text}, {})
+                out += [event] if one is None else one
+            return out
+        sent = self._send_waiting(ctx, st) if st.waiting and index != st.whole else []
+        if st.template is None:
+            st.template = events[0]
+        before = ch.held
+        released, rule, clean = self._feed(st, ch, "".join(texts), False)
+        if rule >= 0:
+            return [*sent, *self._stop_run(ctx, st, index, events, released, rule)]
+        given = events
+        if st.waiting:
+            lead, settled = "", st.settled + released
+            events, texts = [*st.waiting, *events], [*st.waiting_texts, *texts]
+            st.clear_waiting()
+            if not clean:
+                return [*sent, *self._redacted(ctx, st, index, events, texts, settled)]
+        elif clean and before <= len(released):
+            lead, settled = released[:before], released[before:]
+        else:  # a redaction, or text held from earlier events still partly held
+            return [*sent, *self._redacted(ctx, st, index, events, texts, released)]
+        out = self._settle(ctx, st, index, events, texts, lead, settled)
+        if out is given and not sent:
+            return None  # all pass as they came
+        return [*sent, *out]
+
+    def _settle(
+        self,
+        ctx: RequestContext,
+        st: _Stream,
+        index: int,
+        events: list[SSEEvent],
+        texts: list[str],
+        lead: str,
+        settled: str,
+    ) -> list[SSEEvent]:
+        """What to send of `events`, whose text is `settled` (released, unredacted) followed
+        by the choice's held text, and hold the rest; `lead` is earlier held text, released
+        now, to go first. `events` itself when they all go as they came."""
+        ends = list(accumulate(map(len, texts)))  # where each event's text ends
+        k = bisect_right(ends, len(settled))  # the events whose text is all released
+        if k == len(events) and not lead:
+            return events
+        pos = ends[k - 1] if k else 0
+        rest = settled[pos:]
+        waiting = ends[-1] - pos
+        if k < len(events) and self._may_wait(st, waiting, rest, lead):
+            self._wait(st, index, events[k:], texts[k:], rest, waiting)
+            head = [text_event(ctx, events[0], index, lead)] if lead else []
+            return [*head, *events[:k]]
+        out = events[:k]
+        if k < len(events):  # released text with letters or digits goes out at once
+            out.append(with_texts(ctx, events[k], {index: rest}))
+            out += [with_texts(ctx, event, {index: ""}) for event in events[k + 1 :]]
+        if lead:
+            out[0] = with_texts(ctx, events[0], {index: lead + (texts[0] if k else rest)})
+        return out
+
+    def _may_wait(self, st: _Stream, waiting: int, released: str, lead: str) -> bool:
+        """May events holding `waiting` characters wait whole, `released` of theirs decided
+        already (and `lead`, earlier held text, released now)?"""
+        if st.n != 1 or waiting > self.window:
+            return False
+        return not _has_word(released, 0) if self._whole else not (released or lead)
+
+    @staticmethod
+    def _wait(
+        st: _Stream, index: int, events: list[SSEEvent], texts: list[str], settled: str, chars: int
+    ) -> None:
+        """Hold `events` whole: their texts are `settled` followed by the choice's held text."""
+        st.whole, st.settled = index, settled
+        st.waiting, st.waiting_texts, st.waiting_chars = events, texts, chars
+        if chars > st.stats.held_max:
+            st.stats.held_max = chars
+
+    def _redacted(
+        self,
+        ctx: RequestContext,
+        st: _Stream,
+        index: int,
+        events: list[SSEEvent],
+        texts: list[str],
+        released: str,
+    ) -> list[SSEEvent]:
+        """`events` after a redaction (or with earlier held text in front of `released`):
+        the events after the last redaction still go out as they came or wait whole, those
+        before it too where their text is found unchanged; the others carry the rest."""
+        ends = list(accumulate(map(len, texts)))
+        frontier = ends[-1] - st.choice(index).held  # where the held text starts in `texts`
+        if frontier <= 0:  # all of their text is held: `released` is earlier text's
+            return self._spread(ctx, index, events, texts, released)
+        k = bisect_right(ends, frontier)  # the events whose text is all released
+        start = ends[k - 1] if k else 0
+        tail = texts[k][: frontier - start] if k < len(events) else ""  # released of event k
+        if not released.endswith(tail):  # the last redaction reaches into event k
+            return self._spread(ctx, index, events, texts, released)
+        head = released[: len(released) - len(tail)]
+        if k == 0:
+            out = [text_event(ctx, events[0], index, head)] if head else []
+        else:
+            out = self._spread_both(ctx, index, events[:k], texts[:k], head)
+        if k == len(events):
+            return out
+        if self._may_wait(st, ends[-1] - start, tail, ""):
+            self._wait(st, index, events[k:], texts[k:], tail, ends[-1] - start)
+            return out
+        out.append(with_texts(ctx, events[k], {index: tail}))
+        return out + [with_texts(ctx, event, {index: ""}) for event in events[k + 1 :]]
+
+    def _spread_both(
+        self, ctx: RequestContext, index: int, events: list[SSEEvent], texts: list[str], text: str
+    ) -> list[SSEEvent]:
+        """`events` (at least one), all of whose text is released as `text`: those whose own
+        text starts or ends it go as they came, the ones between carry the rest."""
+        i = pos = 0
+        while i < len(events) and text.startswith(texts[i], pos):
+            pos += len(texts[i])
+            i += 1
+        j, end = len(events), len(text)
+        while j > i and end - len(texts[j - 1]) >= pos and text.endswith(texts[j - 1], pos, end):
+            end -= len(texts[j - 1])
+            j -= 1
+        if i == j:  # every event matched: text left between them goes with a neighbour
+            if pos == end:
+                return list(events)
+            if j < len(events):
+                fused = with_texts(ctx, events[j], {index: text[pos:end] + texts[j]})
+                return [*events[:j], fused, *events[j + 1 :]]
+            fused = with_texts(ctx, events[i - 1], {index: texts[i - 1] + text[pos:end]})
+            return [*events[: i - 1], fused]
+        middle = [with_texts(ctx, events[i], {index: text[pos:end]})]
+        middle += [with_texts(ctx, event, {index: ""}) for event in events[i + 1 : j]]
+        return [*events[:i], *middle, *events[j:]]
+
+    def _spread(
+        self, ctx: RequestContext, index: int, events: list[SSEEvent], texts: list[str], text: str
+    ) -> list[SSEEvent]:
+        """`events`, now, carrying `text`: each as it came while its own text is next in
+        `text`, then one with the rest, then empty ones."""
+        out: list[SSEEvent] = []
+        pos, last = 0, len(events) - 1
+        for i, event in enumerate(events):
+            own = texts[i]
+            if text.startswith(own, pos) and (i < last or pos + len(own) == len(text)):
+                out.append(event)
+                pos += len(own)
+                continue
+            out.append(with_texts(ctx, event, {index: text[pos:]}))
+            out += [with_texts(ctx, rest, {index: ""}) for rest in events[i + 1 :]]
+            break
+        return out
+
+    def _send_waiting(self, ctx: RequestContext, st: _Stream) -> list[SSEEvent]:
+        """The waiting events, now, with the released text (the held text stays held)."""
+        events, texts, settled = st.waiting, st.waiting_texts, st.settled
+        st.clear_waiting()
+        return self._spread(ctx, st.whole, events, texts, settled)
+
+    def _decide_waiting(
+        self, ctx: RequestContext, st: _Stream, template: SSEEvent, edit: _Edit | None = None
+    ) -> list[SSEEvent]:
+        """The waiting events' choice ends: decide all of its text, then send them (or stop)."""
+        index = st.whole
+        out, rule, _ = self._feed(st, st.choice(index), "", True)
+        text = st.settled + out
+        events, texts = st.waiting, st.waiting_texts
+        st.clear_waiting()
+        if rule >= 0:
+            return [
+                *_without_choice(events, index),
+                *self._stopped(ctx, st, index, text, rule, template, edit),
+            ]
+        return self._spread_both(ctx, index, events, texts, text)
+
+    def _stop_run(
+        self,
+        ctx: RequestContext,
+        st: _Stream,
+        index: int,
+        events: list[SSEEvent],
+        released: str,
+        rule: int,
+    ) -> list[SSEEvent]:
+        """A match stops the choice: the waiting events and `events` give way to the text
+        before the match and the filter's finish; the stream ends once every choice did."""
+        safe = st.settled + released if st.waiting else released
+        dropped = [*st.waiting, *events]
+        st.clear_waiting()
+        out = [
+            *_without_choice(dropped, index),
+            *self._stopped(ctx, st, index, safe, rule, events[-1]),
+        ]
+        if st.all_done():
+            raise EndStream(out)
+        return out
+
+    def _on_chunk(
+        self,
+        ctx: RequestContext,
+        st: _Stream,
+        event: SSEEvent,
+        texts: dict[int, str],
+        finishes: dict[int, str],
+    ) -> list[SSEEvent] | None:
+        """Any other event: finishes, several choices, stopped choices."""
         if st.template is None:
             st.template = event
         edit = _Edit(set(st.stopped))
+        if st.waiting:
+            if st.whole in finishes and st.whole not in texts:
+                st.choice(st.whole).done = True
+                edit.before += self._decide_waiting(ctx, st, event, edit)
+            else:
+                edit.before += self._send_waiting(ctx, st)
         for index, text in texts.items():
             self._on_text(ctx, st, event, index, text, index in finishes, edit)
         for index in finishes:
@@ -782,7 +1167,7 @@ class ContentFilter(Plugin):
         ch = st.choice(index)
         if ch.done:
             return  # a stopped choice's text goes with its entry (in edit.drop)
-        out, rule = self._feed(st, ch, text, final)
+        out, rule, _ = self._feed(st, ch, text, final)
         if rule >= 0:
             edit.after += self._stopped(ctx, st, index, out, rule, event, edit)
             return
@@ -801,7 +1186,7 @@ class ContentFilter(Plugin):
         ch.done = True
         if len(ch.buf) <= ch.start:
             return
-        out, rule = self._feed(st, ch, "", True)
+        out, rule, _ = self._feed(st, ch, "", True)
         if rule >= 0:
             # its own finish chunk goes: the filter's finish replaces it
             edit.before += self._stopped(ctx, st, index, out, rule, event, edit)
@@ -826,11 +1211,11 @@ class ContentFilter(Plugin):
         st = ctx.get(_STREAM)
         if st is None or st.template is None:
             return None
-        out: list[SSEEvent] = []
+        out = self._decide_waiting(ctx, st, st.template) if st.waiting else []
         for index, ch in sorted(st.choices.items()):
             if ch.done or len(ch.buf) <= ch.start:
                 continue
-            text, rule = self._feed(st, ch, "", True)
+            text, rule, _ = self._feed(st, ch, "", True)
             if rule >= 0:
                 out += self._stopped(ctx, st, index, text, rule, st.template)
             elif text:

@@ -2,7 +2,8 @@
 
 Put it last in the chain: it timestamps events as they leave the chain, right before they
 are written, so a plugin that holds text back (a content filter) delays what it measures
-exactly as it delays the client.
+exactly as it delays the client. Events that leave together (one upstream read, written in
+one go) share one timestamp: the gap between them is 0, which is what the client sees.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from gateway.context import RequestContext, StateKey
-from gateway.deltas import event_texts
+from gateway.deltas import event_texts, text_delta
 from gateway.plugin import Plugin
 from gateway.sse import SSEEvent
 
@@ -80,27 +81,48 @@ class LatencyMeter(Plugin):
         ctx.set(LATENCY, LatencyStats())
 
     def on_event(self, ctx: RequestContext, event: SSEEvent) -> list[SSEEvent] | None:
+        return self.on_events(ctx, [event])
+
+    def on_events(self, ctx: RequestContext, events: list[SSEEvent]) -> list[SSEEvent] | None:
+        """One timestamp per batch: its events leave the chain, and are written, together."""
         stats = ctx.get(LATENCY)
         if stats is None:
             return None
+        data = len(events)
+        for event in events:
+            if event.data_bytes is None:  # a keep-alive comment
+                data -= 1
         now = time.perf_counter()
-        last = stats._last
-        if last is None:
-            # Until the first token only: role-only chunks do not count as a token.
-            if not event_texts(ctx, event):
-                return None
-            stats.ttft = now - ctx.timing.received
-            stats._first = now
-        else:
-            gap = now - last
-            stats.gap_count += 1
-            stats.gap_total += gap
-            if gap > stats.gap_max:
-                stats.gap_max = gap
-            stats.gap_buckets[bisect_left(GAP_BUCKETS, gap)] += 1
+        if stats._last is None:
+            data = self._first_token(ctx, stats, events, data, now)
+        if not data:
+            return None
+        gap = now - stats._last  # type: ignore[operator]  # set by the first token
+        stats.gap_count += data
+        stats.gap_total += gap
+        if gap > stats.gap_max:
+            stats.gap_max = gap
+        buckets = stats.gap_buckets
+        buckets[bisect_left(GAP_BUCKETS, gap)] += 1
+        buckets[0] += data - 1  # the others of the batch: 0 s after it
         stats._last = now
-        stats.events += 1
+        stats.events += data
         return None
+
+    @staticmethod
+    def _first_token(
+        ctx: RequestContext, stats: LatencyStats, events: list[SSEEvent], data: int, now: float
+    ) -> int:
+        """Look for the first token (role-only chunks are none); the data events after it."""
+        for event in events:
+            if event.data_bytes is not None:
+                data -= 1
+                if text_delta(ctx, event) is not None or event_texts(ctx, event):
+                    stats.ttft = now - ctx.timing.received
+                    stats._first = stats._last = now
+                    stats.events += 1
+                    return data
+        return 0
 
     async def on_end(self, ctx: RequestContext) -> None:
         stats = ctx.get(LATENCY)

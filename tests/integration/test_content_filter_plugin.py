@@ -113,6 +113,26 @@ async def test_streamed_secret_is_redacted(
     assert split_events(raw)[-1] == DONE
 
 
+@pytest.mark.parametrize("sizes", [[1 << 20], [7], [1, 5, 2]], ids=["whole", "7-bytes", "awkward"])
+async def test_clean_events_pass_byte_for_byte_around_a_split_match(
+    fake: FakeUpstream, http: aiohttp.ClientSession, sizes: list[int]
+) -> None:
+    """With the default detectors any word may start an address: events wait whole, and
+    every one not touched by the match reaches the client as the upstream sent it."""
+    tokens = ["Write", " to", " jane", ".doe", "@", "example", ".com", " or", " not", " now", "."]
+    upstream = openai_stream(tokens)
+    fake.queue(Script(rechunk(b"".join(upstream), sizes)))
+    async with run_gateway(filter_config(fake)) as gw:
+        status, raw = await post(http, gw.v1, ask("hi"))
+    assert status == 200
+    assert "".join(chat_contents(raw)) == "Write to [REDACTED:email] or not now."
+    assert EMAIL.encode() not in raw
+    received = split_events(raw)
+    untouched = [upstream[i] for i in (0, 1, 2, 8, 9, 10, 11, 12, 13)]  # all but the address
+    assert all(event in received for event in untouched), "sent as they came"
+    assert finish_reasons(raw) == ["stop"]
+
+
 async def _stop_stream(
     gated: GatedUpstream, http: aiohttp.ClientSession, upstream: Sequence[bytes], gate_at: int
 ) -> tuple[bytes, Any]:

@@ -493,3 +493,107 @@ def test_fail_closed_on_event_during_flush_raises_plugin_failed() -> None:
     chain.run_events(ctx, [SSEEvent("a")])
     with pytest.raises(PluginFailed):
         chain.run_flush(ctx)
+
+
+# --- batch hooks (on_events) -----------------------------------------------------------------
+
+
+class Batcher(Plugin):
+    """Has both hooks: the chain calls `on_events` once per batch, never `on_event`."""
+
+    name = "batcher"
+    calls: ClassVar[list[int]] = []
+
+    def on_event(self, ctx: RequestContext, event: SSEEvent) -> list[SSEEvent] | None:
+        raise AssertionError("on_events is used when a plugin has it")
+
+    def on_events(self, ctx: RequestContext, events: list[SSEEvent]) -> list[SSEEvent] | None:
+        self.calls.append(len(events))
+        if all(e.data_bytes is None or e.data != "x" for e in events):
+            return None
+        return [e if e.data_bytes is None else e.replace(data=f"{e.data}!") for e in events]
+
+
+class BatchEnder(Plugin):
+    """Lets the first event of a batch through, then ends the stream with its own."""
+
+    name = "batch-ender"
+
+    def on_events(self, ctx: RequestContext, events: list[SSEEvent]) -> list[SSEEvent] | None:
+        raise EndStream([events[0], SSEEvent("bye")])
+
+
+class BatchBroken(Plugin):
+    name = "batch-broken"
+
+    def on_events(self, ctx: RequestContext, events: list[SSEEvent]) -> list[SSEEvent] | None:
+        raise RuntimeError("on_events broke")
+
+
+class AsyncBatch:
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    async def on_events(self, ctx: RequestContext, events: list[SSEEvent]) -> None:
+        pass
+
+
+REGISTRY.update(
+    {
+        "batcher": Batcher,
+        "batch-ender": BatchEnder,
+        "batch-broken": BatchBroken,
+        "async-batch": AsyncBatch,
+    }
+)
+
+
+def test_batch_hook_is_called_once_per_batch_with_comments_in_place() -> None:
+    Batcher.calls.clear()
+    chain = _chain({"name": "batcher"}, {"name": "suffix", "options": {"text": "s"}})
+    ping = SSEEvent(comments=("ping",))
+    events = [SSEEvent("a"), ping, SSEEvent("b")]
+    out = chain.run_events(_ctx(), events)
+    assert Batcher.calls == [3]
+    assert _data(out) == ["as", None, "bs"]
+    assert out[1] is ping
+    assert chain.has_event_hooks
+
+
+def test_batch_hook_returning_none_passes_the_same_objects() -> None:
+    chain = _chain({"name": "batcher"})
+    events = [SSEEvent("a"), SSEEvent("b")]
+    out = chain.run_events(_ctx(), events)
+    assert all(o is e for o, e in zip(out, events, strict=True))
+    assert _data(chain.run_events(_ctx(), [SSEEvent("x")])) == ["x!"]
+
+
+def test_end_stream_from_a_batch_hook_passes_later_plugins() -> None:
+    chain = _chain({"name": "batch-ender"}, {"name": "suffix", "options": {"text": "s"}})
+    with pytest.raises(EndStream) as ended:
+        chain.run_events(_ctx(), [SSEEvent("a"), SSEEvent("b")])
+    assert _data(ended.value.events) == ["as", "byes"]
+
+
+def test_fail_open_batch_hook_passes_the_batch_and_fail_closed_fails() -> None:
+    chain = _chain({"name": "batch-broken"}, {"name": "suffix", "options": {"text": "s"}})
+    assert _data(chain.run_events(_ctx(), [SSEEvent("a"), SSEEvent("b")])) == ["as", "bs"]
+    assert chain.errors["batch-broken"] == 1
+    closed = _chain({"name": "batch-broken", "fail": "closed"})
+    with pytest.raises(PluginFailed):
+        closed.run_events(_ctx(), [SSEEvent("a")])
+
+
+def test_async_on_events_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="on_events must be a plain"):
+        _chain({"name": "async-batch"})
+
+
+def test_flushed_events_pass_later_batch_hooks() -> None:
+    Batcher.calls.clear()
+    chain = _chain({"name": "holder"}, {"name": "batcher"})
+    ctx = _ctx()
+    chain.run_events(ctx, [SSEEvent("x")])
+    assert Batcher.calls == [], "no call for the empty batch the holder left"
+    assert _data(chain.run_flush(ctx)) == ["held:x"]
+    assert Batcher.calls == [1]

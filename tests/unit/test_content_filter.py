@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gateway.chain import build_plugin, discover_plugins
@@ -20,6 +20,7 @@ from gateway.deltas import event_texts, finish_reasons
 from gateway.plugin import EndStream, Reject
 from gateway.sse import SSEEvent
 from gateway.testing.fake_upstream import openai_chunk, openai_completion
+from plugins import content_filter
 from plugins.content_filter import (
     DETECTOR_MAX_CHARS,
     FILTER,
@@ -758,6 +759,235 @@ async def test_two_choices_match_their_own_whole_text(
     assert run.text(1) == plugin.scanner.redact(b[0])[0]
 
 
+# ----- streams: events held whole, and batches --------------------------------------------------
+
+
+def feed_batches(
+    plugin: ContentFilter, ctx: RequestContext, events: Sequence[SSEEvent], sizes: Sequence[int]
+) -> Run:
+    """Like `feed`, through `on_events` with the events cut into batches of `sizes` (cycled)."""
+    out: list[SSEEvent] = []
+    held: list[int] = []
+    pos = i = 0
+    try:
+        while pos < len(events):
+            batch = list(events[pos : pos + sizes[i % len(sizes)]])
+            pos, i = pos + len(batch), i + 1
+            result = plugin.on_events(ctx, batch)
+            out.extend(batch if result is None else result)
+            held.append(ctx.require(FILTER).held_max)
+    except EndStream as end:
+        return Run([*out, *end.events], True, ctx, held)
+    out.extend(plugin.on_flush(ctx) or [])
+    return Run(out, False, ctx, held)
+
+
+async def test_one_word_events_pass_as_they_came() -> None:
+    plugin = make()  # the default detectors: any word may start an e-mail address
+    ctx = await start(plugin)
+    events = [chunk("", role=True), *(chunk(w) for w in [" Hello", ",", " world", "."])]
+    events.append(chunk(None, finish="stop"))
+    run = feed(plugin, ctx, events)
+    assert len(run.events) == len(events)
+    assert all(a is b for a, b in zip(run.events, events, strict=True)), "no event rewritten"
+    assert ctx.require(FILTER).held_max == len(" world.")
+
+
+async def test_an_event_waits_whole_until_its_word_is_decided() -> None:
+    plugin = make()
+    ctx = await start(plugin)
+    first, second = chunk(" Hello"), chunk(" world")
+    assert plugin.on_event(ctx, first) == [], "' Hello' may be the start of an address"
+    assert plugin.on_event(ctx, second) == [first], "decided by the next word: sent as it came"
+    finish = chunk(None, finish="stop")
+    assert plugin.on_event(ctx, finish) == [second, finish]
+
+
+async def test_a_match_split_across_waiting_events_is_still_redacted() -> None:
+    plugin = make()
+    ctx = await start(plugin)
+    tokens = [" mail", " jane", ".doe", "@", "example", ".com", " now", " and", " then", "."]
+    events = [chunk(t) for t in tokens]
+    run = feed(plugin, ctx, [*events, chunk(None, finish="stop")])
+    assert run.text() == " mail [REDACTED:email] now and then."
+    assert run.events[0] is events[0], "the word before the address went out as it came"
+    assert run.events[-4:-1] == events[-3:], "so did the text after it, after one word"
+    assert run.stats.counts == {("email", "completion_redact"): 1}
+
+
+async def test_without_whole_events_released_text_goes_out_at_once() -> None:
+    plugin = make(hold_whole_events=False)
+    ctx = await start(plugin)
+    out = [plugin.on_event(ctx, chunk(w)) for w in [" Hello", " world", "."]]
+    assert [[event_texts(ctx, e) for e in events or []] for events in out] == [
+        [{0: " "}],
+        [{0: "Hello "}],
+        [{}],  # "world." may still be an address: nothing released, the event is empty
+    ]
+    assert [event_texts(ctx, e) for e in plugin.on_flush(ctx) or []] == [{0: "world."}]
+
+
+@pytest.mark.parametrize("sizes", [[1], [3], [100]], ids=["per-event", "by-3", "one-batch"])
+async def test_only_the_events_carrying_a_match_are_rewritten(sizes: list[int]) -> None:
+    plugin = make()
+    ctx = await start(plugin)
+    tokens = [" Write", " to", " jane", ".doe", "@", "example", ".com", " or", " not", "."]
+    events = [chunk(t) for t in tokens]
+    run = feed_batches(plugin, ctx, [*events, chunk(None, finish="stop")], sizes)
+    assert run.text() == " Write to [REDACTED:email] or not."
+    same = [e for e in run.events if any(e is original for original in events)]
+    assert same == [events[i] for i in (0, 1, 7, 8, 9)]
+
+
+async def test_released_text_with_words_goes_out_at_once() -> None:
+    plugin = make()
+    ctx = await start(plugin)
+    out = plugin.on_event(ctx, chunk("Hello, wor"))
+    assert out is not None
+    assert [event_texts(ctx, e) for e in out] == [{0: "Hello, "}], "not held for 'wor'"
+    # the held word, released with the next one, goes out in an event of its own while the
+    # next one waits whole
+    last = chunk("ld again")
+    out = plugin.on_event(ctx, last)
+    assert out is not None
+    assert [event_texts(ctx, e) for e in out] == [{0: "world "}]
+
+
+async def test_waiting_is_bounded_by_the_window() -> None:
+    plugin = make()
+    ctx = await start(plugin)
+    digits = [chunk(" 1")] * 30  # a phone number may still follow: held
+    run = feed(plugin, ctx, [*digits, chunk(None, finish="stop")])
+    assert run.text() == " 1" * 30
+    assert max(run.held) <= plugin.window
+
+
+async def test_a_stop_drops_the_waiting_events_and_keeps_the_text_before_the_match() -> None:
+    plugin = make(completion_action="stop")
+    ctx = await start(plugin)
+    tokens = [" my", " key", " sk-", "proj", "-" + "a" * 30, " ok"]
+    run = feed(plugin, ctx, [chunk(t) for t in tokens])
+    assert run.ended
+    assert run.text() == " my key "
+    assert run.finishes() == ["content_filter"]
+
+
+async def test_comments_in_a_batch_keep_their_place_and_skip_the_filter() -> None:
+    plugin = make(rules=WORD_RULES)
+    ctx = await start(plugin)
+    comment = SSEEvent(comments=("keep-alive",))
+    events = [chunk("The"), comment, chunk(" fo"), chunk("o.")]
+    out = plugin.on_events(ctx, events)
+    assert out is not None
+    assert out[:2] == [events[0], comment]
+    run = Run([*out, *(plugin.on_flush(ctx) or [])], False, ctx, [])
+    assert run.text() == "The [REDACTED:banned]."
+    assert plugin.on_events(ctx, [comment]) is None
+
+
+async def test_usage_on_a_stopped_event_is_kept() -> None:
+    plugin = make(rules=WORD_RULES, completion_action="stop")
+    ctx = await start(plugin)
+    obj = openai_chunk("a foo!", cid="chatcmpl-xyz")
+    obj["usage"] = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    with pytest.raises(EndStream) as ended:
+        plugin.on_event(ctx, SSEEvent(orjson.dumps(obj)))
+    kept = [e.json() for e in ended.value.events if "usage" in e.json()]
+    assert [k["usage"]["total_tokens"] for k in kept] == [3]
+    assert kept[0]["choices"] == []
+
+
+WORD = st.one_of(
+    st.from_regex(r"\A ?[A-Za-z]{1,8}\Z"),
+    st.from_regex(r"\A ?[0-9]{1,4}\Z"),
+    st.sampled_from([*".,;:!?()'\"-\n", " ", ".\n\n"]),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(WORD, min_size=1, max_size=40), st.lists(st.integers(1, 6), min_size=1))
+async def test_without_a_match_one_word_events_all_pass_unchanged(
+    words: list[str], sizes: list[int]
+) -> None:
+    plugin = make()
+    text = "".join(words)
+    assume(plugin.scanner.redact(text)[0] == text)
+    events = [chunk("", role=True), *(chunk(w) for w in words), chunk(None, finish="stop")]
+    for run in (
+        feed(plugin, await start(plugin), events),
+        feed_batches(plugin, await start(plugin), events, sizes),
+    ):
+        assert len(run.events) == len(events)
+        assert all(a is b for a, b in zip(run.events, events, strict=True))
+        assert max(run.held) <= plugin.window
+
+
+STREAM_RULES = [*ContentFilterOptions().model_dump()["rules"], *WORD_RULES]  # no regex rule
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(split_texts(), st.lists(st.integers(1, 8), min_size=1, max_size=5), st.booleans())
+async def test_held_events_and_batches_give_the_redacted_whole(
+    case: tuple[str, list[str]], sizes: list[int], whole: bool
+) -> None:
+    """Without a regex rule any word may be held: events wait whole, and batches are scanned
+    in one go; the text that comes out is still exactly the redaction of the whole."""
+    text, tokens = case
+    plugin = make(rules=STREAM_RULES, hold_whole_events=whole)
+    expected = plugin.scanner.redact(text)[0]
+    events = [chunk("", role=True), *(chunk(t) for t in tokens), chunk(None, finish="stop")]
+    one = feed(plugin, await start(plugin), events)
+    batched = feed_batches(plugin, await start(plugin), events, sizes)
+    unfinished = feed_batches(plugin, await start(plugin), events[:-1], sizes)
+    for run in (one, batched, unfinished):
+        assert run.text() == expected
+        assert max(run.held, default=0) <= plugin.window
+    assert one.finishes() == batched.finishes() == ["stop"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(split_texts(), st.lists(st.integers(1, 8), min_size=1, max_size=5), st.booleans())
+async def test_held_events_and_batches_stop_before_the_first_match(
+    case: tuple[str, list[str]], sizes: list[int], whole: bool
+) -> None:
+    text, tokens = case
+    plugin = make(rules=STREAM_RULES, completion_action="stop", hold_whole_events=whole)
+    safe, rule = plugin.scanner.first(text)
+    events = [chunk("", role=True), *(chunk(t) for t in tokens), chunk(None, finish="stop")]
+    for run in (
+        feed(plugin, await start(plugin), events),
+        feed_batches(plugin, await start(plugin), events, sizes),
+    ):
+        assert run.text() == safe
+        assert run.finishes() == (["content_filter"] if rule >= 0 else ["stop"])
+        assert run.ended == (rule >= 0)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(split_texts(), st.sampled_from(["+44 20 79 46 09 58", "4111-1111-1111-1111", "x@y.io"]))
+def test_leaving_out_rules_whose_needs_are_absent_changes_nothing(
+    case: tuple[str, list[str]], extra: str
+) -> None:
+    """Long scans first drop the detectors that cannot match (no "@", no 4 digits...)."""
+    text = case[0] + " " + extra
+    plugin = make(rules=FUZZ_RULES)
+    scanner = plugin.scanner
+    for start in (0, len(text) // 2):
+        for final, stop in ((True, False), (False, False), (True, True)):
+            gated = scanner.scan(text, start, final, stop)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(content_filter, "GATE_CHARS", 1 << 30)
+                assert scanner.scan(text, start, final, stop) == gated
+
+
+def test_needs_are_met_by_every_detectors_examples() -> None:
+    for name, needs in content_filter._NEEDS.items():
+        examples = {"email": EMAIL, "phone": PHONE, "credit_card": CARD, "api_key": KEY}
+        assert needs(examples[name])
+    assert content_filter._NEEDS["phone"]("+44 20 7946 0958")
+    assert content_filter._NEEDS["api_key"]("-----BEGIN RSA PRIVATE KEY-----")
+
+
 # ----- non-streaming responses --------------------------------------------------------------------
 
 
@@ -818,4 +1048,5 @@ async def test_per_event_cost_stays_small() -> None:
     events = iter([SSEEvent(raw) for raw in raws])
     seconds = timeit.timeit(lambda: plugin.on_event(ctx, next(events)), number=len(raws))
     assert seconds / len(raws) < 1e-3
-    assert ctx.require(FILTER).held_max <= len("quick")
+    # each one-word event waits whole (its space with it) until the next word came
+    assert ctx.require(FILTER).held_max <= len(" quick")

@@ -101,8 +101,9 @@ async def test_exact_figures_with_a_fake_clock(monkeypatch: pytest.MonkeyPatch) 
     ctx = RequestContext("req_2", Endpoint.CHAT, stream=True)
     ctx.timing.received = 100.0
     await chain.run_request(ctx)
-    # role-only chunk, then four tokens
-    _use_clock(monkeypatch, 100.5, 101.0, 101.1, 101.4, 101.5)
+    # role-only chunk, then four tokens; one timestamp per batch (its events are written
+    # together, so the gap between two events of one batch is 0)
+    _use_clock(monkeypatch, 101.0, 101.3, 101.5)
     ping = SSEEvent(data=None, comments=(" ping",))
     chain.run_events(ctx, [_chunk(role="assistant"), ping, _chunk("a")])
     chain.run_events(ctx, [_chunk("b"), _chunk("c")])
@@ -150,7 +151,8 @@ async def test_completions_text_counts_as_a_token(monkeypatch: pytest.MonkeyPatc
     ctx.timing.received = 0.0
     await chain.run_request(ctx)
     _use_clock(monkeypatch, 0.25, 0.5)
-    chain.run_events(ctx, [_text(""), _text("Once")])
+    chain.run_events(ctx, [_text("")])
+    chain.run_events(ctx, [_text("Once")])
     assert _stats(ctx).ttft == pytest.approx(0.5)
 
 

@@ -596,6 +596,40 @@ def test_raw_bytes_reassemble_the_stream(case: tuple[bytes, list[bytes]]) -> Non
     assert dec.has_pending == bool(rest.strip(b"\r\n"))
 
 
+@st.composite
+def lf_streams_and_chunks(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    """LF-only streams of mostly one-line `data: ` events (what OpenAI-compatible servers
+    send), mixed with other fields, comments, multi-line events and stray blank lines,
+    randomly chunked."""
+    out: list[bytes] = []
+    for _ in range(draw(st.integers(0, 12))):
+        if draw(st.integers(0, 3)):
+            out.append(b"data: " + draw(_VALUES) + b"\n\n")
+        else:
+            out += [b"\n"] * draw(st.integers(0, 1))
+            lines = draw(st.lists(sse_lines(), min_size=1, max_size=3))
+            out.append(b"".join(line + b"\n" for line in lines) + b"\n")
+    if draw(st.booleans()):
+        out.append(b"data: " + draw(_VALUES) + draw(st.sampled_from([b"", b"\n"])))
+    stream = b"".join(out)
+    points = draw(st.lists(st.integers(0, len(stream)), max_size=6))
+    return stream, split_at(stream, points)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lf_streams_and_chunks())
+def test_lf_streams_of_one_line_data_events_decode_like_the_reference(
+    case: tuple[bytes, list[bytes]],
+) -> None:
+    stream, chunks = case
+    expected, consumed = reference(stream)
+    for parts in ([stream], chunks):
+        assert decode_fields(parts) == expected
+        events, dec = decode(parts)
+        assert b"".join(ev.raw or b"" for ev in events) == stream[:consumed]
+        assert dec.pending_bytes == len(stream) - consumed
+
+
 _FIELD_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=20)
 
 

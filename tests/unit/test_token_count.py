@@ -28,6 +28,7 @@ from gateway.testing.fake_upstream import openai_chunk, sse
 from plugins import token_count as tc
 from plugins.token_count import (
     HEURISTIC,
+    SETTLE_CHARS,
     TOKENS,
     TokenCount,
     TokenCounter,
@@ -379,8 +380,31 @@ async def test_events_without_text_are_not_parsed(tmp_path: Path) -> None:
     assert CountingEvent.parses == 0
     assert tokens.completion_tokens == 0
     chain.run_events(ctx, [CountingEvent(orjson.dumps(openai_chunk(" text")))])
-    assert CountingEvent.parses == 1
+    assert CountingEvent.parses == 0, "a plain text delta is read from its bytes"
     assert tokens.completion_tokens == 1
+    other_order = {"choices": [{"delta": {"content": " more"}, "index": 0}]}
+    chain.run_events(ctx, [CountingEvent(orjson.dumps(other_order))])
+    assert CountingEvent.parses == 1, "any other shape is parsed, once"
+    assert tokens.completion_tokens == 2
+
+
+async def test_streamed_text_is_tokenized_in_pieces_and_counted_when_read(
+    tmp_path: Path, cl100k: tiktoken.Encoding
+) -> None:
+    chain = chain_for({"cache_dir": str(tmp_path)})
+    ctx = chat_ctx("gpt-4", USER)
+    tokens = await counted(chain, ctx)
+    words = [f" word{i % 7}" for i in range(600)]  # several SETTLE_CHARS worth
+    chain.run_events(ctx, events_of(*(sse(openai_chunk(w)) for w in words)))
+    assert tokens._pending_chars < SETTLE_CHARS, "pending text stays bounded"
+    assert tokens.completion_tokens == ntok(cl100k, "".join(words))
+    assert not tokens._pending, "reading the count tokenized what was pending"
+    # a second choice's text is never tokenized together with the first one's
+    two = openai_chunk("ab", index=1)
+    chain.run_events(ctx, events_of(sse(openai_chunk("cd")), sse(two), sse(openai_chunk("ef"))))
+    assert tokens.completion_tokens == ntok(cl100k, "".join(words)) + sum(
+        ntok(cl100k, t) for t in ("cd", "ab", "ef")
+    )
 
 
 async def test_multiple_choices_reasoning_and_tool_calls_count(
