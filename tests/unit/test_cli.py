@@ -369,3 +369,18 @@ async def test_serve_raises_its_soft_open_files_limit_to_the_hard_one(tmp_path: 
         assert gw.nofile() == (target, hard)
         log_text = gw.log_text()
     assert f"raised the open-files limit (RLIMIT_NOFILE) from {start} to {target}" in log_text
+
+
+def test_settle_garbage_collector_freezes_start_up_objects() -> None:
+    import gc
+
+    from gateway.cli import settle_garbage_collector
+
+    before = gc.get_threshold()
+    try:
+        settle_garbage_collector()
+        assert gc.get_freeze_count() > 10_000  # the modules and objects built so far
+        assert gc.get_threshold()[0] == 10_000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
