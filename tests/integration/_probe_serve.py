@@ -49,6 +49,9 @@ def _limiter_state(limiter: MemoryRateLimiter) -> dict[str, int]:
 
 def stats() -> dict[str, Any]:
     """What the `stats` command answers (see the module docstring)."""
+    # `sluice serve` freezes its start-up objects (gc.freeze), which hides them from
+    # gc.get_objects(): thaw everything to count it, then freeze it again.
+    gc.unfreeze()
     gc.collect()
     objects = gc.get_objects()
     by_type: Counter[str] = Counter()
@@ -57,12 +60,15 @@ def stats() -> dict[str, Any]:
         by_type[_type_name(obj)] += 1
         if isinstance(obj, MemoryRateLimiter):
             limiters.append(_limiter_state(obj))
+    count = len(objects)
+    del objects
+    gc.freeze()
     tasks = asyncio.all_tasks()
     return {
         "tasks": len(tasks),
         "task_names": dict(Counter(_task_name(task) for task in tasks)),
         "objects": dict(by_type),
-        "gc_objects": len(objects),
+        "gc_objects": count,
         "rate_limiters": limiters,
     }
 
