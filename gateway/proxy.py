@@ -193,20 +193,22 @@ class Proxy:
         """One HTTP request: serve it, then render what came of it."""
         if self.draining:
             return draining_error().to_response({"Connection": "close"})
-        if self.resumer is not None and "Last-Event-ID" in request.headers:
-            return await self._resume(request)
+        resumer = self.resumer
+        if resumer is not None and "Last-Event-ID" in request.headers:
+            return await resumer.resume_by_event_id(request)
         ctx = RequestContext(request_id_from(request.headers.get("X-Request-Id")), endpoint)
         ctx.client_format = client_format
+        sink = HttpSink(request)
+        if resumer is not None:
+            asked = wants_resume(request.headers)
+            if asked or self._resumable_routes:
+                requested = asked and resumer.config.enabled
+                sink = ResumableSink(request, resumer, ctx, requested=requested)
         max_body = self.server.max_body_bytes
-        sink: HttpSink
-        if self.resumer is not None and (self._resumable_routes or wants_resume(request.headers)):
-            requested = self.resumer.config.enabled and wants_resume(request.headers)
-            sink = ResumableSink(request, self.resumer, ctx, requested=requested)
-            inbound = Inbound(request.headers, lambda: read_json_body(request, max_body), sink)
+        inbound = Inbound(request.headers, lambda: read_json_body(request, max_body), sink)
+        if isinstance(sink, ResumableSink):
             served = await self._serve_detachable(ctx, inbound, sink)
         else:
-            sink = HttpSink(request)
-            inbound = Inbound(request.headers, lambda: read_json_body(request, max_body), sink)
             served = await self.serve(ctx, inbound)
         if isinstance(served, GatewayError):
             return self.error_response(ctx, served)
@@ -232,13 +234,6 @@ class Proxy:
             else:
                 sink.detach()  # generation goes on for the grace period
             raise
-
-    async def _resume(self, request: web.Request) -> web.StreamResponse:
-        """A request carrying `Last-Event-ID: rs_x.n`: resume that stream instead."""
-        assert self.resumer is not None
-        last = request.headers["Last-Event-ID"]
-        stream_id = last.rsplit(".", 1)[0] if "." in last else ""
-        return await self.resumer.resume(request, stream_id, last)
 
     async def serve(self, ctx: RequestContext, inbound: Inbound) -> Served:
         """One request from arrival to its single end (`on_end` runs exactly once).

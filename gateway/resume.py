@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import aiohttp
-import orjson
 from aiohttp import web
 
 from gateway.auth import KeyStore, key_from_headers
@@ -225,6 +224,13 @@ class Resumer:
             return ""
         return self.keys.authenticate(key_from_headers(headers)).key_id
 
+    async def resume_by_event_id(self, request: web.Request) -> web.StreamResponse:
+        """A request carrying `Last-Event-ID: rs_x.n` (the original POST again): resume rs_x."""
+        last = request.headers["Last-Event-ID"]
+        parsed = parse_event_id(last)
+        stream_id = parsed[0] if parsed is not None and parsed[0] is not None else ""
+        return await self.resume(request, stream_id, last)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/streams/{id}: replay after `Last-Event-ID` (or `?after=n`), then go live."""
         stream_id = request.match_info["stream_id"]
@@ -304,4 +310,4 @@ async def _pump_local(response: web.StreamResponse, log_: StreamLog, reader: Rea
 
 def error_event(err: GatewayError) -> bytes:
     """A final SSE error event, as after headers everywhere else."""
-    return b"data: " + orjson.dumps(err.body()) + b"\n\n"
+    return SSEEvent.from_json(err.body()).encode()

@@ -18,17 +18,20 @@ from typing import Any, cast
 import aiohttp
 import orjson
 from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gateway.config import ResumableConfig
 from gateway.errors import GatewayError
 from gateway.headers import SSE_RESPONSE_HEADERS
+from gateway.resume import abandoned, error_event, expired, not_found
 from gateway.streamlog import ResumeExpired, StreamLog
 
 log = logging.getLogger("sluice.resume")
 
 LEASE_MS = 5000  # a remote reader's lease; renewed every LEASE_MS / 2.5
 BLOCK_MS = 1000  # longest XREAD wait before the reader checks the stream still exists
-_REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
 def stream_key(prefix: str, stream_id: str) -> str:
@@ -36,18 +39,10 @@ def stream_key(prefix: str, stream_id: str) -> str:
     return f"{prefix}{{{stream_id}}}"
 
 
-def _redis_errors() -> tuple[type[BaseException], ...]:
-    from redis.exceptions import RedisError
-
-    return (RedisError, *_REDIS_ERRORS)
-
-
 class RedisStreams:
     """The Redis side of resumable streams for one replica."""
 
     def __init__(self, config: ResumableConfig) -> None:
-        from redis.asyncio import Redis
-
         assert config.redis_url is not None
         self.config = config
         self.prefix = config.key_prefix
@@ -75,15 +70,13 @@ class RedisStreams:
         self, request: web.Request, stream_id: str, owner: str, after: int
     ) -> web.StreamResponse:
         """Serve a stream whose log lives on another replica, from after `after`."""
-        from gateway.resume import error_event, expired, not_found
-
         key = stream_key(self.prefix, stream_id)
         meta: Any
         first: Any
         try:
             meta = await self.redis.hgetall(key + ":meta")
             first = await self.redis.xrange(key, "-", "+", count=1)
-        except _redis_errors() as err:
+        except REDIS_ERRORS as err:
             self.failed("read", err)
             raise GatewayError(
                 503,
@@ -117,8 +110,6 @@ class RedisStreams:
         self, response: web.StreamResponse, key: str, after: int
     ) -> GatewayError | None:
         """Write entries after `after` until the end marker; an error if the log broke off."""
-        from gateway.resume import abandoned, expired
-
         position = after
         while True:
             reply: Any
@@ -131,7 +122,7 @@ class RedisStreams:
                         type="upstream_error",
                         code="stream_lost",
                     )
-            except _redis_errors() as err:
+            except REDIS_ERRORS as err:
                 self.failed("read", err)
                 return GatewayError(
                     503,
@@ -159,7 +150,7 @@ class RedisStreams:
         while True:
             try:
                 await self.redis.set(reader_key, token, px=LEASE_MS)
-            except _redis_errors() as err:
+            except REDIS_ERRORS as err:
                 self.failed("lease", err)
             await asyncio.sleep(LEASE_MS / 2500)
 
@@ -185,7 +176,7 @@ class RedisMirror:
         """Whether a reader on some replica holds a lease on this stream."""
         try:
             return bool(await self.streams.redis.exists(self.key + ":reader"))
-        except _redis_errors() as err:
+        except REDIS_ERRORS as err:
             self.streams.failed("lease check", err)
             return False
 
@@ -221,6 +212,6 @@ class RedisMirror:
                 await pipe.execute()
                 if finished:
                     return
-        except _redis_errors() as err:
+        except REDIS_ERRORS as err:
             self.broken = True
             self.streams.failed("write", err)

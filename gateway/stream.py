@@ -292,7 +292,7 @@ class StreamRelay:
         if self._arrived is not None:
             self.ctx.overhead_seconds += time.perf_counter() - self._arrived
             self._arrived = None
-        sent = await self.sink.send(events) if events or failed is None else 0
+        sent = await self.sink.send(events) if events else 0
         now = time.perf_counter()
         timing = self.ctx.timing
         if timing.first_event_written is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -27,8 +26,6 @@ from gateway.proxy import Inbound, Proxy
 from gateway.sinks import ClientGone
 from gateway.sse import SSEEvent
 from gateway.stream import draining_error
-
-log = logging.getLogger("sluice.websocket")
 
 MAX_IN_FLIGHT = 8  # concurrent requests on one socket
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
