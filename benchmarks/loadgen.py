@@ -116,6 +116,7 @@ class LoadSpec:
     stagger_s: float = 0.0
     stream_timeout_s: float = 60.0
     expect_events: int | None = None  # data: events per complete stream, if known
+    unary: bool = False  # non-streaming requests: one JSON answer each
     on_window_start: Callable[[], None] | None = None
     on_window_end: Callable[[], None] | None = None
 
@@ -181,6 +182,8 @@ async def _one_stream(session: aiohttp.ClientSession, spec: LoadSpec, stats: Loa
             if resp.status != 200:
                 stats.error(await _error_text(resp))
                 return False
+            if spec.unary:
+                return _unary_ok(await resp.read(), stats, record)
             done, count = await _consume(resp, t_send, stats, spec.timed and record)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         stats.error(f"{type(exc).__name__}: {exc}")
@@ -190,6 +193,20 @@ async def _one_stream(session: aiohttp.ClientSession, spec: LoadSpec, stats: Loa
         return False
     if spec.expect_events is not None and count != spec.expect_events:
         stats.error(f"stream had {count} data: events, expected {spec.expect_events}")
+        return False
+    stats.streams_ok += int(record)
+    stats.completed_in_window += int(stats.recording)
+    return True
+
+
+def _unary_ok(raw: bytes, stats: LoadStats, record: bool) -> bool:
+    """Count one non-streaming answer if it is a chat completion with text."""
+    try:
+        content = orjson.loads(raw)["choices"][0]["message"]["content"]
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        content = None
+    if not isinstance(content, str) or not content:
+        stats.error(f"not a chat completion with text: {raw[:120]!r}")
         return False
     stats.streams_ok += int(record)
     stats.completed_in_window += int(stats.recording)

@@ -17,9 +17,9 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.loadgen import LoadStats
 from benchmarks.phases import (
     FakeControl,
+    LatencyRound,
     Plan,
     SaturationRound,
     Target,
@@ -31,6 +31,8 @@ from benchmarks.phases import (
     progress,
     saturation_round,
     saturation_summary,
+    unary_round,
+    unary_summary,
 )
 from benchmarks.targets import (
     LITELLM_READY_PATH,
@@ -44,6 +46,7 @@ from benchmarks.targets import (
     litellm_process,
     nginx_binary,
     nginx_process,
+    production_process,
     sluice_process,
 )
 
@@ -72,6 +75,7 @@ class Context:
     fake: FakeControl
     fake_port: int
     config: Path | None
+    redis_url: str | None = None  # the run's own redis-server, for the production target
 
 
 @dataclass
@@ -97,6 +101,11 @@ def _factory(name: str, ctx: Context) -> ProcessFactory:
         return lambda port: bare_process(ctx.workdir, port, ctx.fake_port)
     if name == "sluice":
         return lambda port: sluice_process(ctx.workdir, port, ctx.fake_port, ctx.config)
+    if name == "production":
+        redis_url = ctx.redis_url
+        if redis_url is None:
+            raise StartError("production: no redis-server for its rate limits")
+        return lambda port: production_process(ctx.workdir, port, ctx.fake_port, redis_url)
     if name == "nginx":
         return lambda port: nginx_process(ctx.workdir, port, ctx.fake_port)
     if name == "litellm":
@@ -174,7 +183,8 @@ class Run:
                 await self._guard(running, label, body(running, running.target))
 
     async def measure(self) -> None:
-        """Every phase, in order: correctness, memory, latency per concurrency, saturation."""
+        """Every phase, in order: correctness, memory, latency per concurrency, non-streaming
+        requests, saturation."""
         plan, fake = self.ctx.plan, self.ctx.fake
 
         async def check(running: Running, target: Target) -> None:
@@ -187,6 +197,7 @@ class Run:
         await self.each(f"memory: {plan.memory_streams} idle streams", mem)
         for conc in plan.latency_concurrency:
             await self._latency(conc)
+        await self._unary()
         await self._saturation()
         for running in self.active:
             assert running.target is not None
@@ -194,7 +205,7 @@ class Run:
 
     async def _latency(self, conc: int) -> None:
         plan, fake = self.ctx.plan, self.ctx.fake
-        samples: dict[str, list[LoadStats]] = {}
+        samples: dict[str, list[LatencyRound]] = {}
 
         async def one(running: Running, target: Target) -> None:
             samples.setdefault(running.name, []).append(
@@ -207,6 +218,19 @@ class Run:
             if running.name in samples:
                 latency = running.result.setdefault("latency", {})
                 latency[f"c{conc}"] = latency_summary(samples[running.name], conc)
+
+    async def _unary(self) -> None:
+        plan, fake = self.ctx.plan, self.ctx.fake
+        samples: dict[str, list[LatencyRound]] = {}
+
+        async def one(running: Running, target: Target) -> None:
+            samples.setdefault(running.name, []).append(await unary_round(target, fake, plan))
+
+        seconds = plan.unary_s / plan.rounds
+        await self.rounds(f"non-streaming c={plan.unary_concurrency} ({seconds:.0f}s)", one)
+        for running in self.targets:
+            if running.name in samples:
+                running.result["unary"] = unary_summary(samples[running.name], plan)
 
     async def _saturation(self) -> None:
         plan, fake = self.ctx.plan, self.ctx.fake

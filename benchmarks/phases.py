@@ -34,13 +34,16 @@ class Plan:
     latency_concurrency: tuple[int, ...] = (1, 32)
     latency_events: int = 50
     latency_ttft_ms: float = 20.0
-    latency_gap_ms: float = 10.0
+    latency_gap_ms: float = 20.0  # 50 tokens/s, a typical hosted model
     latency_warmup_s: float = 1.0
     latency_s: float = 10.0  # split over `rounds`
     saturation_concurrency: int = 32
     saturation_events: int = 2000
     saturation_warmup_s: float = 1.0
     saturation_s: float = 10.0  # split over `rounds`
+    unary_concurrency: int = 8
+    unary_warmup_s: float = 1.0
+    unary_s: float = 6.0  # split over `rounds`
     memory_streams: int = 1000
     memory_events: int = 30
     memory_gap_ms: float = 2000.0
@@ -57,6 +60,8 @@ class Plan:
             latency_s=3.0,
             saturation_warmup_s=0.5,
             saturation_s=4.0,
+            unary_warmup_s=0.5,
+            unary_s=3.0,
             memory_open_timeout_s=20.0,
             memory_settle_s=0.5,
             startup_repeats=1,
@@ -159,9 +164,36 @@ def _stream_seconds(plan: Plan) -> float:
     return (plan.latency_ttft_ms + (plan.latency_events + 1) * plan.latency_gap_ms) / 1000
 
 
-async def latency_round(target: Target, fake: FakeControl, plan: Plan, conc: int) -> LoadStats:
-    """One round of paced streams (fake: TTFT 20 ms, gap 10 ms) at concurrency `conc`."""
+@dataclass
+class LatencyRound:
+    """One paced round: the client-side samples and the target's CPU over the window."""
+
+    stats: LoadStats
+    cpu_s: float
+
+
+class _CpuWindow:
+    """CPU seconds of one process between the load generator's window marks."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = self.end = 0.0
+
+    def open(self) -> None:
+        self.start = procstat.sample(self.pid).cpu_s
+
+    def close(self) -> None:
+        self.end = procstat.sample(self.pid).cpu_s
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, self.end - self.start)
+
+
+async def latency_round(target: Target, fake: FakeControl, plan: Plan, conc: int) -> LatencyRound:
+    """One round of paced streams (fake: TTFT 20 ms, gap 20 ms) at concurrency `conc`."""
     await fake.configure(plan.latency_events, plan.latency_ttft_ms, plan.latency_gap_ms)
+    cpu = _CpuWindow(target.pid)
     spec = LoadSpec(
         url=target.chat_url,
         body=chat_body(),
@@ -171,23 +203,66 @@ async def latency_round(target: Target, fake: FakeControl, plan: Plan, conc: int
         timed=True,
         stagger_s=_stream_seconds(plan),
         expect_events=plan.latency_events + 2,
+        on_window_start=cpu.open,
+        on_window_end=cpu.close,
     )
-    return await run_load(spec)
+    stats = await run_load(spec)
+    return LatencyRound(stats, cpu.seconds)
 
 
-def latency_summary(rounds: list[LoadStats], conc: int) -> dict[str, Any]:
-    """TTFT and gap percentiles over all rounds' samples."""
-    ttfts = [t for r in rounds for t in r.ttfts_ns]
-    gaps = [g for r in rounds for g in r.gaps_ns]
-    errors: Counter[str] = sum((r.errors for r in rounds), Counter())
+def latency_summary(rounds: list[LatencyRound], conc: int) -> dict[str, Any]:
+    """TTFT and gap percentiles over all rounds' samples; CPU per event of paced streams."""
+    stats = [r.stats for r in rounds]
+    ttfts = [t for r in stats for t in r.ttfts_ns]
+    gaps = [g for r in stats for g in r.gaps_ns]
+    errors: Counter[str] = sum((r.errors for r in stats), Counter())
     return {
         "concurrency": conc,
         "rounds": len(rounds),
-        "streams": sum(r.streams_ok for r in rounds),
-        "failed": sum(r.streams_failed for r in rounds),
+        "streams": sum(r.streams_ok for r in stats),
+        "failed": sum(r.streams_failed for r in stats),
         "errors": dict(errors.most_common(3)),
         "ttft_ms": summarize_ms(ttfts),
         "gap_ms": summarize_ms(gaps),
+        "cpu_s_per_100k_events": _per_100k(
+            sum(r.cpu_s for r in rounds), sum(r.events for r in stats)
+        ),
+    }
+
+
+async def unary_round(target: Target, fake: FakeControl, plan: Plan) -> LatencyRound:
+    """Back-to-back non-streaming requests; the target's CPU over the window."""
+    await fake.configure(plan.latency_events, 0.0, 0.0)
+    cpu = _CpuWindow(target.pid)
+    spec = LoadSpec(
+        url=target.chat_url,
+        body=chat_body(stream=False),
+        concurrency=plan.unary_concurrency,
+        duration_s=plan.unary_s / plan.rounds,
+        warmup_s=plan.unary_warmup_s,
+        timed=False,
+        unary=True,
+        on_window_start=cpu.open,
+        on_window_end=cpu.close,
+    )
+    stats = await run_load(spec)
+    return LatencyRound(stats, cpu.seconds)
+
+
+def unary_summary(rounds: list[LatencyRound], plan: Plan) -> dict[str, Any]:
+    """Requests/s and CPU ms per non-streaming request over the summed windows."""
+    completed = sum(r.stats.completed_in_window for r in rounds)
+    window = sum(r.stats.window_s for r in rounds) or plan.unary_s
+    cpu = sum(r.cpu_s for r in rounds)
+    errors: Counter[str] = sum((r.stats.errors for r in rounds), Counter())
+    return {
+        "concurrency": plan.unary_concurrency,
+        "rounds": len(rounds),
+        "requests": completed,
+        "requests_per_s": completed / window,
+        "cpu_ms_per_request": cpu / completed * 1000 if completed else None,
+        "failed": sum(r.stats.streams_failed for r in rounds),
+        "errors": dict(errors.most_common(3)),
     }
 
 

@@ -52,21 +52,36 @@ def startup_median(results: Results, name: str) -> Value:
     return float(ordered[len(ordered) // 2])
 
 
+SLUICE_TARGETS = ("sluice", "production")
+"""The Sluice columns: the default config, and what a platform team runs."""
+
+
 @dataclass(frozen=True)
 class Criterion:
-    """A target Sluice should meet; evaluated on the sluice column."""
+    """A target a Sluice column should meet."""
 
     text: str
     check: Callable[[float, Results], bool | None]  # None: cannot be judged in this run
 
 
-def _lt(limit: float) -> Callable[[float, Results], bool | None]:
-    return lambda value, _results: operator.lt(value, limit)
+def _lt(limit: float) -> Criterion:
+    return Criterion(f"< {limit:g}", lambda value, _results: operator.lt(value, limit))
 
 
-def _half_of_bare(value: float, results: Results) -> bool | None:
-    bare = dig(results.get("bare"), "saturation", "events_per_s")
-    return value >= 0.5 * bare if isinstance(bare, int | float) and bare > 0 else None
+def _le(limit: float) -> Criterion:
+    return Criterion(f"<= {limit:g}", lambda value, _results: operator.le(value, limit))
+
+
+def _vs_bare(path: tuple[str, ...], factor: float, *, at_most: bool) -> Criterion:
+    """The value against bare's value of the same metric: <= factor x (or >= factor x)."""
+
+    def check(value: float, results: Results) -> bool | None:
+        bare = dig(results.get("bare"), *path)
+        if not isinstance(bare, int | float) or bare <= 0:
+            return None
+        return value <= factor * bare if at_most else value >= factor * bare
+
+    return Criterion(f"{'<=' if at_most else '>='} {factor:g}x bare", check)
 
 
 @dataclass(frozen=True)
@@ -75,7 +90,11 @@ class Row:
     get: Getter | None = None
     fmt: str = ".2f"
     ratio: bool = True
-    criterion: Criterion | None = None
+    criteria: dict[str, Criterion] | None = None  # by Sluice column
+
+
+def _both(criterion: Criterion) -> dict[str, Criterion]:
+    return dict.fromkeys(SLUICE_TARGETS, criterion)
 
 
 def _latency_rows(conc: int) -> list[Row]:
@@ -86,34 +105,53 @@ def _latency_rows(conc: int) -> list[Row]:
         Row(f"c={conc} gap p99 (ms)", at("latency", f"c{conc}", "gap_ms", "p99")),
     ]
     big = conc >= 32
-    for metric, name, limit in (("ttft_ms", "TTFT", 2.0), ("gap_ms", "gap", 1.0)):
+    limits = {
+        "ttft_ms": {"sluice": _le(1.5), "production": _le(2.5)},
+        "gap_ms": _both(_lt(1.0)),
+    }
+    for metric, name in (("ttft_ms", "TTFT"), ("gap_ms", "gap")):
         for pct in ("p50", "p99"):
-            crit = Criterion(f"< {limit:g} ms", _lt(limit)) if big and pct == "p99" else None
+            crit = limits[metric] if big and pct == "p99" else None
             label = f"c={conc} added {name} {pct} (ms)"
             rows.append(Row(label, added(conc, metric, pct), "+.2f", False, crit))
+    paced = ("latency", f"c{conc}", "cpu_s_per_100k_events")
+    cpu_crit = {
+        "sluice": _vs_bare(paced, 1.3, at_most=True),
+        "production": _vs_bare(paced, 1.5, at_most=True),
+    }
     rows += [
+        Row(f"c={conc} proxy CPU s / 100k events (direct: fake)", at(*paced), ".2f", True,
+            cpu_crit if big else None),
         Row(f"c={conc} streams measured", at("latency", f"c{conc}", "streams"), "d"),
         Row(f"c={conc} streams failed", at("latency", f"c{conc}", "failed"), "d", False),
-    ]
+    ]  # fmt: skip
     return rows
 
 
 def build_rows(latency_concurrency: tuple[int, ...]) -> list[Row]:
     sat = ("saturation",)
     mem = ("memory",)
+    unary = ("unary",)
+    unary_cpu = (*unary, "cpu_ms_per_request")
     rows = [
         Row("Startup", None),
-        Row("spawn to /readyz 200, median (ms)", startup_median, ".0f", True,
-            Criterion("< 1000 ms", _lt(1000.0))),
+        Row("spawn to /readyz 200, median (ms)", startup_median, ".0f", True, _both(_lt(1000.0))),
         Row("OpenAI stream relayed intact", at("correctness"), "s", False),
-        Row("Latency (fake: TTFT 20 ms, gap 10 ms, 50 events)", None),
+        Row("Latency (fake: TTFT 20 ms, gap 20 ms = 50 tokens/s, 50 events)", None),
     ]  # fmt: skip
     for conc in latency_concurrency:
         rows += _latency_rows(conc)
     rows += [
+        Row("Non-streaming requests (c=8, back to back)", None),
+        Row("requests/s", at(*unary, "requests_per_s"), ".0f"),
+        Row("proxy CPU ms / request (direct: fake)", at(*unary_cpu), ".3f", True,
+            {"sluice": _vs_bare(unary_cpu, 1.3, at_most=True),
+             "production": _vs_bare(unary_cpu, 2.0, at_most=True)}),
+        Row("requests failed", at(*unary, "failed"), "d", False),
         Row("Saturation (fake: gap 0, 2000 events/stream, c=32)", None),
         Row("events/s", at(*sat, "events_per_s"), ",.0f", True,
-            Criterion(">= 50% of bare", _half_of_bare)),
+            {"sluice": _vs_bare((*sat, "events_per_s"), 1.0, at_most=False),
+             "production": _vs_bare((*sat, "events_per_s"), 0.8, at_most=False)}),
         Row("requests/s", at(*sat, "requests_per_s"), ".1f"),
         Row("proxy CPU s / 100k events (direct: fake)", at(*sat, "cpu_s_per_100k_events")),
         Row("fake upstream CPU s / 100k events", at(*sat, "fake_cpu_s_per_100k_events")),
@@ -125,7 +163,7 @@ def build_rows(latency_concurrency: tuple[int, ...]) -> list[Row]:
         Row("RSS idle (MiB)", at(*mem, "rss_idle_mib"), ".1f"),
         Row("RSS with streams open (MiB)", at(*mem, "rss_open_mib"), ".1f"),
         Row("KiB per open idle stream", at(*mem, "kib_per_stream"), ".1f", True,
-            Criterion("< 64 KiB", _lt(64.0))),
+            _both(_lt(64.0))),
         Row("peak RSS over the run (MiB)", at("peak_rss_mib"), ".1f"),
         Row("upstream closed after client left (s)", at(*mem, "upstream_released_s")),
     ]  # fmt: skip
@@ -142,35 +180,48 @@ def fmt_value(value: Value, spec: str) -> str:
     return format(value, spec)
 
 
-def _ratio(row: Row, results: Results) -> str:
+def _ratio(row: Row, results: Results, name: str) -> str:
     if row.get is None or not row.ratio:
         return ""
-    mine, bare = row.get(results, "sluice"), row.get(results, "bare")
+    mine, bare = row.get(results, name), row.get(results, "bare")
     if not isinstance(mine, int | float) or not isinstance(bare, int | float) or not bare:
         return "-"
     return f"{mine / bare:.2f}x"
 
 
-def verdict(row: Row, results: Results) -> str:
-    if row.criterion is None or row.get is None:
+def verdict(row: Row, results: Results, name: str) -> str:
+    criterion = (row.criteria or {}).get(name)
+    if criterion is None or row.get is None:
         return ""
-    value = row.get(results, "sluice")
+    value = row.get(results, name)
     if not isinstance(value, int | float):
         return "n/a"
-    ok = row.criterion.check(float(value), results)
+    ok = criterion.check(float(value), results)
     return "n/a" if ok is None else "PASS" if ok else "FAIL"
 
 
+def _target_text(row: Row) -> str:
+    """The criteria of a row: one text, or each Sluice column's (`sluice <= 1.5 / ...`)."""
+    if not row.criteria:
+        return ""
+    texts = {name: c.text for name, c in row.criteria.items()}
+    if len(set(texts.values())) == 1:
+        return next(iter(texts.values()))
+    return " / ".join(f"{name[:4]} {text}" for name, text in texts.items())
+
+
 def render_table(results: Results, columns: list[str], rows: list[Row]) -> str:
-    header = ["metric", *columns, "sluice/bare", "target", "sluice"]
+    ours = [name for name in SLUICE_TARGETS if name in columns]
+    header = ["metric", *columns, *(f"{n}/bare" for n in ours), "target", *ours]
     body: list[list[str] | str] = []
     for row in rows:
         if row.get is None:
             body.append(row.label)
             continue
         cells = [fmt_value(row.get(results, name), row.fmt) for name in columns]
-        target = row.criterion.text if row.criterion else ""
-        body.append([row.label, *cells, _ratio(row, results), target, verdict(row, results)])
+        ratios = [_ratio(row, results, name) for name in ours]
+        verdicts = [verdict(row, results, name) for name in ours]
+        body.append([row.label, *cells, *ratios, _target_text(row), *verdicts])
     widths = [len(h) for h in header]
     for line in body:
         if isinstance(line, list):
@@ -188,10 +239,12 @@ def render_table(results: Results, columns: list[str], rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-PROXIES = ("sluice", "nginx", "litellm")
+PROXIES = (*SLUICE_TARGETS, "nginx", "litellm")
 RATIO_ROWS = {
     "events/s": "events/s at saturation",
-    "proxy CPU s / 100k events (direct: fake)": "CPU s per 100k events",
+    "c=32 proxy CPU s / 100k events (direct: fake)": "CPU s per 100k events, paced c=32",
+    "proxy CPU ms / request (direct: fake)": "CPU ms per non-streaming request",
+    "proxy CPU s / 100k events (direct: fake)": "CPU s per 100k events, saturated",
     "KiB per open idle stream": "KiB per open idle stream",
     "spawn to /readyz 200, median (ms)": "spawn to ready",
 }
@@ -258,17 +311,21 @@ def render_peer_ratios(results: Results, rows: list[Row], columns: list[str]) ->
 def criteria_summary(results: Results, rows: list[Row]) -> list[dict[str, Any]]:
     out = []
     for row in rows:
-        if row.criterion is None or row.get is None:
+        if not row.criteria or row.get is None:
             continue
-        out.append(
-            {
-                "metric": row.label,
-                "target": row.criterion.text,
-                "sluice": row.get(results, "sluice"),
-                "bare": row.get(results, "bare"),
-                "result": verdict(row, results),
-            }
-        )
+        for name, criterion in row.criteria.items():
+            if name not in results:
+                continue
+            out.append(
+                {
+                    "metric": row.label,
+                    "column": name,
+                    "target": criterion.text,
+                    "value": row.get(results, name),
+                    "bare": row.get(results, "bare"),
+                    "result": verdict(row, results, name),
+                }
+            )
     return out
 
 

@@ -1,6 +1,10 @@
 """Sluice streaming benchmark: direct vs bare aiohttp proxy vs Sluice (vs peers if installed).
 
-    python -m benchmarks.run [--quick] [--json PATH] [--config PATH] [--targets direct,bare,sluice]
+    python -m benchmarks.run [--quick] [--json PATH] [--config PATH] [--targets direct,bare,...]
+
+`sluice` is the default config (one route, no plugins); `production` is what a platform team
+runs (benchmarks/configs/production.yaml: a hashed key, token_count, rate_limit on a
+redis-server the run starts itself, access_log to a file, latency).
 
 Peers (nginx, LiteLLM's proxy) are measured when installed: python -m benchmarks.peers setup.
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import shutil
@@ -38,8 +43,9 @@ from benchmarks.report import (
     render_table,
 )
 from benchmarks.targets import LOOPBACK, REPO_ROOT, fake_process, free_port, launch
+from gateway.testing.redis_server import RedisServer
 
-KNOWN_TARGETS = ("direct", "bare", "sluice", "nginx", "litellm")
+KNOWN_TARGETS = ("direct", "bare", "sluice", "production", "nginx", "litellm")
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "latest.json"
 RUN_BUDGET_S = 900.0  # a hard ceiling; a healthy full run takes about 2.5 minutes
 
@@ -59,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default=",".join(KNOWN_TARGETS),
-        help="comma-separated subset of direct,bare,sluice,nginx,litellm (default: all)",
+        help="comma-separated subset of " + ",".join(KNOWN_TARGETS) + " (default: all)",
     )
     parser.add_argument(
         "--strict", action="store_true", help="exit 1 when a Sluice target is missed"
@@ -113,8 +119,12 @@ async def run_all(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[s
     try:
         fake = FakeControl(f"http://{LOOPBACK}:{fake_port}", fake_proc.pid)
         ctx = Context(plan, workdir, fake, fake_port, args.config)
-        async with asyncio.timeout(RUN_BUDGET_S):
-            return await run_targets(ctx, args.target_names)
+        async with contextlib.AsyncExitStack() as stack:
+            if "production" in args.target_names:
+                redis = await stack.enter_async_context(RedisServer())
+                ctx.redis_url = redis.url
+            async with asyncio.timeout(RUN_BUDGET_S):
+                return await run_targets(ctx, args.target_names)
     finally:
         fake_proc.stop()
 

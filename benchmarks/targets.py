@@ -173,10 +173,23 @@ routes:
 """
 
 
+PRODUCTION_CONFIG = REPO_ROOT / "benchmarks" / "configs" / "production.yaml"
+REDIS_ENV = "SLUICE_BENCH_REDIS"
+LOGDIR_ENV = "SLUICE_BENCH_LOGDIR"
+
+
 def sluice_process(
-    workdir: Path, port: int, fake_port: int, config: Path | None, max_connections: int = 2048
+    workdir: Path,
+    port: int,
+    fake_port: int,
+    config: Path | None,
+    max_connections: int = 2048,
+    *,
+    name: str = "sluice",
+    env: dict[str, str] | None = None,
 ) -> ManagedProcess:
-    """`sluice serve`; with `config` the file is used as is and SLUICE_BENCH_UPSTREAM is set."""
+    """`sluice serve`; with `config` the file is used as is and SLUICE_BENCH_UPSTREAM is set
+    (plus `env`: the production target's Redis URL and log directory)."""
     if config is None:
         config = workdir / "sluice.yaml"
         text = SLUICE_CONFIG.format(fake_port=fake_port, max_connections=max_connections)
@@ -184,8 +197,16 @@ def sluice_process(
     argv = _python(
         "gateway.cli", "serve", "--config", str(config), "--host", LOOPBACK, "--port", str(port)
     )
-    env = _child_env({UPSTREAM_ENV: f"http://{LOOPBACK}:{fake_port}/v1"})
-    return ManagedProcess("sluice", argv, workdir / "sluice.log", env, REPO_ROOT)
+    child_env = _child_env({UPSTREAM_ENV: f"http://{LOOPBACK}:{fake_port}/v1", **(env or {})})
+    return ManagedProcess(name, argv, workdir / f"{name}.log", child_env, REPO_ROOT)
+
+
+def production_process(workdir: Path, port: int, fake_port: int, redis_url: str) -> ManagedProcess:
+    """`sluice serve` with benchmarks/configs/production.yaml on the run's own Redis."""
+    logdir = workdir / "production-logs"
+    logdir.mkdir(exist_ok=True)
+    env = {REDIS_ENV: redis_url, LOGDIR_ENV: str(logdir)}
+    return sluice_process(workdir, port, fake_port, PRODUCTION_CONFIG, name="production", env=env)
 
 
 NGINX_CONFIG = """\
