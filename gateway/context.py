@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 if TYPE_CHECKING:
     from gateway.config import RouteConfig
@@ -72,6 +72,32 @@ class Usage:
         self.source = "upstream"
 
 
+class LocalCount(Protocol):
+    """Token counts made in the gateway while a request runs (the `token_count` plugin's).
+
+    Published under `LOCAL_COUNT` so the core can report them to a client whose upstream
+    sends no usage, without importing a plugin; always current when read.
+    """
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens in the prompt (final once `on_request` ran)."""
+        ...
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens streamed so far."""
+        ...
+
+    @property
+    def exact(self) -> bool:
+        """True if counted with the model's own tokenizer and nothing was estimated."""
+        ...
+
+
+LOCAL_COUNT: StateKey[LocalCount] = StateKey("local_count")
+
+
 @dataclass(slots=True)
 class Timing:
     """Monotonic timestamps (seconds, `time.perf_counter()`); None until reached."""
@@ -130,6 +156,11 @@ class RequestContext:
     bytes_out: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)
     _state: dict[StateKey[Any], Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def api(self) -> str:
+        """The API the client called, for logs: `messages` for /v1/messages, else the endpoint."""
+        return "messages" if self.client_format == "anthropic" else self.endpoint.value
 
     def get(self, key: StateKey[T], default: T | None = None) -> T | None:
         """A plugin's state for this request, or `default`."""

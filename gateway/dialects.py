@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from gateway.context import Endpoint, RequestContext
+from gateway.context import LOCAL_COUNT, Endpoint, RequestContext
 from gateway.errors import GatewayError, bad_request
 from gateway.sse import SSEEvent
 from gateway.translate.openai_anthropic import (
@@ -80,7 +80,11 @@ class AnthropicDialect(Dialect):
         return messages_request_to_chat(body, body["model"])
 
     def egress(self, ctx: RequestContext) -> StreamEgress | None:
-        return ChatStreamToMessages(ctx.model)
+        # message_start's input_tokens: the local prompt count unless the upstream's first
+        # chunk reports usage (a usage-less upstream's final count arrives as the local
+        # usage chunk, see gateway.local_usage, and fills message_delta).
+        local = ctx.get(LOCAL_COUNT)
+        return ChatStreamToMessages(ctx.model, input_tokens=local.prompt_tokens if local else 0)
 
     def final_error_event(self, ctx: RequestContext, err: GatewayError) -> SSEEvent | None:
         return error_event(err, request_id=ctx.request_id)

@@ -275,7 +275,7 @@ class StreamRelay:
             else:
                 out = batch.events
             if batch.terminal is not None:
-                out = [*out, *chain.run_flush(self.ctx), batch.terminal]
+                out = [*out, *chain.run_flush(self.ctx), *self._usage(), batch.terminal]
         except EndStream as end:
             # What passed the chain before a flush-time EndStream still goes out first.
             await self._end_early([*out, *end.events], end.outcome)
@@ -307,7 +307,12 @@ class StreamRelay:
         self.call.abort()
         self.ctx.outcome = outcome
         terminal = self.observer.terminal_event()
-        await self._write([*events, *([terminal] if terminal else [])])
+        await self._write([*events, *self._usage(), *([terminal] if terminal else [])])
+
+    def _usage(self) -> list[SSEEvent]:
+        """The local usage chunk before the terminal event, if the client needs one."""
+        event = self.observer.usage_event(self.ctx)
+        return [] if event is None else [event]
 
     async def _finish(self) -> None:
         self.call.release()

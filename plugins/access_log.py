@@ -6,7 +6,8 @@ Fields of the ``request`` line (``null`` when unknown, so every line has the sam
 
 ``ts`` (ISO-8601, UTC), ``level``, ``event``, ``request_id``, ``team``, ``key_id`` (an id,
 never the key), ``model`` (as the client sent it), ``route``, ``upstream``,
-``upstream_model``, ``endpoint``, ``stream``, ``status``, ``outcome``, ``error_code``,
+``upstream_model``, ``endpoint`` (``chat.completions``, ``completions``, ``embeddings``, or
+``messages`` for ``/v1/messages``), ``stream``, ``status``, ``outcome``, ``error_code``,
 ``error_message`` (sanitised), ``prompt_tokens``, ``completion_tokens``, ``usage_source``,
 ``ttft_ms`` (request received to first event written), ``duration_ms``, ``events``,
 ``bytes``, ``retries``, ``overhead_ms`` (gateway time per stream; null when not measured).
@@ -263,7 +264,7 @@ class AccessLog(Plugin):
             "route": route.name if route is not None else None,
             "upstream": ctx.upstream_name,
             "upstream_model": ctx.upstream_model,
-            "endpoint": str(ctx.endpoint),
+            "endpoint": ctx.api,
             "stream": ctx.stream,
         }
 

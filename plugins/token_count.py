@@ -4,7 +4,9 @@ What it records
 ---------------
 ``ctx.get(TOKENS)`` is a :class:`TokenCount`, set in ``on_request`` (prompt tokens known
 before anything goes upstream, for a rate limiter placed after this plugin) and updated in
-place while the answer streams (``completion_tokens`` grows per delta). In ``on_end``:
+place while the answer streams (``completion_tokens`` grows per delta); the same object is
+published as ``gateway.context.LOCAL_COUNT``, which the gateway reads to send a client the
+usage its upstream did not report (docs/streaming.md, "Usage"). In ``on_end``:
 
 * the upstream reported usage (``ctx.usage.source == "upstream"``): that is the truth and
   is kept; ``diff_prompt`` / ``diff_completion`` record local minus upstream;
@@ -124,7 +126,7 @@ import tiktoken
 import tiktoken.registry
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gateway.context import Endpoint, Outcome, RequestContext, StateKey
+from gateway.context import LOCAL_COUNT, Endpoint, Outcome, RequestContext, StateKey
 from gateway.deltas import event_texts, text_delta
 from gateway.plugin import Plugin
 from gateway.sse import SSEEvent
@@ -1045,6 +1047,7 @@ class TokenCounter(Plugin):
         tokens.prompt_tokens = prompt.fixed + await self._count_all(counter.count, prompt.texts)
         tokens._stream(counter.count)
         ctx.set(TOKENS, tokens)
+        ctx.set(LOCAL_COUNT, tokens)  # what the core reports when the upstream sends no usage
         ctx.set(_RUN, _Run(tokens, counter.count, ctx.endpoint is Endpoint.CHAT))
 
     def on_event(self, ctx: RequestContext, event: SSEEvent) -> list[SSEEvent] | None:

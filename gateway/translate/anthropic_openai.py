@@ -416,11 +416,14 @@ def _openai_usage(usage: dict[str, Any]) -> dict[str, Any]:
     prompt = _int(usage.get("input_tokens")) + _int(usage.get("cache_creation_input_tokens"))
     prompt += cached
     completion = _int(usage.get("output_tokens"))
+    details = {"cached_tokens": cached}
+    if _int(usage.get("cache_creation_input_tokens")):  # kept apart for Anthropic clients
+        details["cache_creation_input_tokens"] = _int(usage.get("cache_creation_input_tokens"))
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
+        "prompt_tokens_details": details,
     }
 
 
@@ -448,32 +451,46 @@ class MessagesStreamToChat:
     - ``error``: the upstream sent ``event: error`` (see :func:`error_from_anthropic`), or
       an event that is not JSON; nothing more is translated, and the caller ends the client
       stream with its error event;
-    - ``usage``: OpenAI-shaped usage so far (``None`` before ``message_start``), for
-      ``ctx.usage.set_from_upstream``;
+    - ``usage``: the upstream's OpenAI-shaped usage, for ``ctx.usage.set_from_upstream``:
+      ``None`` until ``message_delta`` (or ``message_stop``) made it final, so a stream cut
+      earlier is counted locally rather than as ``message_start``'s preliminary
+      ``output_tokens: 1``;
     - ``finish_reason``: the OpenAI finish reason once ``message_delta`` arrived.
 
     With ``include_usage`` (the client's ``stream_options.include_usage``), every chunk has
     ``"usage": null`` and a last chunk with ``"choices": []`` and the usage precedes
-    ``[DONE]``, as OpenAI does. Thinking, redacted-thinking, server-tool and citation content
-    has no OpenAI chat equivalent and is left out.
+    ``[DONE]``, as OpenAI does. With ``usage_at_start`` (an Anthropic client behind the
+    chain), the first chunk carries ``message_start``'s usage instead of ``null``, so the
+    client's own ``message_start`` can report the upstream's input and cache tokens.
+    Thinking, redacted-thinking, server-tool and citation content has no OpenAI chat
+    equivalent and is left out.
     """
 
-    def __init__(self, model: str, *, include_usage: bool = False, created: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        *,
+        include_usage: bool = False,
+        usage_at_start: bool = False,
+        created: int | None = None,
+    ):
         self.model = model
         self.include_usage = include_usage
+        self.usage_at_start = usage_at_start
         self.created = int(time.time()) if created is None else created
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.done = False
         self.error: GatewayError | None = None
         self.finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
+        self._final = False  # message_delta or message_stop arrived: _usage is the total
         self._started = False
         self._tools: dict[int, _ToolCall] = {}  # Anthropic block index -> tool call
 
     @property
     def usage(self) -> dict[str, Any] | None:
-        """Usage in OpenAI's shape (prompt/completion/total tokens), or None if not known yet."""
-        return None if self._usage is None else _openai_usage(self._usage)
+        """Final usage in OpenAI's shape (prompt/completion/total tokens), or None before."""
+        return None if self._usage is None or not self._final else _openai_usage(self._usage)
 
     def feed(self, event: SSEEvent) -> list[SSEEvent]:
         """Translate one upstream event into zero or more client events."""
@@ -492,7 +509,9 @@ class MessagesStreamToChat:
 
     # -- chunk builders --
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> SSEEvent:
+    def _chunk(
+        self, delta: dict[str, Any], finish_reason: str | None = None, usage: Any = None
+    ) -> SSEEvent:
         obj: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -502,8 +521,8 @@ class MessagesStreamToChat:
                 {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             ],
         }
-        if self.include_usage:
-            obj["usage"] = None
+        if self.include_usage or usage is not None:
+            obj["usage"] = usage
         return SSEEvent.from_json(obj)
 
     def _emit(self, delta: dict[str, Any], finish_reason: str | None = None) -> list[SSEEvent]:
@@ -516,7 +535,8 @@ class MessagesStreamToChat:
         if self._started:
             return []
         self._started = True
-        return [self._chunk({"role": "assistant", "content": ""})]
+        usage = _openai_usage(self._usage) if self.usage_at_start and self._usage else None
+        return [self._chunk({"role": "assistant", "content": ""}, usage=usage)]
 
     def _tool_arguments(self, tool: _ToolCall, arguments: str) -> list[SSEEvent]:
         tool.sent_arguments = True
@@ -580,6 +600,7 @@ class MessagesStreamToChat:
 
     def _on_message_delta(self, payload: dict[str, Any]) -> list[SSEEvent]:
         self._record_usage(payload.get("usage"))
+        self._final = self._final or isinstance(payload.get("usage"), dict)
         delta = payload.get("delta")
         stop_reason = delta.get("stop_reason") if isinstance(delta, dict) else None
         if stop_reason is None or self.finish_reason is not None:
@@ -588,6 +609,7 @@ class MessagesStreamToChat:
         return self._emit({}, self.finish_reason)
 
     def _on_message_stop(self, payload: dict[str, Any]) -> list[SSEEvent]:
+        self._final = True
         out: list[SSEEvent] = []
         if self.finish_reason is None:  # no message_delta: still end the choice properly
             self.finish_reason = "stop"

@@ -347,11 +347,15 @@ def _anthropic_usage(usage: dict[str, Any]) -> dict[str, int]:
     out: dict[str, int] = {}
     prompt = _int(usage.get("prompt_tokens"))
     details = usage.get("prompt_tokens_details")
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+    details = details if isinstance(details, dict) else {}
+    cached = _int(details.get("cached_tokens"))
+    written = _int(details.get("cache_creation_input_tokens"))  # from an Anthropic upstream
     if prompt is not None:
-        out["input_tokens"] = prompt - (cached or 0)
+        out["input_tokens"] = prompt - (cached or 0) - (written or 0)
     if cached is not None:
         out["cache_read_input_tokens"] = cached
+    if written is not None:
+        out["cache_creation_input_tokens"] = written
     out["output_tokens"] = _int(usage.get("completion_tokens")) or 0
     return out
 
@@ -372,8 +376,10 @@ def _stop(choice: dict[str, Any], refused: bool) -> tuple[str, str | None]:
 
 
 def _message_id(openai_id: Any) -> str:
+    """`msg_` + the chunk id without `chatcmpl-`; an Anthropic id (`msg_...`) as it is."""
     if isinstance(openai_id, str) and openai_id:
-        return "msg_" + openai_id.removeprefix("chatcmpl-")
+        bare = openai_id.removeprefix("chatcmpl-")
+        return bare if bare.startswith("msg_") else "msg_" + bare
     return f"msg_{uuid.uuid4().hex}"
 
 
@@ -401,16 +407,17 @@ class ChatStreamToMessages:
     Anthropic does). The end comes after the finish chunk, with the usage-only chunk (the
     request asked for ``stream_options.include_usage``, see :func:`messages_request_to_chat`)
     or ``[DONE]``, whichever is first: ``message_delta`` (``stop_reason``, and ``usage`` with
-    ``output_tokens``, plus ``input_tokens`` / ``cache_read_input_tokens`` when the upstream
-    reported them, which the Anthropic SDKs take over from ``message_start``), then
-    ``message_stop``, and ``done`` is set.
+    ``output_tokens``, plus ``input_tokens`` / ``cache_read_input_tokens`` /
+    ``cache_creation_input_tokens`` when the upstream reported them, which the Anthropic SDKs
+    take over from ``message_start``), then ``message_stop``, and ``done`` is set.
 
     ``message_start`` carries ``input_tokens`` = the constructor's hint (e.g. a local count;
-    0 by default) unless the first chunk already had usage. ``usage`` is the upstream's
-    latest OpenAI-shaped usage, for ``ctx.usage.set_from_upstream``. An in-band error object
-    sets ``error`` and nothing more is translated; end the stream with :func:`error_event`.
-    Only choice 0 is translated. Arguments for a tool call whose block was already closed
-    (upstreams that interleave parallel calls) are still sent, with that block's index.
+    0 by default) unless the first chunk already had usage (then its input and cache counts).
+    ``usage`` is the upstream's latest OpenAI-shaped usage, for ``ctx.usage.set_from_upstream``.
+    An in-band error object sets ``error`` and nothing more is translated; end the stream with
+    :func:`error_event`. Only choice 0 is translated. Arguments for a tool call whose block
+    was already closed (upstreams that interleave parallel calls) are still sent, with that
+    block's index.
     """
 
     def __init__(self, model: str, *, input_tokens: int = 0, message_id: str | None = None) -> None:
@@ -464,9 +471,11 @@ class ChatStreamToMessages:
         self._started = True
         if self.message_id is None:
             self.message_id = _message_id(openai_id)
-        input_tokens = self.input_tokens
-        if self.usage is not None:
-            input_tokens = _anthropic_usage(self.usage).get("input_tokens", input_tokens)
+        usage: dict[str, int] = {"input_tokens": self.input_tokens, "output_tokens": 0}
+        if self.usage is not None:  # the prompt's usage, cache fields included, when reported
+            prompt = _anthropic_usage(self.usage)
+            del prompt["output_tokens"]
+            usage.update(prompt)
         message: dict[str, Any] = {
             "id": self.message_id,
             "type": "message",
@@ -475,7 +484,7 @@ class ChatStreamToMessages:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": 0},
+            "usage": usage,
         }
         return [_event({"type": "message_start", "message": message}), _event({"type": "ping"})]
 

@@ -77,7 +77,11 @@ class Anthropic(HttpUpstream):
     def stream_parts(
         self, ctx: RequestContext, server: ServerConfig
     ) -> tuple[StreamDecoder, StreamObserver]:
-        translator = MessagesStreamToChat(ctx.model, include_usage=client_wants_usage(ctx))
+        translator = MessagesStreamToChat(
+            ctx.model,
+            include_usage=client_wants_usage(ctx),
+            usage_at_start=ctx.client_format == "anthropic",
+        )
         return AnthropicDecoder(translator, server), TranslatedObserver(translator)
 
     def translate_response(self, ctx: RequestContext, payload: dict[str, Any]) -> dict[str, Any]:

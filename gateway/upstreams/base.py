@@ -95,6 +95,11 @@ class StreamObserver(abc.ABC):
     def finish(self, ctx: RequestContext) -> None:  # noqa: B027 - optional hook
         """The stream ended, however it ended: record what is only known at the end."""
 
+    def usage_event(self, ctx: RequestContext) -> SSEEvent | None:
+        """A usage event to send before the terminal one, if the client asked for usage the
+        upstream did not send (see `gateway.local_usage`); None by default."""
+        return None
+
     @abc.abstractmethod
     def error_event(self, err: GatewayError) -> SSEEvent:
         """The final event that reports `err` to the client after streaming started."""

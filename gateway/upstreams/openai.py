@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from gateway.config import OpenAIUpstream, ServerConfig
 from gateway.context import Endpoint, RequestContext
 from gateway.errors import GatewayError
+from gateway.local_usage import local_usage_event
 from gateway.sse import SSEDecoder, SSEEvent
 from gateway.upstreams.base import Batch, StreamDecoder, StreamObserver, UpstreamCall
 from gateway.upstreams.errors import error_from_event
@@ -87,6 +88,11 @@ class OpenAIObserver(StreamObserver):
         return batch
 
     def finish(self, ctx: RequestContext) -> None:
+        for usage in self._usages():
+            ctx.usage.set_from_upstream(usage)
+
+    def _usages(self) -> Iterator[dict[str, Any]]:
+        """The usage objects (not `null`) of the last two data events, in stream order."""
         for event in (self._before_last, self._last):
             data = event.data_bytes if event is not None else None
             if data is None or b'"usage"' not in data:
@@ -94,7 +100,13 @@ class OpenAIObserver(StreamObserver):
             payload = _parse(event)
             usage = payload.get("usage") if isinstance(payload, dict) else None
             if isinstance(usage, dict):
-                ctx.usage.set_from_upstream(usage)
+                yield usage
+
+    def usage_event(self, ctx: RequestContext) -> SSEEvent | None:
+        """The local usage chunk for a client that asked for usage the upstream never sent."""
+        if not client_wants_usage(ctx) or next(self._usages(), None) is not None:
+            return None
+        return local_usage_event(ctx, _parse(self._last))
 
     def error_event(self, err: GatewayError) -> SSEEvent:
         return SSEEvent.from_json(err.body())

@@ -21,7 +21,7 @@ class Translator(Protocol):
 
     @property
     def usage(self) -> dict[str, Any] | None:
-        """OpenAI-shaped usage, once known."""
+        """OpenAI-shaped usage, once final (None for a stream cut before its end)."""
         ...
 
 
@@ -43,8 +43,8 @@ class TranslatedObserver(OpenAIObserver):
         return batch
 
     def finish(self, ctx: RequestContext) -> None:
+        # Only the translator's final usage; none (a cut stream) leaves ctx.usage to the
+        # local count. The chunks are not read: they carry nothing the translator lacks.
         usage = self.translator.usage
         if usage is not None:
             ctx.usage.set_from_upstream(dict(usage))
-        else:
-            super().finish(ctx)

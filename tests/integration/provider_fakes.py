@@ -93,6 +93,7 @@ def anthropic_message_start(
     model: str = "claude-test",
     input_tokens: int = 25,
     cache_read: int = 0,
+    cache_write: int = 0,
 ) -> bytes:
     """`message_start` with the prompt's usage (output_tokens is 1 there, as Anthropic sends)."""
     return anthropic_event(
@@ -108,7 +109,7 @@ def anthropic_message_start(
                 "stop_sequence": None,
                 "usage": {
                     "input_tokens": input_tokens,
-                    "cache_creation_input_tokens": 0,
+                    "cache_creation_input_tokens": cache_write,
                     "cache_read_input_tokens": cache_read,
                     "output_tokens": 1,
                 },

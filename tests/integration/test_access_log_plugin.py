@@ -148,6 +148,31 @@ async def test_completed_non_streaming(
     assert line["overhead_ms"] is None
 
 
+@pytest.mark.parametrize("stream", [True, False])
+async def test_messages_requests_are_logged_as_the_messages_endpoint(
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
+    stream: bool,
+) -> None:
+    """/v1/messages runs as chat inside the gateway; the line names what the client called."""
+    if stream:
+        fake.queue(Script(openai_stream(["Hello"], usage=USAGE)))
+    else:
+        fake.queue(json_script(openai_completion("Hello")))
+    config, registry, ends = setup(fake)
+    body = {"model": "m", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    async with run_gateway(config, registry=registry) as gw, asyncio.timeout(BOUND):
+        async with http.post(gw.url + "/v1/messages", json={**body, "stream": stream}) as resp:
+            assert resp.status == 200
+            await resp.read()
+        await ends.wait_ends(1)
+    (line,) = request_lines(capsys.readouterr().out)
+    assert set(line) == REQUEST_FIELDS
+    assert line["endpoint"] == "messages"
+    assert (line["stream"], line["outcome"]) == (stream, "completed")
+
+
 async def test_client_disconnected(
     fake: FakeUpstream, http: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
 ) -> None:

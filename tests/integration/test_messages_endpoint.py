@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,6 +32,8 @@ from gateway.testing.fake_upstream import (
     sse,
 )
 from gateway.testing.harness import RunningGateway, run_gateway
+from plugins.token_count import TOKENS as COUNT
+from plugins.token_count import TokenCounter
 from tests.integration._support import BOUND, config_for, make_probe
 from tests.integration.provider_fakes import named_events, openai_tool_stream
 
@@ -200,6 +203,51 @@ async def test_chain_sees_openai_chunks_and_usage_on_the_messages_endpoint(
         14,
     )
     assert ctx.usage.source == "upstream"
+
+
+async def test_usage_comes_from_the_local_count_when_the_upstream_reports_none(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """An upstream that ignores include_usage (llama-cpp-python): message_start's
+    input_tokens and message_delta's output_tokens are the token_count plugin's."""
+    fake.queue(Script(rechunk(b"".join(openai_stream(TOKENS)), [5, 17])))
+    fake.queue(Script(openai_stream(TOKENS)))
+    probe, log = make_probe()
+    options = {"cache_dir": str(tmp_path), "default_encoding": None}
+    config = config_for(
+        fake, plugins=[{"name": "token_count", "options": options}, {"name": "probe"}]
+    )
+    registry: dict[str, type[Any]] = {"token_count": TokenCounter, "probe": probe}
+    async with run_gateway(config, registry=registry) as gw, _sdk(gw) as client:
+        stream = await client.messages.create(model="m", max_tokens=64, messages=USER, stream=True)
+        events = [event async for event in stream]
+        async with client.messages.stream(model="m", max_tokens=64, messages=USER) as helper:
+            message = await helper.get_final_message()
+        first, second = await log.wait_ends(2)
+
+    tokens = first.require(COUNT)
+    assert tokens.prompt_tokens > 0
+    assert tokens.completion_tokens > 0
+    assert [event.type for event in events] == FULL_SEQUENCE
+    start, delta = events[0], events[-2]
+    assert start.type == "message_start"
+    assert (start.message.usage.input_tokens, start.message.usage.output_tokens) == (
+        tokens.prompt_tokens,
+        0,
+    )
+    assert delta.type == "message_delta"
+    assert delta.usage.output_tokens == tokens.completion_tokens
+    assert delta.usage.input_tokens == tokens.prompt_tokens
+    assert (first.usage.prompt_tokens, first.usage.completion_tokens) == (
+        tokens.prompt_tokens,
+        tokens.completion_tokens,
+    )
+    assert first.usage.source == "local"
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (
+        tokens.prompt_tokens,
+        tokens.completion_tokens,
+    )
+    assert second.usage.source == "local"
 
 
 async def test_tool_use_round_trip(fake: FakeUpstream) -> None:

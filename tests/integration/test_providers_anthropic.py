@@ -11,9 +11,11 @@ import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolUnionParam
@@ -23,6 +25,7 @@ from gateway.plugin import Plugin
 from gateway.sse import SSEEvent
 from gateway.testing.fake_upstream import FakeUpstream, Script, json_script, rechunk
 from gateway.testing.harness import run_gateway
+from plugins.token_count import TOKENS, TokenCounter
 from tests.integration._support import (
     BOUND,
     CHAT,
@@ -33,6 +36,7 @@ from tests.integration._support import (
     chat_contents,
     final_error,
     json_error,
+    make_probe,
     split_events,
 )
 from tests.integration.provider_fakes import (
@@ -44,6 +48,7 @@ from tests.integration.provider_fakes import (
     anthropic_message_start,
     anthropic_text_block,
     anthropic_tool_block,
+    named_events,
     openai_sdk,
     read_sdk_stream,
     root_url,
@@ -494,3 +499,134 @@ async def test_client_anthropic_headers_cannot_override_the_configured_ones(
     assert _headers_named(exchange.headers, "x-api-key") == [KEY]
     assert _headers_named(exchange.headers, "authorization") == []
     assert _headers_named(exchange.headers, "anthropic-beta") == ["tools-2024-04-04"]
+
+
+# ----- usage of streams cut short, and Anthropic clients on an Anthropic upstream -----------------
+
+
+def _counted(fake: FakeUpstream, cache_dir: Path) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """token_count (the character heuristic for claude-test), then a probe."""
+    probe, log = make_probe()
+    options = {"cache_dir": str(cache_dir), "default_encoding": None}
+    config = _config(fake, plugins=[{"name": "token_count", "options": options}, {"name": "probe"}])
+    return config, {"token_count": TokenCounter, "probe": probe}, log
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [[anthropic_error_event("overloaded_error", "Overloaded")], [], "disconnect"],
+    ids=["error-event", "truncated", "client-disconnect"],
+)
+async def test_a_cut_stream_records_the_local_partial_count_not_message_starts_usage(
+    fake: FakeUpstream, http: aiohttp.ClientSession, tmp_path: Path, tail: list[bytes] | str
+) -> None:
+    """message_start's usage (output_tokens 1) is preliminary: a stream cut before
+    message_delta is counted locally, as on OpenAI upstreams."""
+    texts = ["Hello there, ", "general Kenobi"]
+    head = [anthropic_message_start(input_tokens=25), *anthropic_text_block(0, texts)]
+    if tail == "disconnect":
+        fake.queue(Script(head, then="hang"))
+    else:
+        fake.queue(Script([*head, *tail]))
+    config, registry, log = _counted(fake, tmp_path)
+    async with run_gateway(config, registry=registry) as gw, asyncio.timeout(BOUND):
+        resp = await http.post(gw.v1 + CHAT, json=chat_body())
+        assert resp.status == 200
+        if tail == "disconnect":
+            await resp.content.readuntil(b"Kenobi")  # both texts passed the chain
+            resp.close()
+            (exchange,) = await fake.wait_for_requests(1)
+            await exchange.finished.wait()
+        else:
+            assert final_error(await resp.read())["type"] == "upstream_error"
+        (ctx,) = await log.wait_ends(1)
+    tokens = ctx.require(TOKENS)
+    expected = Outcome.CLIENT_DISCONNECTED if tail == "disconnect" else Outcome.UPSTREAM_ERROR
+    assert ctx.outcome is expected
+    assert ctx.usage.source == "local_partial"
+    assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens) == (
+        tokens.prompt_tokens,
+        tokens.completion_tokens,
+    )
+    assert tokens.prompt_tokens != 25, "not message_start's input_tokens"
+    assert tokens.completion_tokens > 1, "not message_start's output_tokens"
+
+
+async def test_a_stream_cut_after_message_delta_keeps_the_upstreams_final_usage(
+    fake: FakeUpstream, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """message_delta's usage is the final count: it stays the truth if message_stop is lost."""
+    transcript = _text_transcript(["Bon", "jour"], output_tokens=7)[:-1]  # no message_stop
+    fake.queue(Script(transcript))
+    config, registry, log = _counted(fake, tmp_path)
+    async with run_gateway(config, registry=registry) as gw, asyncio.timeout(BOUND):
+        async with http.post(gw.v1 + CHAT, json=chat_body()) as resp:
+            assert final_error(await resp.read())["code"] == "upstream_truncated"
+        (ctx,) = await log.wait_ends(1)
+    assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens) == (25, 7)
+    assert ctx.usage.source == "upstream"
+
+
+async def test_anthropic_client_on_an_anthropic_upstream_gets_its_id_and_usage(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    transcript = [
+        anthropic_message_start(msg_id="msg_01Abc", input_tokens=25, cache_read=10, cache_write=5),
+        *anthropic_text_block(0, TEXT, ping=True),
+        *anthropic_message_end("end_turn", 42),
+    ]
+    fake.queue(Script(rechunk(b"".join(transcript), [9, 2, 31])), Script(transcript))
+    body = {"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
+    async with run_gateway(_config(fake)) as gw:
+        async with (
+            asyncio.timeout(BOUND),
+            http.post(gw.url + "/v1/messages", json={**body, "stream": True}) as resp,
+        ):
+            events = named_events(await resp.read())
+        client = anthropic.AsyncAnthropic(base_url=gw.url, api_key="x", max_retries=0)
+        try:
+            async with client.messages.stream(
+                model="m", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+            ) as stream:
+                message = await stream.get_final_message()
+        finally:
+            await client.close()
+
+    name, start = events[0]
+    assert name == "message_start"
+    assert start["message"]["id"] == "msg_01Abc"
+    assert start["message"]["usage"] == {
+        "input_tokens": 25,
+        "cache_read_input_tokens": 10,
+        "cache_creation_input_tokens": 5,
+        "output_tokens": 0,
+    }
+    name, delta = events[-2]
+    assert name == "message_delta"
+    assert delta["usage"] == {
+        "input_tokens": 25,
+        "cache_read_input_tokens": 10,
+        "cache_creation_input_tokens": 5,
+        "output_tokens": 42,
+    }
+    assert message.id == "msg_01Abc"
+    usage = message.usage
+    assert (usage.input_tokens, usage.output_tokens) == (25, 42)
+    assert (usage.cache_read_input_tokens, usage.cache_creation_input_tokens) == (10, 5)
+
+
+async def test_anthropic_client_non_streaming_on_an_anthropic_upstream_keeps_the_id(
+    fake: FakeUpstream,
+) -> None:
+    content: list[dict[str, Any]] = [{"type": "text", "text": "Hi."}]
+    fake.queue(json_script(anthropic_message(content)))
+    async with run_gateway(_config(fake)) as gw:
+        client = anthropic.AsyncAnthropic(base_url=gw.url, api_key="x", max_retries=0)
+        try:
+            message = await client.messages.create(
+                model="m", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+            )
+        finally:
+            await client.close()
+    assert message.id == "msg_01Unary"
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (12, 7)

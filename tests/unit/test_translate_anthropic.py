@@ -858,6 +858,37 @@ def test_anthropic_message_delta_usage_is_cumulative() -> None:
     assert translator.usage["total_tokens"] == 589
 
 
+def test_anthropic_usage_is_none_until_message_delta_makes_it_final() -> None:
+    """message_start's usage is preliminary (output_tokens 2 here): a cut stream has none."""
+    cut = ANTHROPIC_TRANSCRIPT[: ANTHROPIC_TRANSCRIPT.index(b"event: message_delta")]
+    _, translator = to_chat(cut, include_usage=True)
+    assert translator.usage is None
+    _, translator = to_chat(ANTHROPIC_TRANSCRIPT, include_usage=True)
+    assert translator.usage is not None
+    assert translator.usage["completion_tokens"] == 89
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_anthropic_usage_at_start_puts_message_starts_usage_on_the_role_chunk(
+    include_usage: bool,
+) -> None:
+    events, _ = to_chat(ANTHROPIC_TRANSCRIPT, include_usage=include_usage, usage_at_start=True)
+    role = events[0].json()
+    assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert role["usage"] == {
+        "prompt_tokens": 572,
+        "completion_tokens": 2,
+        "total_tokens": 574,
+        "prompt_tokens_details": {"cached_tokens": 100},
+    }
+    rest = [event.json() for event in events[1:-1] if event.json()["choices"]]
+    assert rest
+    if include_usage:
+        assert all(chunk["usage"] is None for chunk in rest)
+    else:
+        assert all("usage" not in chunk for chunk in rest)
+
+
 def test_anthropic_thinking_blocks_are_left_out() -> None:
     thinking = {"type": "thinking", "thinking": "", "signature": ""}
     text = {"type": "text", "text": ""}
@@ -1289,6 +1320,34 @@ def test_openai_first_chunk_usage_sets_message_start_input_tokens() -> None:
     usage = {"prompt_tokens": 30, "completion_tokens": 1, "total_tokens": 31}
     events, _ = to_messages(openai_event({"content": "a"}, usage=usage) + b"data: [DONE]\n\n")
     assert events[0].json()["message"]["usage"] == {"input_tokens": 30, "output_tokens": 0}
+
+
+def test_anthropic_first_chunk_usage_round_trips_into_message_start_with_cache_fields() -> None:
+    """Anthropic -> OpenAI -> Anthropic: the id keeps one `msg_` prefix; the cache counts
+    come back apart from input_tokens."""
+    chat, _ = to_chat(
+        anthropic_stream().replace(
+            b'"cache_creation_input_tokens":0', b'"cache_creation_input_tokens":7'
+        ),
+        include_usage=True,
+        usage_at_start=True,
+    )
+    events, _ = to_messages(encode_events(chat))
+    start = events[0].json()["message"]
+    assert start["id"] == MSG_ID
+    assert start["usage"] == {
+        "input_tokens": 472,
+        "output_tokens": 0,
+        "cache_read_input_tokens": 100,
+        "cache_creation_input_tokens": 7,
+    }
+    delta = next(e.json() for e in events if e.event == "message_delta")
+    assert delta["usage"] == {
+        "input_tokens": 472,
+        "cache_read_input_tokens": 100,
+        "cache_creation_input_tokens": 7,
+        "output_tokens": 89,
+    }
 
 
 def test_openai_in_band_error_stops_translation() -> None:
