@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from gateway.teams import AuthMode, TeamConfig, check_auth, infer_auth_mode
+from gateway.tracing_config import TracingConfig
 
 
 class ConfigError(Exception):
@@ -395,6 +396,7 @@ class GatewayConfig(_Strict):
     routes: list[RouteConfig] = Field(min_length=1)
     plugins: list[PluginConfig] = Field(default_factory=list)
     resumable: ResumableConfig = ResumableConfig()
+    tracing: TracingConfig = TracingConfig()
 
     @model_validator(mode="before")
     @classmethod

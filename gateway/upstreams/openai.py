@@ -92,9 +92,13 @@ class OpenAIObserver(StreamObserver):
             if data is None or b'"usage"' not in data:
                 continue
             payload = _parse(event)
-            usage = payload.get("usage") if isinstance(payload, dict) else None
+            if not isinstance(payload, dict):
+                continue
+            usage, model = payload.get("usage"), payload.get("model")
             if isinstance(usage, dict):
                 ctx.usage.set_from_upstream(usage)
+            if isinstance(model, str):
+                ctx.response_model = model[:200]
 
     def error_event(self, err: GatewayError) -> SSEEvent:
         return SSEEvent.from_json(err.body())
