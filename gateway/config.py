@@ -267,6 +267,11 @@ class MetricsConfig(_Strict):
     require_admin_key: bool = Field(
         False, description="scrapes need server.admin_key (Bearer or X-Admin-Key)"
     )
+    genai_semconv: bool = Field(
+        False,
+        description="also export the OpenTelemetry GenAI histograms (gen_ai_client_token_usage, "
+        "gen_ai_server_*) under the names Envoy AI Gateway uses",
+    )
 
 
 _ORIGIN_RE: Final = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
