@@ -351,6 +351,11 @@ class ServerConfig(_Strict):
         ge=0,
         description="how long to wait for the first upstream event before sending 200 headers",
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="json: every server log line (start-up, shutdown, warnings) a JSON object "
+        "on stdout, next to the access log's",
+    )
     metrics: MetricsConfig = MetricsConfig()
     cors: CorsConfig = CorsConfig()
     playground: bool | None = Field(
