@@ -98,7 +98,7 @@ def _print(text: str) -> None:
 
 def _print_json(text: str) -> None:
     """A start-up line as a JSON log line, shown whatever --log-level says (like print)."""
-    record = log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None)
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, text, (), None)
     print(JsonFormatter().format(record), flush=True)
 
 
