@@ -10,6 +10,7 @@
 # fetches anything.
 # The image runs as user 10001 and writes nothing outside /tmp: it works with
 # readOnlyRootFilesystem (the Helm chart mounts an emptyDir at /tmp).
+# The `otel` extra is installed: OTEL_TRACES_EXPORTER=otlp turns tracing on (docs/tracing.md).
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -20,7 +21,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY plugins ./plugins
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels ".[otel]"
 
 # ---- runtime -----------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -40,7 +41,7 @@ RUN groupadd --gid 10001 sluice \
 
 # Only wheels built above: no compiler or source tree in this stage.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links /wheels sluice
+    pip install --no-index --find-links /wheels "sluice[otel]"
 
 RUN mkdir -p /opt/tiktoken /etc/sluice \
     && if [ "$DOWNLOAD_TOKENIZERS" = "1" ]; then \

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,7 @@ from gateway.chain import Chain, build_chain, discover_plugins
 from gateway.config import (
     AnthropicUpstream,
     AzureUpstream,
+    ConfigError,
     GatewayConfig,
     OllamaUpstream,
     OpenAIUpstream,
@@ -32,6 +35,7 @@ from gateway.proxy import Proxy
 from gateway.resume import Resumer
 from gateway.routing import Router, UpstreamHealth
 from gateway.serverlog import http_server_logger
+from gateway.tracing_config import ConfigProblem, TracingSettings, resolve_tracing
 from gateway.upstreams.anthropic import Anthropic
 from gateway.upstreams.azure import AzureOpenAI
 from gateway.upstreams.base import Upstream
@@ -59,6 +63,7 @@ class GatewayState:
     proxy: Proxy | None = None  # set by build_app
     resumer: Resumer | None = None  # set by build_app
     metrics_port: int | None = None  # the separate metrics listener's bound port, once started
+    tracing: TracingSettings | None = None  # None: tracing off (OpenTelemetry never imported)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,7 +110,13 @@ def build_state(
     keys = KeyStore(config.teams) if config.auth == "keys" else None
     router = Router(config, health)
     metrics = GatewayMetrics(config, [default_chain, *chains.values()], health)
-    return GatewayState(config, router, upstreams, health, keys, chains, default_chain, metrics)
+    try:
+        tracing = resolve_tracing(config.tracing, os.environ)
+    except ConfigProblem as err:
+        raise ConfigError(f"tracing: {err}") from None
+    return GatewayState(
+        config, router, upstreams, health, keys, chains, default_chain, metrics, tracing=tracing
+    )
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -213,6 +224,24 @@ async def _metrics_listener(app: web.Application) -> Any:
         await runner.cleanup()
 
 
+async def _tracing(app: web.Application) -> Any:
+    """Tracing on: the tracer provider for the app's lifetime, flushed at shutdown."""
+    state = app[STATE]
+    if state.tracing is None or state.proxy is None:
+        yield
+        return
+    from gateway.tracing import Tracing  # only now: tracing off never loads OpenTelemetry
+
+    tracing = Tracing(state.tracing, state.config)
+    state.proxy.tracing = tracing
+    try:
+        yield
+    finally:
+        state.proxy.tracing = None
+        # The export is a blocking HTTP call: off the loop, which may serve the collector.
+        await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
+
+
 async def _lifecycle(app: web.Application) -> Any:
     state = app[STATE]
     for upstream in state.upstreams.values():
@@ -295,6 +324,7 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
         app.router.add_get("/metrics", _metrics)
     if state.config.server.playground:  # null (auto) is resolved by load_config
         add_playground_routes(app)
+    app.cleanup_ctx.append(_tracing)  # first in, last out: spans of the last requests
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(_metrics_listener)
     app.on_shutdown.append(_not_ready_on_shutdown)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.metadata
 import logging
 import signal
 import sys
@@ -14,9 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import __version__
 from gateway.app import build_app, build_state
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.serverlog import http_server_logger
+from gateway.serverlog import JsonFormatter, http_server_logger, use_json_logs
 
 log = logging.getLogger("sluice")
 
@@ -61,17 +63,18 @@ async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool =
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if announce:
+        say = _print_json if config.server.log_format == "json" else _print
         bound = runner.addresses
         real_port = int(bound[0][1]) if bound else port
-        print(f"Sluice listening on http://{host}:{real_port}", flush=True)
+        say(f"Sluice listening on http://{host}:{real_port}")
         if config.server.metrics.enabled:
             metrics_port = real_port if state.metrics_port is None else state.metrics_port
-            print(f"Prometheus metrics at http://{host}:{metrics_port}/metrics", flush=True)
+            say(f"Prometheus metrics at http://{host}:{metrics_port}/metrics")
         if config.server.playground:
-            print(f"Playground at http://{host}:{real_port}/playground", flush=True)
+            say(f"Playground at http://{host}:{real_port}/playground")
         model = state.router.models[0] if state.router.models else "MODEL"
         example = _example(host, real_port, model, keys=state.keys is not None)
-        print("Try:\n  " + example, flush=True)
+        say("Try:\n  " + example)
     try:
         await stop.wait()
         # Graceful drain: not ready, no new connections, in-flight streams finish (up to the
@@ -87,6 +90,24 @@ async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool =
     finally:
         log.info("shutting down")
         await runner.cleanup()
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+def _print_json(text: str) -> None:
+    """A start-up line as a JSON log line, shown whatever --log-level says (like print)."""
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, text, (), None)
+    print(JsonFormatter().format(record), flush=True)
+
+
+def version() -> str:
+    """The installed distribution's version (the source tree's when not installed)."""
+    try:
+        return importlib.metadata.version("sluice")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
 
 
 # The soft limit to aim for when the hard one is "unlimited" (Linux's default fs.nr_open).
@@ -132,6 +153,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"sluice: {err}", file=sys.stderr)
         return 2
+    if config.server.log_format == "json":
+        use_json_logs()
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     raise_open_files_limit()
@@ -206,6 +229,7 @@ def parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     top = argparse.ArgumentParser(prog="sluice", description="Sluice: a streaming LLM gateway.")
     top.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    top.add_argument("--version", action="version", version=f"sluice {version()}")
     sub = top.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the gateway (embedded demo config without --config)")
     p.add_argument("--config", type=Path, help="YAML config file")

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from gateway.teams import AuthMode, TeamConfig, check_auth, infer_auth_mode
+from gateway.tracing_config import TracingConfig
 
 
 class ConfigError(Exception):
@@ -266,6 +267,11 @@ class MetricsConfig(_Strict):
     require_admin_key: bool = Field(
         False, description="scrapes need server.admin_key (Bearer or X-Admin-Key)"
     )
+    genai_semconv: bool = Field(
+        False,
+        description="also export the OpenTelemetry GenAI histograms (gen_ai_client_token_usage, "
+        "gen_ai_server_*) under the names Envoy AI Gateway uses",
+    )
 
 
 _ORIGIN_RE: Final = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
@@ -345,6 +351,11 @@ class ServerConfig(_Strict):
         ge=0,
         description="how long to wait for the first upstream event before sending 200 headers",
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="json: every server log line (start-up, shutdown, warnings) a JSON object "
+        "on stdout, next to the access log's",
+    )
     metrics: MetricsConfig = MetricsConfig()
     cors: CorsConfig = CorsConfig()
     playground: bool | None = Field(
@@ -395,6 +406,7 @@ class GatewayConfig(_Strict):
     routes: list[RouteConfig] = Field(min_length=1)
     plugins: list[PluginConfig] = Field(default_factory=list)
     resumable: ResumableConfig = ResumableConfig()
+    tracing: TracingConfig = TracingConfig()
 
     @model_validator(mode="before")
     @classmethod

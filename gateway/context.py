@@ -142,6 +142,7 @@ class RequestContext:
     route: RouteConfig | None = None
     upstream_name: str | None = None  # the deployment that served (or last tried) the request
     upstream_model: str | None = None  # the model name that deployment was sent
+    response_model: str | None = None  # the model the upstream said answered, where it said
     retries: int = 0  # attempts after the first (only ever before a byte reached the client)
     identity: Identity = field(default_factory=Identity)
     timing: Timing = field(default_factory=Timing)

@@ -32,6 +32,7 @@ from gateway import __version__
 from gateway.chain import Chain
 from gateway.config import GatewayConfig
 from gateway.context import RequestContext
+from gateway.genai_metrics import GenAIMetrics
 from gateway.plugin import Reject
 from gateway.routing import UpstreamHealth
 from plugins.content_filter import FILTER, ContentFilter
@@ -367,6 +368,7 @@ class GatewayMetrics:
         for name in sorted(self.labels.upstreams):
             self.queue_wait.labels(name)
         registry.register(_ScrapeCollector(self))
+        self.genai = GenAIMetrics(registry, config) if config.server.metrics.genai_semconv else None
 
     def rate_limiter_failures(self) -> list[int]:
         """Failed backend calls of each rate limiter in the chains."""
@@ -426,6 +428,8 @@ class GatewayMetrics:
             self.plugin_seconds.labels(plugin).inc(seconds)
             self.plugin_events.labels(plugin).inc(ctx.events_in)
         self._observe_plugins(ctx, team)
+        if self.genai is not None:
+            self.genai.observe(ctx)
 
     def _observe_stream(self, ctx: RequestContext, team: str, model: str) -> None:
         latency = ctx.get(LATENCY)

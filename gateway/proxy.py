@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -40,6 +40,7 @@ from gateway.resume import ResumableSink, Resumer, wants_resume
 from gateway.routing import Router, Target, UpstreamHealth
 from gateway.sinks import HttpSink, StreamSink
 from gateway.stream import StreamRelay, draining_error
+from gateway.tracing_config import TRACE
 from gateway.upstreams.base import (
     StreamObserver,
     Upstream,
@@ -48,6 +49,9 @@ from gateway.upstreams.base import (
 from gateway.upstreams.errors import error_from_event
 from gateway.validation import read_json_body, validate_body
 from gateway.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from gateway.tracing import RequestTrace, Tracing
 
 log = logging.getLogger("sluice.proxy")
 
@@ -124,6 +128,13 @@ def _parse_unary(raw: bytes) -> Any:
     return payload
 
 
+def _end_trace(trace: RequestTrace, ctx: RequestContext) -> None:
+    try:
+        trace.end(ctx)
+    except Exception:
+        log.exception("ending the request's trace failed (request %s)", ctx.request_id)
+
+
 @dataclass(slots=True)
 class Inbound:
     """One request as the proxy runs it, whatever carried it (an HTTP request or a WebSocket
@@ -160,6 +171,7 @@ class Proxy:
         self._resumable_routes = resumer is not None and resumer.routes_opt_in
         self._detached: set[asyncio.Task[Served]] = set()  # resumable streams' producers
         self.metrics = metrics
+        self.tracing: Tracing | None = None  # set at start-up when tracing is on
         self.draining = False  # set by `drain`: new requests get 503
         self._inflight = 0
         self._streams: set[StreamRelay] = set()
@@ -245,6 +257,7 @@ class Proxy:
         overhead = Overhead()
         ctx.set(OVERHEAD, overhead)
         chain = self.default_chain
+        trace = self.tracing.start(ctx, inbound.headers) if self.tracing is not None else None
         try:
             try:
                 await self._admit(inbound, ctx)
@@ -267,6 +280,8 @@ class Proxy:
                 await chain.run_end(ctx)
             finally:
                 self.metrics.observe_request(ctx, overhead.answered)
+                if trace is not None:
+                    _end_trace(trace, ctx)
                 self._inflight -= 1
                 self._changed.set()
 
@@ -363,6 +378,9 @@ class Proxy:
             raise _Retry(err, parse_retry_after(err.headers.get("Retry-After"))) from None
         if slot is not None:
             self.metrics.observe_queue_wait(target.upstream, slot.waited)
+        trace = ctx.get(TRACE) if self.tracing is not None else None
+        if trace is not None:
+            trace.attempt_started(ctx)
         health.outstanding += 1
         try:
             response: Served = None
@@ -371,11 +389,15 @@ class Proxy:
             else:
                 response = await self._unary(inbound, ctx, chain, upstream)
         except GatewayError as err:
+            if trace is not None:
+                trace.attempt_ended(ctx, err)
             raise _retry_or(err, ctx, health) from None
         finally:
             health.outstanding -= 1
             if slot is not None:
                 slot.release()
+        if trace is not None:
+            trace.attempt_ended(ctx, None)
         health.successes += 1
         health.breaker.record_success()
         return response
@@ -399,7 +421,10 @@ class Proxy:
     ) -> tuple[dict[str, Any], dict[str, str]]:
         assert ctx.route is not None
         body = {**ctx.body, "model": ctx.upstream_model or ctx.model}
-        return body, upstream_headers(inbound.headers, ctx.request_id)
+        headers = upstream_headers(inbound.headers, ctx.request_id)
+        if self.tracing is not None:  # the attempt's span context, not the client's
+            ctx.require(TRACE).inject(headers)
+        return body, headers
 
     async def _open(
         self, inbound: Inbound, ctx: RequestContext, upstream: Upstream
@@ -436,6 +461,8 @@ class Proxy:
                 ctx.outcome = Outcome.REJECTED
             raise
         ctx.timing.upstream_headers = time.perf_counter()
+        if self.tracing is not None:
+            ctx.require(TRACE).upstream_answered(call.status)
         if call.status >= 400:
             self.metrics.upstream_error(upstream.name, _status_kind(call.status))
             try:
@@ -499,15 +526,19 @@ class Proxy:
             self.metrics.upstream_error(upstream.name, "malformed")
             raise
         if isinstance(payload, dict):
-            usage = payload.get("usage")
+            usage, model = payload.get("usage"), payload.get("model")
             if isinstance(usage, dict):
                 ctx.usage.set_from_upstream(usage)
+            if isinstance(model, str):
+                ctx.response_model = model[:200]
             error = error_from_event(payload) if "error" in payload else None
             if error is not None:
                 ctx.outcome = Outcome.UPSTREAM_ERROR
                 self.metrics.upstream_error(upstream.name, "in_band")
                 raise error
             payload = await chain.run_response(ctx, payload)
+            if self.tracing is not None:
+                ctx.require(TRACE).response(payload)
         ctx.outcome = Outcome.COMPLETED
         out = orjson.dumps(DIALECTS[ctx.client_format].unary(ctx, payload))
         ctx.bytes_out = len(out)

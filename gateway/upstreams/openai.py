@@ -88,23 +88,25 @@ class OpenAIObserver(StreamObserver):
         return batch
 
     def finish(self, ctx: RequestContext) -> None:
-        for usage in self._usages():
-            ctx.usage.set_from_upstream(usage)
+        for payload in self._usage_chunks():
+            ctx.usage.set_from_upstream(payload["usage"])
+            model = payload.get("model")
+            if isinstance(model, str):
+                ctx.response_model = model[:200]
 
-    def _usages(self) -> Iterator[dict[str, Any]]:
-        """The usage objects (not `null`) of the last two data events, in stream order."""
+    def _usage_chunks(self) -> Iterator[dict[str, Any]]:
+        """The last two data events that carry a usage object (not `null`), in stream order."""
         for event in (self._before_last, self._last):
             data = event.data_bytes if event is not None else None
             if data is None or b'"usage"' not in data:
                 continue
             payload = _parse(event)
-            usage = payload.get("usage") if isinstance(payload, dict) else None
-            if isinstance(usage, dict):
-                yield usage
+            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+                yield payload
 
     def usage_event(self, ctx: RequestContext) -> SSEEvent | None:
         """The local usage chunk for a client that asked for usage the upstream never sent."""
-        if not client_wants_usage(ctx) or next(self._usages(), None) is not None:
+        if not client_wants_usage(ctx) or next(self._usage_chunks(), None) is not None:
             return None
         return local_usage_event(ctx, _parse(self._last))
 

@@ -30,7 +30,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
-_LISTENING = re.compile(r"Sluice listening on (http://\S+)")
+_LISTENING = re.compile(r"Sluice listening on (http://[^\s\"]+)")  # plain or JSON lines
 STARTUP_SECONDS = 30.0  # imports and tokenizer loading on a busy 2-core machine
 
 
