@@ -196,7 +196,7 @@ def _cmd_tokenizers_status(args: argparse.Namespace) -> int:
     status = encoding_status(args.dir)
     for name, state in status.items():
         print(f"{name}: {state}")
-    return 0 if all(state in AVAILABLE_STATES for state in status.values()) else 1
+    return 0 if all(status.get(name) in AVAILABLE_STATES for name in args.names) else 1
 
 
 def _cmd_keys_new(args: argparse.Namespace) -> int:
@@ -252,6 +252,12 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_tokenizers_download)
     st = tsub.add_parser("status", help="which encodings are available offline")
     st.add_argument("dir", type=Path, nargs="?", help="cache dir (default: TIKTOKEN_CACHE_DIR)")
+    st.add_argument(
+        "--names",
+        nargs="+",
+        default=["o200k_base", "cl100k_base"],
+        help="exit 1 unless these are available (default: the encodings of current models)",
+    )
     st.set_defaults(func=_cmd_tokenizers_status)
     k = sub.add_parser("keys", help="API keys for teams")
     ksub = k.add_subparsers(dest="keys_command", required=True)
