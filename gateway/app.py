@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +31,6 @@ from gateway.runtime import (
 from gateway.serverlog import http_server_logger
 from gateway.upstreams.base import Upstream
 from gateway.websocket import websocket_handler
-
-log = logging.getLogger("sluice.app")
 
 
 @dataclass
