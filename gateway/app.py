@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import inspect
-import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,17 +14,8 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from gateway.auth import KeyStore
-from gateway.chain import Chain, build_chain, discover_plugins
-from gateway.config import (
-    AnthropicUpstream,
-    AzureUpstream,
-    ConfigError,
-    GatewayConfig,
-    OllamaUpstream,
-    OpenAIUpstream,
-    PluginConfig,
-    UpstreamConfig,
-)
+from gateway.chain import Chain, discover_plugins
+from gateway.config import ConfigError, GatewayConfig
 from gateway.cors import Cors
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
@@ -34,30 +23,28 @@ from gateway.playground import add_routes as add_playground_routes
 from gateway.proxy import Proxy
 from gateway.resume import Resumer
 from gateway.routing import Router, UpstreamHealth
+from gateway.runtime import (
+    ConfigSource,
+    Generations,
+    ReloadOutcome,
+    Runtime,
+    build_runtime,
+)
 from gateway.serverlog import http_server_logger
 from gateway.tracing_config import ConfigProblem, TracingSettings, resolve_tracing
-from gateway.upstreams.anthropic import Anthropic
-from gateway.upstreams.azure import AzureOpenAI
 from gateway.upstreams.base import Upstream
-from gateway.upstreams.demo import Demo
-from gateway.upstreams.ollama import Ollama
-from gateway.upstreams.openai import OpenAICompatible
 from gateway.websocket import websocket_handler
-
-log = logging.getLogger("sluice.app")
 
 
 @dataclass
 class GatewayState:
-    """Everything the gateway holds for its lifetime; stored on the app under `STATE`."""
+    """Everything the gateway holds for its lifetime; stored on the app under `STATE`.
 
-    config: GatewayConfig
-    router: Router
-    upstreams: dict[str, Upstream]
-    health: dict[str, UpstreamHealth]
-    keys: KeyStore | None
-    chains: dict[str, Chain]
-    default_chain: Chain
+    What was built from the config lives in the current `Runtime` (`generations.current`),
+    replaced as a whole by a reload; `config`, `router`, `keys`... read the current one.
+    """
+
+    generations: Generations
     metrics: GatewayMetrics
     ready: bool = False
     proxy: Proxy | None = None  # set by build_app
@@ -65,58 +52,74 @@ class GatewayState:
     metrics_port: int | None = None  # the separate metrics listener's bound port, once started
     tracing: TracingSettings | None = None  # None: tracing off (OpenTelemetry never imported)
     extras: dict[str, Any] = field(default_factory=dict)
+    last_reload: ReloadOutcome | None = None  # set by gateway.reload
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime new requests use."""
+        return self.generations.current
+
+    @property
+    def config(self) -> GatewayConfig:
+        """The running config."""
+        return self.runtime.config
+
+    @property
+    def router(self) -> Router:
+        """The current runtime's router."""
+        return self.runtime.router
+
+    @property
+    def upstreams(self) -> dict[str, Upstream]:
+        """The current runtime's upstream adapters."""
+        return self.runtime.upstreams
+
+    @property
+    def health(self) -> dict[str, UpstreamHealth]:
+        """The current runtime's upstream health."""
+        return self.runtime.health
+
+    @property
+    def keys(self) -> KeyStore | None:
+        """The current runtime's keys (None with `auth: none`)."""
+        return self.runtime.keys
+
+    @property
+    def chains(self) -> dict[str, Chain]:
+        """The current runtime's chain per route."""
+        return self.runtime.chains
+
+    @property
+    def default_chain(self) -> Chain:
+        """The current runtime's global chain."""
+        return self.runtime.default_chain
 
 
 STATE = web.AppKey("sluice_state", GatewayState)
 
 
-def build_upstream(name: str, config: UpstreamConfig) -> Upstream:
-    """The adapter for one configured upstream."""
-    if isinstance(config, OpenAIUpstream):
-        return OpenAICompatible(name, config)
-    if isinstance(config, AzureUpstream):
-        return AzureOpenAI(name, config)
-    if isinstance(config, AnthropicUpstream):
-        return Anthropic(name, config)
-    if isinstance(config, OllamaUpstream):
-        return Ollama(name, config)
-    return Demo(name, config)
-
-
-def build_chains(
-    config: GatewayConfig, registry: Mapping[str, type[Any]]
-) -> tuple[dict[str, Chain], Chain]:
-    """One chain per route (global plugins minus skipped ones, then its own), plus a global one."""
-    global_specs = [(f"plugins[{i}]", spec) for i, spec in enumerate(config.plugins)]
-    shared: dict[str, Any] = {}  # one instance per configured plugin, whatever the route
-    chains: dict[str, Chain] = {}
-    for r, route in enumerate(config.routes):
-        specs: list[tuple[str, PluginConfig]] = [
-            (where, spec) for where, spec in global_specs if spec.name not in route.skip_plugins
-        ]
-        specs += [(f"routes[{r}].plugins[{i}]", spec) for i, spec in enumerate(route.plugins)]
-        chains[route.name] = build_chain(specs, registry, shared)
-    return chains, build_chain(global_specs, registry, shared)
-
-
 def build_state(
-    config: GatewayConfig, registry: Mapping[str, type[Any]] | None = None
+    config: GatewayConfig,
+    registry: Mapping[str, type[Any]] | None = None,
+    *,
+    source: ConfigSource | None = None,
 ) -> GatewayState:
-    """Validate plugin options and build every long-lived object; raises ConfigError."""
+    """Validate plugin options and build every long-lived object; raises ConfigError.
+
+    `source` is where `config` came from (its file and sha256, shown on /admin/config);
+    by default the config's own JSON stands in for the file's bytes.
+    """
     registry = discover_plugins() if registry is None else registry
-    chains, default_chain = build_chains(config, registry)
-    upstreams = {name: build_upstream(name, up) for name, up in config.upstreams.items()}
-    health = {name: UpstreamHealth.from_config(up) for name, up in config.upstreams.items()}
-    keys = KeyStore(config.teams) if config.auth == "keys" else None
-    router = Router(config, health)
-    metrics = GatewayMetrics(config, [default_chain, *chains.values()], health)
+    if source is None:
+        source = ConfigSource.of(None, config.model_dump_json().encode())
     try:
         tracing = resolve_tracing(config.tracing, os.environ)
     except ConfigProblem as err:
         raise ConfigError(f"tracing: {err}") from None
-    return GatewayState(
-        config, router, upstreams, health, keys, chains, default_chain, metrics, tracing=tracing
-    )
+    runtime = build_runtime(config, registry, source)
+    metrics = GatewayMetrics(config, runtime.all_chains, runtime.health)
+    metrics.config_loaded(source.sha256)
+    return GatewayState(Generations(runtime, metrics.detach), metrics, tracing=tracing)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -179,11 +182,35 @@ async def _admin_upstreams(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if (refusal := _admin_refusal(request)) is not None:
         return refusal
+    runtime = state.runtime
     body = {
-        name: {"kind": state.config.upstreams[name].kind, **health.snapshot()}
-        for name, health in state.health.items()
+        name: {"kind": runtime.config.upstreams[name].kind, **health.snapshot()}
+        for name, health in runtime.health.items()
     }
     return web.Response(body=orjson.dumps({"upstreams": body}), content_type="application/json")
+
+
+async def _admin_config(request: web.Request) -> web.Response:
+    """The running config's file, sha256 and load time, and the last reload (admin key)."""
+    state = request.app[STATE]
+    if (refusal := _admin_refusal(request)) is not None:
+        return refusal
+    source = state.runtime.source
+    last = state.last_reload
+    body = {
+        "source": source.name,
+        "sha256": source.sha256,
+        "loaded_at": source.loaded_at,
+        "last_reload": None
+        if last is None
+        else {
+            "result": last.result,
+            "at": last.at,
+            "message": last.message,
+            "needs_restart": list(last.needs_restart),
+        },
+    }
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -249,28 +276,9 @@ async def _lifecycle(app: web.Application) -> Any:
     state.ready = True
     yield
     state.ready = False
-    for upstream in state.upstreams.values():
-        await upstream.close()
-    await close_plugins([state.default_chain, *state.chains.values()])
+    await state.generations.close()
     if state.resumer is not None:
         await state.resumer.close()
-
-
-async def close_plugins(chains: list[Chain]) -> None:
-    """Call `close()` once on every plugin instance that has one (backends, files)."""
-    seen: set[int] = set()
-    for chain in chains:
-        for entry in chain.entries:
-            closer = getattr(entry.plugin, "close", None)
-            if closer is None or id(entry.plugin) in seen:
-                continue
-            seen.add(id(entry.plugin))
-            try:
-                result = closer()
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                log.exception("plugin %s failed to close", entry.name)
 
 
 async def _not_ready_on_shutdown(app: web.Application) -> None:
@@ -292,20 +300,10 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
         app.on_response_prepare.append(cors.on_response_prepare)
     app[STATE] = state
     app[_LISTEN_HOST] = state.config.server.host if host is None else host
-    opt_in = any(route.resumable for route in state.config.routes)
+    opt_in = state.runtime.resumable_routes
     resumer = Resumer(state.config.resumable, state.keys, routes_opt_in=opt_in)
     state.resumer = resumer
-    proxy = Proxy(
-        state.config.server,
-        state.router,
-        state.upstreams,
-        state.chains,
-        state.default_chain,
-        state.health,
-        state.keys,
-        metrics=state.metrics,
-        resumer=resumer,
-    )
+    proxy = Proxy(state.generations, metrics=state.metrics, resumer=resumer)
     state.proxy = proxy
     app.router.add_post("/v1/chat/completions", proxy.chat)
     app.router.add_post("/v1/completions", proxy.completions)
@@ -319,6 +317,7 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/admin/upstreams", _admin_upstreams)
+    app.router.add_get("/admin/config", _admin_config)
     metrics = state.config.server.metrics
     if metrics.enabled and metrics.port is None:
         app.router.add_get("/metrics", _metrics)

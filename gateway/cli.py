@@ -18,6 +18,8 @@ from aiohttp import web
 from gateway import __version__
 from gateway.app import build_app, build_state
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.reload import Reloader, read_config
+from gateway.runtime import ConfigSource
 from gateway.serverlog import JsonFormatter, http_server_logger, use_json_logs
 
 log = logging.getLogger("sluice")
@@ -47,9 +49,22 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(10_000, 20, 100)
 
 
-async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool = True) -> None:
-    """Run the gateway until SIGINT or SIGTERM."""
-    state = build_state(config)
+async def serve(
+    config: GatewayConfig,
+    host: str,
+    port: int,
+    *,
+    announce: bool = True,
+    source: ConfigSource | None = None,
+    watch: bool = False,
+) -> None:
+    """Run the gateway until SIGINT or SIGTERM; SIGHUP reloads the config file.
+
+    `source` is the file `config` was read from (None: the embedded default, nothing to
+    reload); `watch` (or `server.reload.watch`) also reloads when the file's content changes.
+    """
+    state = build_state(config, source=source)
+    reloader = Reloader(state, source.path if source is not None else None)
     app = build_app(state, host=host)
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, logger=http_server_logger()
@@ -62,6 +77,9 @@ async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool =
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    if watch or config.server.reload.watch:
+        reloader.watch()
     if announce:
         say = _print_json if config.server.log_format == "json" else _print
         bound = runner.addresses
@@ -77,18 +95,21 @@ async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool =
         say("Try:\n  " + example)
     try:
         await stop.wait()
+        await reloader.close()
         # Graceful drain: not ready, no new connections, in-flight streams finish (up to the
         # deadline; the rest end with a retry event), then exit 0.
         state.ready = False
-        log.info("draining: up to %.0f s for in-flight requests", config.server.drain_seconds)
+        drain_seconds = state.config.server.drain_seconds  # the running (maybe reloaded) one
+        log.info("draining: up to %.0f s for in-flight requests", drain_seconds)
         for listener in list(runner.sites):
             await listener.stop()
         if state.proxy is not None:
-            cut = await state.proxy.drain(config.server.drain_seconds)
+            cut = await state.proxy.drain(drain_seconds)
             if cut:
                 log.warning("drain deadline reached: %d streams ended with a retry event", cut)
     finally:
         log.info("shutting down")
+        await reloader.close()
         await runner.cleanup()
 
 
@@ -148,7 +169,7 @@ def _run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
+        config, source = read_config(args.config)
         build_state(config)  # validate plugin options before binding the port
     except ConfigError as err:
         print(f"sluice: {err}", file=sys.stderr)
@@ -158,7 +179,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     raise_open_files_limit()
-    _run(lambda: serve(config, host, port))
+    _run(lambda: serve(config, host, port, source=source, watch=args.watch_config))
     return 0
 
 
@@ -235,6 +256,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML config file")
     p.add_argument("--host", help="listen address (default from config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default from config: 8080)")
+    p.add_argument(
+        "--watch-config",
+        action="store_true",
+        help="reload when the config file's content changes (as server.reload.watch: true)",
+    )
     p.set_defaults(func=_cmd_serve)
     c = sub.add_parser("check-config", help="validate a config file and exit")
     c.add_argument("file", type=Path)

@@ -329,6 +329,18 @@ class CorsConfig(_Strict):
         return self
 
 
+class ReloadConfig(_Strict):
+    """Config reload in place (see docs/reload.md); SIGHUP always reloads."""
+
+    watch: bool = Field(
+        False,
+        description="also reload when the config file's content changes (a mounted ConfigMap)",
+    )
+    interval_seconds: float = Field(
+        5.0, gt=0, le=3600, description="how often the watched file is read and hashed"
+    )
+
+
 class ServerConfig(_Strict):
     """Listener and request-handling limits."""
 
@@ -363,6 +375,7 @@ class ServerConfig(_Strict):
         description="the browser page at GET /playground (GET / redirects to it); null: on for "
         "the embedded demo (no config file), off for a config file",
     )
+    reload: ReloadConfig = ReloadConfig()
 
     @model_validator(mode="after")
     def _check_metrics(self) -> ServerConfig:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
@@ -40,6 +40,14 @@ from plugins.latency import GAP_BUCKETS, LATENCY
 from plugins.token_count import TOKENS, estimator_in_use
 
 log = logging.getLogger("sluice.metrics")
+
+
+class _Retired(Protocol):
+    """A runtime being retired, as `GatewayMetrics.detach` sees it."""
+
+    @property
+    def all_chains(self) -> list[Chain]: ...
+
 
 OTHER: Final = "other"  # any label value not named in the configuration
 NO_UPSTREAM: Final = "none"  # the request never reached an upstream
@@ -112,6 +120,15 @@ class LabelValues:
     upstreams: frozenset[str]
     plugins: frozenset[str]
     rules: frozenset[str]
+
+    def __or__(self, other: LabelValues) -> LabelValues:
+        return LabelValues(
+            self.teams | other.teams,
+            self.models | other.models,
+            self.upstreams | other.upstreams,
+            self.plugins | other.plugins,
+            self.rules | other.rules,
+        )
 
     @classmethod
     def from_config(cls, config: GatewayConfig, chains: Iterable[Chain]) -> LabelValues:
@@ -232,19 +249,35 @@ class _ScrapeCollector(Collector):
                 ejections.add_metric([name], health.breaker.times_opened)
                 depth.add_metric([name], health.gate.waiting if health.gate is not None else 0)
             errors: dict[str, int] = dict.fromkeys(sorted(m.labels.plugins), 0)
+            for name, count in m.retired_plugin_errors.items():
+                errors[name] = errors.get(name, 0) + count
             for chain in m.chains:
                 for name, count in chain.errors.items():
                     label = m.labels.plugin(name)
                     errors[label] = errors.get(label, 0) + count
             for name, count in errors.items():
                 plugin_errors.add_metric([name], count)
-            backend.add_metric([], sum(m.rate_limiter_failures()))
+            backend.add_metric([], m.retired_backend_failures + sum(m.rate_limiter_failures()))
             estimator.add_metric([], 1 if estimator_in_use() else 0)
         yield from (itl, state, ejections, depth, plugin_errors, backend, estimator)
 
 
+@dataclass(frozen=True, eq=False)
+class _Generation:
+    """What one runtime contributes: its label values, chains and upstream health."""
+
+    labels: LabelValues
+    chains: tuple[Chain, ...]
+    health: Mapping[str, UpstreamHealth]
+
+
 class GatewayMetrics:
-    """Every Sluice metric, in its own `CollectorRegistry` (never the global default one)."""
+    """Every Sluice metric, in its own `CollectorRegistry` (never the global default one).
+
+    A reload `attach`es the new runtime's config, chains and health; the replaced runtime
+    stays attached (its label values stay valid for its requests still running) until it
+    is `detach`ed, when its plugin error and backend failure counts are kept as totals.
+    """
 
     def __init__(
         self,
@@ -253,15 +286,15 @@ class GatewayMetrics:
         health: Mapping[str, UpstreamHealth],
         version: str = __version__,
     ) -> None:
-        self.chains = list({id(chain): chain for chain in chains}.values())
-        self.health = health
-        self.labels = LabelValues.from_config(config, self.chains)
-        self._limiters = [
-            limiter
-            for _, plugin in _plugins(self.chains)
-            if (limiter := getattr(plugin, "limiter", None)) is not None
-            and isinstance(getattr(limiter, "failures", None), int)
-        ]
+        self._generations: list[_Generation] = []
+        self.retired_plugin_errors: dict[str, int] = {}
+        self.retired_backend_failures = 0
+        self.chains: list[Chain] = []
+        self.health: Mapping[str, UpstreamHealth] = {}
+        self.labels = LabelValues(*(frozenset[str]() for _ in range(5)))
+        self._limiters: list[object] = []
+        self._config_sha256: str | None = None
+        self.attach(config, chains, health)
         self._itl: dict[str, _GapHistogram] = {}
         self.registry = registry = CollectorRegistry()
         tm = ["team", "model"]
@@ -365,14 +398,82 @@ class GatewayMetrics:
             "sluice_build_info", "Always 1; the running version.", ["version"], registry=registry
         )
         build.labels(version).set(1)
+        self.reloads = Counter(
+            "sluice_config_reloads",
+            'Config reloads (SIGHUP or a changed file) by result: "ok" applied, "invalid" '
+            'refused (the running config stays), "error" failed while applying.',
+            ["result"],
+            registry=registry,
+        )
+        for result in ("ok", "invalid", "error"):
+            self.reloads.labels(result)
+        self.config_info = Gauge(
+            "sluice_config_info",
+            "Always 1; the sha256 of the running config file's bytes.",
+            ["sha256"],
+            registry=registry,
+        )
         for name in sorted(self.labels.upstreams):
             self.queue_wait.labels(name)
         registry.register(_ScrapeCollector(self))
         self.genai = GenAIMetrics(registry, config) if config.server.metrics.genai_semconv else None
 
+    def attach(
+        self, config: GatewayConfig, chains: Iterable[Chain], health: Mapping[str, UpstreamHealth]
+    ) -> None:
+        """Count for a (new) runtime's config, chains and health from now on."""
+        distinct = tuple({id(chain): chain for chain in chains}.values())
+        labels = LabelValues.from_config(config, distinct)
+        self._generations.append(_Generation(labels, distinct, health))
+        self.health = health  # the newest runtime's upstreams are the ones reported
+        self._refresh()
+
+    def detach(self, runtime: _Retired) -> None:
+        """A replaced runtime's last request ended: keep its counts, drop its label values."""
+        chains = {id(chain) for chain in runtime.all_chains}
+        gone = [g for g in self._generations if chains & {id(c) for c in g.chains}]
+        self._generations = [g for g in self._generations if g not in gone]
+        live = {id(limiter) for limiter in self._limiters_of(self._generations)}
+        for generation in gone:
+            for chain in generation.chains:
+                for name, count in chain.errors.items():
+                    label = generation.labels.plugin(name)
+                    self.retired_plugin_errors[label] = (
+                        self.retired_plugin_errors.get(label, 0) + count
+                    )
+            for limiter in self._limiters_of([generation]):
+                if id(limiter) not in live:
+                    self.retired_backend_failures += int(getattr(limiter, "failures", 0))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        labels = self._generations[0].labels
+        for generation in self._generations[1:]:
+            labels = labels | generation.labels
+        self.labels = labels
+        self.chains = [chain for g in self._generations for chain in g.chains]
+        self._limiters = self._limiters_of(self._generations)
+
+    @staticmethod
+    def _limiters_of(generations: Iterable[_Generation]) -> list[object]:
+        found: dict[int, object] = {}
+        for generation in generations:
+            for _, plugin in _plugins(generation.chains):
+                limiter = getattr(plugin, "limiter", None)
+                if limiter is not None and isinstance(getattr(limiter, "failures", None), int):
+                    found[id(limiter)] = limiter
+        return list(found.values())
+
+    def config_loaded(self, sha256: str) -> None:
+        """The running config is now the file with this sha256."""
+        if self._config_sha256 is not None:
+            self.config_info.remove(self._config_sha256)
+        self._config_sha256 = sha256
+        self.config_info.labels(sha256).set(1)
+
     def rate_limiter_failures(self) -> list[int]:
         """Failed backend calls of each rate limiter in the chains."""
-        return [int(limiter.failures) for limiter in self._limiters]
+        return [int(getattr(limiter, "failures", 0)) for limiter in self._limiters]
 
     # ----- called by the proxy --------------------------------------------------------------
 

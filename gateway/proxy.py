@@ -37,7 +37,8 @@ from gateway.headers import upstream_headers
 from gateway.metrics import GatewayMetrics
 from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, Overhead, overhead_ms, waiting
 from gateway.resume import ResumableSink, Resumer, wants_resume
-from gateway.routing import Router, Target, UpstreamHealth
+from gateway.routing import Target, UpstreamHealth
+from gateway.runtime import Generations, Runtime
 from gateway.sinks import HttpSink, StreamSink
 from gateway.stream import StreamRelay, draining_error
 from gateway.tracing_config import TRACE
@@ -155,20 +156,13 @@ class Proxy:
 
     def __init__(
         self,
-        server: ServerConfig,
-        router: Router,
-        upstreams: Mapping[str, Upstream],
-        chains: Mapping[str, Chain],
-        default_chain: Chain,
-        health: Mapping[str, UpstreamHealth],
-        keys: KeyStore | None = None,
+        generations: Generations,
         *,
         metrics: GatewayMetrics,
         resumer: Resumer | None = None,
     ) -> None:
-        self.keys = keys
+        self.generations = generations
         self.resumer = resumer
-        self._resumable_routes = resumer is not None and resumer.routes_opt_in
         self._detached: set[asyncio.Task[Served]] = set()  # resumable streams' producers
         self.metrics = metrics
         self.tracing: Tracing | None = None  # set at start-up when tracing is on
@@ -176,12 +170,16 @@ class Proxy:
         self._inflight = 0
         self._streams: set[StreamRelay] = set()
         self._changed = asyncio.Event()
-        self.server = server
-        self.router = router
-        self.upstreams = upstreams
-        self.health = health
-        self.chains = chains
-        self.default_chain = default_chain
+
+    @property
+    def runtime(self) -> Runtime:
+        """What new requests are served with (a reload replaces it; see gateway.runtime)."""
+        return self.generations.current
+
+    @property
+    def keys(self) -> KeyStore | None:
+        """The current runtime's keys (None with `auth: none`)."""
+        return self.generations.current.keys
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
@@ -213,10 +211,10 @@ class Proxy:
         sink = HttpSink(request)
         if resumer is not None:
             asked = wants_resume(request.headers)
-            if asked or self._resumable_routes:
+            if asked or self.runtime.resumable_routes:
                 requested = asked and resumer.config.enabled
                 sink = ResumableSink(request, resumer, ctx, requested=requested)
-        max_body = self.server.max_body_bytes
+        max_body = self.runtime.config.server.max_body_bytes
         inbound = Inbound(request.headers, lambda: read_json_body(request, max_body), sink)
         if isinstance(sink, ResumableSink):
             served = await self._serve_detachable(ctx, inbound, sink)
@@ -254,17 +252,18 @@ class Proxy:
         caller to send in its own format.
         """
         self._inflight += 1
+        rt = self.generations.enter()  # this request's runtime, whatever reloads happen
         overhead = Overhead()
         ctx.set(OVERHEAD, overhead)
-        chain = self.default_chain
+        chain = rt.default_chain
         trace = self.tracing.start(ctx, inbound.headers) if self.tracing is not None else None
         try:
             try:
-                await self._admit(inbound, ctx)
+                await self._admit(rt, inbound, ctx)
                 assert ctx.route is not None
-                chain = self.chains[ctx.route.name]
+                chain = rt.chains[ctx.route.name]
                 await chain.run_request(ctx)
-                return await self._attempts(inbound, ctx, chain)
+                return await self._attempts(rt, inbound, ctx, chain)
             except GatewayError as err:
                 return self._record_error(ctx, err)
         except asyncio.CancelledError:
@@ -282,6 +281,7 @@ class Proxy:
                 self.metrics.observe_request(ctx, overhead.answered)
                 if trace is not None:
                     _end_trace(trace, ctx)
+                self.generations.leave(rt)
                 self._inflight -= 1
                 self._changed.set()
 
@@ -308,10 +308,11 @@ class Proxy:
             self._changed.clear()
             await self._changed.wait()
 
-    async def _admit(self, inbound: Inbound, ctx: RequestContext) -> None:
+    async def _admit(self, rt: Runtime, inbound: Inbound, ctx: RequestContext) -> None:
         principal = None
-        if self.keys is not None:  # who, before reading a byte of the body
-            principal = self.keys.authenticate(key_from_headers(inbound.headers))
+        keys = rt.keys
+        if keys is not None:  # who, before reading a byte of the body
+            principal = keys.authenticate(key_from_headers(inbound.headers))
             ctx.identity = principal.identity()
             ctx.set(PRINCIPAL, principal)
         body = await waiting(ctx, inbound.read_body())
@@ -319,11 +320,13 @@ class Proxy:
         ctx.model = body["model"]
         ctx.body = DIALECTS[ctx.client_format].admit(ctx, body)
         ctx.stream = ctx.endpoint is not Endpoint.EMBEDDINGS and body.get("stream") is True
-        ctx.route = self.router.resolve(ctx.model)
-        if principal is not None and self.keys is not None:
-            self.keys.authorize(principal, ctx.model, ctx.route)
+        ctx.route = rt.router.resolve(ctx.model)
+        if principal is not None and keys is not None:
+            keys.authorize(principal, ctx.model, ctx.route)
 
-    async def _attempts(self, inbound: Inbound, ctx: RequestContext, chain: Chain) -> Served:
+    async def _attempts(
+        self, rt: Runtime, inbound: Inbound, ctx: RequestContext, chain: Chain
+    ) -> Served:
         """Try the route's deployments in the balancer's order until one answers.
 
         Only failures before a byte reached the client are retried (connect errors,
@@ -331,11 +334,11 @@ class Proxy:
         Retry-After; once streaming started, never (no duplicated tokens).
         """
         assert ctx.route is not None
-        targets = self.router.targets(ctx.model)
+        targets = rt.router.targets(ctx.model)
         tries = [targets[i % len(targets)] for i in range(1 + ctx.route.retries)]
         last: GatewayError | None = None
         for attempt, target in enumerate(tries):
-            health = self.health[target.upstream]
+            health = rt.health[target.upstream]
             last_resort = last is None and attempt == len(tries) - 1
             if not health.breaker.allow() and not last_resort:
                 last = last or _ejected(target.upstream)
@@ -343,7 +346,8 @@ class Proxy:
             if attempt:
                 ctx.retries += 1
             try:
-                return await self._attempt(inbound, ctx, chain, target, health)
+                upstream = rt.upstreams[target.upstream]
+                return await self._attempt(rt, inbound, ctx, chain, target, upstream, health)
             except _Retry as retry:
                 last = retry.error
                 if attempt < len(tries) - 1:
@@ -355,14 +359,16 @@ class Proxy:
 
     async def _attempt(
         self,
+        rt: Runtime,
         inbound: Inbound,
         ctx: RequestContext,
         chain: Chain,
         target: Target,
+        upstream: Upstream,
         health: UpstreamHealth,
     ) -> Served:
         """One deployment: queue for a slot, send, and (for streams) relay to the end."""
-        upstream = self.upstreams[target.upstream]
+        server = rt.config.server
         if not upstream.supports(ctx.endpoint):
             raise bad_request(
                 f"The model `{ctx.model}` does not support /v1/{ctx.endpoint.value}.",
@@ -385,9 +391,9 @@ class Proxy:
         try:
             response: Served = None
             if ctx.stream:
-                await self._stream(inbound, ctx, chain, upstream)
+                await self._stream(server, inbound, ctx, chain, upstream)
             else:
-                response = await self._unary(inbound, ctx, chain, upstream)
+                response = await self._unary(server, inbound, ctx, chain, upstream)
         except GatewayError as err:
             if trace is not None:
                 trace.attempt_ended(ctx, err)
@@ -491,7 +497,12 @@ class Proxy:
         return call
 
     async def _unary(
-        self, inbound: Inbound, ctx: RequestContext, chain: Chain, upstream: Upstream
+        self,
+        server: ServerConfig,
+        inbound: Inbound,
+        ctx: RequestContext,
+        chain: Chain,
+        upstream: Upstream,
     ) -> web.Response:
         """A non-streaming request: the one place a whole (bounded) body is held."""
         call = await self._open(inbound, ctx, upstream)
@@ -499,7 +510,7 @@ class Proxy:
         read = False
         try:
             async with asyncio.timeout(upstream.timeouts.total):
-                raw = await waiting(ctx, call.read_body(self.server.max_response_bytes))
+                raw = await waiting(ctx, call.read_body(server.max_response_bytes))
             read = True
         except TimeoutError:
             ctx.outcome = Outcome.TIMEOUT
@@ -557,7 +568,12 @@ class Proxy:
     # ----- streaming -------------------------------------------------------------------
 
     async def _stream(
-        self, inbound: Inbound, ctx: RequestContext, chain: Chain, upstream: Upstream
+        self,
+        server: ServerConfig,
+        inbound: Inbound,
+        ctx: RequestContext,
+        chain: Chain,
+        upstream: Upstream,
     ) -> None:
         loop = asyncio.get_running_loop()
         watchdog = Watchdog(loop, upstream.timeouts, loop.time())
@@ -567,9 +583,9 @@ class Proxy:
         try:
             call = await self._open(inbound, ctx, upstream)
             watchdog.attach(call)
-            decoder, observer = upstream.stream_parts(ctx, self.server)
+            decoder, observer = upstream.stream_parts(ctx, server)
             stream = StreamRelay(
-                self.server, ctx, chain, decoder, observer, call, watchdog, inbound.sink
+                server, ctx, chain, decoder, observer, call, watchdog, inbound.sink
             )
             stream.upstream_failed = lambda kind: self.metrics.upstream_error(upstream.name, kind)
             self._streams.add(stream)

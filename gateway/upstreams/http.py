@@ -147,6 +147,11 @@ class HttpUpstream(Upstream):
             skip_auto_headers=("User-Agent",),
         )
 
+    @property
+    def session_open(self) -> bool:
+        """True between `start` and `close`: the connection pool exists."""
+        return self._session is not None and not self._session.closed
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

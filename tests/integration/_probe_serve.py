@@ -145,11 +145,11 @@ def main(argv: list[str]) -> int:
     port_file = Path(argv[0])
     original = cli.serve
 
-    async def serve(config: GatewayConfig, host: str, port: int, *, announce: bool = True) -> None:
+    async def serve(config: GatewayConfig, host: str, port: int, **options: Any) -> None:
         server = await asyncio.start_server(_answer, "127.0.0.1", 0)
         _write(port_file, str(server.sockets[0].getsockname()[1]))
         try:
-            await original(config, host, port, announce=announce)
+            await original(config, host, port, **options)
         finally:
             server.close()
             await server.wait_closed()

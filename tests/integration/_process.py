@@ -142,13 +142,17 @@ async def gateway_process(
     nofile_soft: int | None = None,
     log_level: str = "INFO",
     env: Mapping[str, str] | None = None,
+    config_path: Path | None = None,
 ) -> AsyncIterator[GatewayProcess]:
     """Start `sluice serve` on a free loopback port with `config`; stop it on exit.
 
     `nofile_soft` starts it with that soft open-files limit (the hard one unchanged).
+    `config_path`: serve this existing file instead of writing `config` to
+    `directory/sluice.yaml`.
     """
-    config_path = directory / "sluice.yaml"
-    config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    if config_path is None:
+        config_path = directory / "sluice.yaml"
+        config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
     log_path = directory / "gateway.log"
     port_file = directory / "probe.port"
     port_file.unlink(missing_ok=True)

@@ -242,6 +242,8 @@ def test_helm_lint(helm: str, all_toggles_file: Path, case: str, strict: bool) -
         ("config.server.port=9000", "/config/server"),
         ("drain.preStopSeconds=30", "preStopSeconds"),
         ("metrics.port=8080", "/metrics/port"),
+        ("configReload.mode=sometimes", "/configReload/mode"),
+        ("configReload.intervalSeconds=0", "/configReload/intervalSeconds"),
     ],
 )
 def test_schema_rejects_bad_values(helm: str, override: str, message: str) -> None:
@@ -483,6 +485,40 @@ def test_checksum_follows_the_config(helm: str, renders: dict[str, Rendered]) ->
     assert _checksum(render(helm, (), "drain.deadlineSeconds=60")) != base
     # Something outside the config (the replica count) leaves it alone.
     assert _checksum(render(helm, (), "replicaCount=5")) == base
+
+
+def test_rolling_is_the_default_config_reload(renders: dict[str, Rendered]) -> None:
+    for case in CASES:
+        assert "reload" not in renders[case].gateway_config()["server"]
+        assert _checksum(renders[case])
+
+
+def test_in_place_reload_keeps_the_pods_and_watches_the_file(helm: str, tmp_path: Path) -> None:
+    in_place = ("configReload.mode=inPlace", "configReload.intervalSeconds=2")
+    rendered = render(helm, (), *in_place)
+    annotations = rendered.get("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/config" not in annotations
+    assert annotations["sluice/config-reload"] == "inPlace"
+    config = rendered.gateway_config()
+    assert config["server"]["reload"] == {"watch": True, "interval_seconds": 2}
+    # A config change then changes the ConfigMap only: the pods stay and reload it.
+    changed = render(helm, (), *in_place, "config.server.header_hold_seconds=1")
+    assert changed.get("Deployment") == rendered.get("Deployment")
+    assert changed.get("ConfigMap") != rendered.get("ConfigMap")
+    # The whole directory is mounted (a subPath mount would never see the kubelet's update).
+    mounts = rendered.container()["volumeMounts"]
+    assert {"name": "config", "mountPath": "/etc/sluice", "readOnly": True} in mounts
+    path = tmp_path / "config.yaml"
+    path.write_text(rendered.get("ConfigMap")["data"]["config.yaml"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check-config", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_secret_and_env(renders: dict[str, Rendered]) -> None:

@@ -272,6 +272,10 @@ async def test_unknown_model_names_never_become_label_values(
         "latency",
         "probe",
         __version__,
+        "ok",  # sluice_config_reloads_total{result}
+        "invalid",
+        "error",
+        gw.state.runtime.source.sha256,  # sluice_config_info{sha256}
     } | {s.labels["le"] for s in scrape.samples if "le" in s.labels}
 
 

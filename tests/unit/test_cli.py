@@ -154,7 +154,7 @@ def test_serve_uses_config_host_and_port_unless_overridden(
 ) -> None:
     seen: list[tuple[str, int]] = []
 
-    async def fake_serve(config: Any, host: str, port: int, *, announce: bool = True) -> None:
+    async def fake_serve(config: Any, host: str, port: int, **options: Any) -> None:
         seen.append((host, port))
 
     monkeypatch.setattr(gateway.cli, "serve", fake_serve)

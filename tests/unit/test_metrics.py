@@ -43,6 +43,8 @@ FAMILIES = {
     "sluice_rate_limit_backend_failures": "counter",
     "sluice_plugin_errors": "counter",
     "sluice_build_info": "gauge",
+    "sluice_config_reloads": "counter",
+    "sluice_config_info": "gauge",
 }
 
 

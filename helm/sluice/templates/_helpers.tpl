@@ -96,6 +96,9 @@ The gateway configuration: .Values.config with the chart's server settings merge
 {{- $userServer := deepCopy (default (dict) (get $config "server")) }}
 {{- $metrics := dict "enabled" .Values.metrics.enabled "port" .Values.metrics.port "require_admin_key" .Values.metrics.requireAdminKey }}
 {{- $chartServer := dict "host" "0.0.0.0" "port" 8080 "drain_seconds" .Values.drain.deadlineSeconds "metrics" $metrics }}
+{{- if eq .Values.configReload.mode "inPlace" }}
+{{- $_ := set $chartServer "reload" (dict "watch" true "interval_seconds" .Values.configReload.intervalSeconds) }}
+{{- end }}
 {{- $server := mustMergeOverwrite (dict "admin_key" "${SLUICE_ADMIN_KEY:-}") $userServer $chartServer }}
 {{- $_ := set $config "server" $server }}
 {{- toYaml $config }}
