@@ -217,6 +217,7 @@ async def _lifecycle(app: web.Application) -> Any:
     state = app[STATE]
     for upstream in state.upstreams.values():
         await upstream.start()
+    await start_plugins([state.default_chain, *state.chains.values()])  # e.g. connect to Redis
     state.ready = True
     yield
     state.ready = False
@@ -225,6 +226,30 @@ async def _lifecycle(app: web.Application) -> Any:
     await close_plugins([state.default_chain, *state.chains.values()])
     if state.resumer is not None:
         await state.resumer.close()
+
+
+def _plugins(chains: list[Chain]) -> list[tuple[str, Any]]:
+    """Every plugin instance once (a global plugin is shared by every chain)."""
+    seen: dict[int, tuple[str, Any]] = {}
+    for chain in chains:
+        for entry in chain.entries:
+            seen.setdefault(id(entry.plugin), (entry.name, entry.plugin))
+    return list(seen.values())
+
+
+async def start_plugins(chains: list[Chain]) -> None:
+    """Await `start()` once on every plugin instance that has one, before the gateway is
+    ready (a backend connected, scripts loaded); a failure is logged, never fatal."""
+    for name, plugin in _plugins(chains):
+        starter = getattr(plugin, "start", None)
+        if starter is None:
+            continue
+        try:
+            result = starter()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("plugin %s failed to start", name)
 
 
 async def close_plugins(chains: list[Chain]) -> None:
