@@ -32,6 +32,7 @@ class SlowLink:
         self._mode: Mode = "pass"
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self.forwarded = asyncio.Event()  # set whenever request bytes reach the server
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -90,6 +91,8 @@ class SlowLink:
                     await self._flowing.wait()  # "late": replies wait for "pass"
                 writer.write(data)
                 await writer.drain()
+                if requests:
+                    self.forwarded.set()
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
