@@ -22,7 +22,7 @@ from gateway.testing.fake_upstream import openai_stream
 from gateway.testing.harness import run_gateway
 from gateway.testing.redis_server import RedisServer
 from gateway.testing.slow_link import SlowLink
-from plugins.rate_limit import _HELD
+from plugins.rate_limit import _HELD, RateLimitOptions
 from tests.integration._support import BOUND, DONE, chat_body, gated_script
 from tests.integration.test_rate_limit_plugin import (
     ML_KEY,
@@ -187,4 +187,7 @@ async def debit_landed(ctx: RequestContext) -> None:
 
 
 def test_the_default_redis_timeout_leaves_room_on_a_loaded_machine() -> None:
-    assert RedisRateLimiter.__init__.__kwdefaults__["timeout"] >= 0.25
+    defaults = RedisRateLimiter.__init__.__kwdefaults__
+    assert defaults is not None
+    assert defaults["timeout"] >= 0.25
+    assert RateLimitOptions().timeout_ms >= 250
