@@ -33,6 +33,7 @@ class SlowLink:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self.forwarded = asyncio.Event()  # set whenever request bytes reach the server
+        self.dropped = asyncio.Event()  # set whenever request bytes are lost ("lost")
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -86,6 +87,7 @@ class SlowLink:
         try:
             while data := await reader.read(65536):
                 if requests and self._mode == "lost":
+                    self.dropped.set()
                     continue
                 if not requests:
                     await self._flowing.wait()  # "late": replies wait for "pass"
