@@ -57,9 +57,16 @@ with kind "backend") by configuration; failures are counted in ``failures``, ``f
 tells whether the backend is currently failing, and one log line is written when it
 starts failing and one when it recovers.
 
+A slot must not outlive its request: the lease id is made here, before the call, so an
+admission that timed out or was cancelled (whose script may have run) is finished in the
+background, and a release that failed is retried (``RELEASE_RETRIES``) in a task the
+limiter holds; ``close`` waits for those. ``start`` connects and loads the scripts
+before the first request.
+
 Redis keys (``prefix`` default ``sluice:rl:``): ``s:<scope>:rpm`` / ``:tpm`` (TAT as
 "us:rem"), ``s:<scope>:conc`` (sorted set), ``s:<scope>:bd:<YYYYMMDD>`` /
-``s:<scope>:bm:<YYYYMM>`` (counters), ``lease:<id>`` (admission marker). Scope names are
+``s:<scope>:bm:<YYYYMM>`` (counters), ``lease:<id>`` (admission marker), ``done:<id>``
+(finished-lease mark, two minutes: a retried release or a late admission is a no-op). Scope names are
 sanitised (percent-encoding outside a safe set, hashed when long). A request touches keys
 of several scopes in one script, so Redis Cluster needs a hash tag in ``prefix``.
 """
