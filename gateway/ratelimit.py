@@ -66,8 +66,8 @@ before the first request.
 Redis keys (``prefix`` default ``sluice:rl:``): ``s:<scope>:rpm`` / ``:tpm`` (TAT as
 "us:rem"), ``s:<scope>:conc`` (sorted set), ``s:<scope>:bd:<YYYYMMDD>`` /
 ``s:<scope>:bm:<YYYYMM>`` (counters), ``lease:<id>`` (admission marker), ``done:<id>``
-(finished-lease mark, two minutes: a retried release or a late admission is a no-op). Scope names are
-sanitised (percent-encoding outside a safe set, hashed when long). A request touches keys
+(finished-lease mark, two minutes: a retried release or a late admission is a no-op).
+Scope names are sanitised (percent-encoding outside a safe set, hashed when long). A request touches keys
 of several scopes in one script, so Redis Cluster needs a hash tag in ``prefix``.
 """
 

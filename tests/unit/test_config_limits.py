@@ -44,7 +44,7 @@ def test_limits_without_the_rate_limit_plugin_are_refused(team: dict[str, Any], 
         parse_config(config(team), {})
     message = str(info.value)
     assert where in message
-    assert "rate_limit" in message and "plugins" in message
+    assert "add the rate_limit plugin to `plugins`" in message
 
 
 def test_limits_with_the_plugin_globally_or_on_a_route_are_accepted() -> None:
