@@ -67,8 +67,9 @@ Redis keys (``prefix`` default ``sluice:rl:``): ``s:<scope>:rpm`` / ``:tpm`` (TA
 "us:rem"), ``s:<scope>:conc`` (sorted set), ``s:<scope>:bd:<YYYYMMDD>`` /
 ``s:<scope>:bm:<YYYYMM>`` (counters), ``lease:<id>`` (admission marker), ``done:<id>``
 (finished-lease mark, two minutes: a retried release or a late admission is a no-op).
-Scope names are sanitised (percent-encoding outside a safe set, hashed when long). A request touches keys
-of several scopes in one script, so Redis Cluster needs a hash tag in ``prefix``.
+Scope names are sanitised (percent-encoding outside a safe set, hashed when long). A
+request touches keys of several scopes in one script, so Redis Cluster needs a hash tag
+in ``prefix``.
 """
 
 from __future__ import annotations
