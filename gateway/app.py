@@ -29,6 +29,8 @@ from gateway.runtime import (
     ReloadOutcome,
     Runtime,
     build_runtime,
+    chain_plugins,
+    start_plugins,
 )
 from gateway.serverlog import http_server_logger
 from gateway.tracing_config import ConfigProblem, TracingSettings, resolve_tracing
@@ -273,6 +275,7 @@ async def _lifecycle(app: web.Application) -> Any:
     state = app[STATE]
     for upstream in state.upstreams.values():
         await upstream.start()
+    await start_plugins(chain_plugins(state.runtime.all_chains))  # e.g. connect to Redis
     state.ready = True
     yield
     state.ready = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections import Counter
@@ -281,13 +282,22 @@ class Chain:
         return body
 
     async def run_end(self, ctx: RequestContext) -> None:
-        """Run every `on_end` hook; failures are logged and counted, never raised."""
+        """Run every `on_end` hook; failures are logged and counted, never raised.
+
+        A cancellation (a shutdown) does not skip the hooks after it (they release what
+        the request holds); it is raised again once they have all run.
+        """
+        cancelled: asyncio.CancelledError | None = None
         for entry, hook in self._end:
             try:
                 await hook(ctx)
+            except asyncio.CancelledError as err:
+                cancelled = err
             except Exception:
                 self.errors[entry.name] += 1
                 log.exception("plugin %s raised in on_end (request %s)", entry.name, ctx.request_id)
+        if cancelled is not None:
+            raise cancelled
 
 
 def build_chain(

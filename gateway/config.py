@@ -432,6 +432,20 @@ class GatewayConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _check_limits_enforced(self) -> GatewayConfig:
+        """Limits are enforced by the `rate_limit` plugin: refuse limits nothing enforces."""
+        where = _first_limits(self.teams)
+        enabled = any(p.name == "rate_limit" for p in self.plugins) or any(
+            p.name == "rate_limit" for route in self.routes for p in route.plugins
+        )
+        if where is not None and not enabled:
+            raise ValueError(
+                f"{where}: limits are set but nothing enforces them; add the rate_limit "
+                "plugin to `plugins` (`- name: rate_limit`), or remove the limits"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_references(self) -> GatewayConfig:
         seen: set[str] = set()
         known = ", ".join(sorted(self.upstreams)) or "none"
@@ -452,6 +466,20 @@ class GatewayConfig(_Strict):
                     raise ValueError(f"routes[{i}].{key}: {name!r} is routed twice")
                 seen.add(name)
         return self
+
+
+def _first_limits(teams: Mapping[str, TeamConfig]) -> str | None:
+    """The config location of the first limit set in `teams`, or None if there is none."""
+    for name, team in teams.items():
+        if team.limits.model_dump(exclude_none=True):
+            return f"teams.{name}.limits"
+        for model, limits in team.model_limits.items():
+            if limits.model_dump(exclude_none=True):
+                return f"teams.{name}.model_limits.{model}"
+        for i, key in enumerate(team.keys):
+            if key.limits is not None and key.limits.model_dump(exclude_none=True):
+                return f"teams.{name}.keys[{i}].limits"
+    return None
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -57,11 +57,19 @@ with kind "backend") by configuration; failures are counted in ``failures``, ``f
 tells whether the backend is currently failing, and one log line is written when it
 starts failing and one when it recovers.
 
+A slot must not outlive its request: the lease id is made here, before the call, so an
+admission that timed out or was cancelled (whose script may have run) is finished in the
+background, and a release that failed is retried (``RELEASE_RETRIES``) in a task the
+limiter holds; ``close`` waits for those. ``start`` connects and loads the scripts
+before the first request.
+
 Redis keys (``prefix`` default ``sluice:rl:``): ``s:<scope>:rpm`` / ``:tpm`` (TAT as
 "us:rem"), ``s:<scope>:conc`` (sorted set), ``s:<scope>:bd:<YYYYMMDD>`` /
-``s:<scope>:bm:<YYYYMM>`` (counters), ``lease:<id>`` (admission marker). Scope names are
-sanitised (percent-encoding outside a safe set, hashed when long). A request touches keys
-of several scopes in one script, so Redis Cluster needs a hash tag in ``prefix``.
+``s:<scope>:bm:<YYYYMM>`` (counters), ``lease:<id>`` (admission marker), ``done:<id>``
+(finished-lease mark, two minutes: a retried release or a late admission is a no-op).
+Scope names are sanitised (percent-encoding outside a safe set, hashed when long). A
+request touches keys of several scopes in one script, so Redis Cluster needs a hash tag
+in ``prefix``.
 """
 
 from __future__ import annotations
@@ -455,9 +463,10 @@ local function charge_budget(key, units, window_end, now)
 end
 """
 
-# KEYS[1] lease marker, KEYS[1+i] key of check i.
+# KEYS[1] lease marker, KEYS[1+i] key of check i, KEYS[n+2] the lease's "finished" mark.
 # ARGV: now, lease id, lease ttl (us), n, then per check: code, limit, cost, arg.
-# Returns {ok, then per check: status, remaining, reset_us, retry_us}.
+# Returns {ok, then per check: status, remaining, reset_us, retry_us}; {0} for a lease
+# already finished (an admission its caller gave up on, run after its release).
 _LUA_ADMIT = (
     _LUA_COMMON
     + """
@@ -465,6 +474,7 @@ local now = tonumber(ARGV[1])
 local lease_id = ARGV[2]
 local ttl = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])
+if redis.call('EXISTS', KEYS[n + 2]) == 1 then return {0} end
 local ok = 1
 local new, res = {}, {}
 for i = 1, n do
@@ -576,8 +586,11 @@ return ok
 """
 )
 
-# KEYS[1] lease marker, KEYS[1+i] key of check i (TPM, concurrency and budgets).
-# ARGV: now, lease id, degraded (0/1), actual, charged, n, then per check: code, limit, arg.
+# KEYS[1] lease marker, KEYS[1+i] key of check i (TPM, concurrency and budgets),
+# KEYS[n+2] the lease's "finished" mark (kept for ARGV[7] ms: a retried release, or an
+# admission still on its way, then changes nothing).
+# ARGV: now, lease id, degraded (0/1), actual, charged, n, mark ttl (ms), then per check:
+# code, limit, arg. Returns 1, or 0 when the lease was finished already.
 _LUA_FINISH = (
     _LUA_COMMON
     + """
@@ -586,11 +599,12 @@ local lease_id = ARGV[2]
 local degraded = ARGV[3] == '1'
 local actual, charged = tonumber(ARGV[4]), tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
+if redis.call('SET', KEYS[n + 2], '1', 'NX', 'PX', ARGV[7]) == false then return 0 end
 local landed = redis.call('DEL', KEYS[1]) == 1
 local delta = actual - charged
 if degraded and not landed then delta = actual end
 for i = 1, n do
-  local b = 6 + (i - 1) * 3
+  local b = 7 + (i - 1) * 3
   local code, limit, arg = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
   local key = KEYS[i + 1]
   if code == 'g' then
@@ -818,6 +832,16 @@ class _BackendError(Exception):
     """Redis failed or did not answer in time (already counted and logged)."""
 
 
+DEFAULT_TIMEOUT = 0.25  # seconds per Redis call: a loaded 2-core machine stays under it
+# A release that failed is retried after these pauses (seconds), in a task the limiter
+# holds and `close` awaits: a slot must not stay taken for the lease's whole TTL because
+# Redis hiccuped once. A call that timed out may still have run (the mark makes a retry,
+# or an admission that lands after its release, change nothing).
+RELEASE_RETRIES = (0.1, 0.3, 1.0, 3.0)
+FINISHED_MARK_MS = 120_000  # how long Redis remembers a finished lease
+WARM_CONNECTIONS = 4  # connections opened at start-up, before the first request
+
+
 class RedisRateLimiter:
     """Rate limits shared by several replicas through one Redis (atomic Lua scripts).
 
@@ -832,7 +856,7 @@ class RedisRateLimiter:
         url: str,
         *,
         prefix: str = "sluice:rl:",
-        timeout: float = 0.05,
+        timeout: float = DEFAULT_TIMEOUT,
         fail_open: bool = True,
         lease_ttl: float = 600.0,
         clock: Callable[[], float] = time.time,
@@ -863,9 +887,36 @@ class RedisRateLimiter:
         self._admit: AsyncScript = self._redis.register_script(_LUA_ADMIT)
         self._debit: AsyncScript = self._redis.register_script(_LUA_DEBIT)
         self._finish: AsyncScript = self._redis.register_script(_LUA_FINISH)
+        self._releases: set[asyncio.Task[None]] = set()  # finishes still being retried
 
     def _lease_key(self, lease_id: str) -> str:
         return f"{self.prefix}lease:{lease_id}"
+
+    def _finished_key(self, lease_id: str) -> str:
+        return f"{self.prefix}done:{lease_id}"
+
+    async def start(self, within: float = 10.0) -> bool:
+        """Connect and load the scripts before the first request (call it before ready).
+
+        Waits up to ``within`` seconds; if Redis cannot be reached by then, logs it and
+        returns False (requests then fail open or closed as configured).
+        """
+        from redis.exceptions import RedisError
+
+        try:
+            async with asyncio.timeout(within):
+                await asyncio.gather(*(self._redis.ping() for _ in range(WARM_CONNECTIONS)))
+                for script in (self._admit, self._debit, self._finish):
+                    await self._redis.script_load(script.script)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.failing = True
+            log.warning(
+                "rate-limit backend not reachable at start-up (%s); failing %s until it is",
+                type(exc).__name__,
+                "open" if self.fail_open else "closed",
+            )
+            return False
+        return True
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         from redis.exceptions import RedisError
@@ -901,17 +952,28 @@ class RedisRateLimiter:
         if not checks:
             return Decision(True, None, None, 0.0, {}, lease)
         keys = [self._lease_key(lease.id)] + [self.prefix + c.key for c in checks]
+        keys.append(self._finished_key(lease.id))
         args: list[Any] = [_to_us(t), lease.id, _to_us(self.lease_ttl), len(checks)]
         for c in checks:
             args += [c.code, c.limit, c.cost, c.arg]
+        # Whether the script ran is unknown when the call fails or is cancelled (a reply
+        # that came too late): the lease is then degraded, and finished here unless it is
+        # handed to the caller (fail open), so a slot Redis did take is given back.
+        lease.degraded = True
         try:
             raw = await self._run(self._admit, keys, args)
         except _BackendError:
             if self.fail_open:
-                lease.degraded = True
                 return Decision(True, None, None, 0.0, {}, lease)
+            self._release(lease, 0)
             return Decision(False, "backend", None, BACKEND_RETRY_AFTER, {}, None)
+        except asyncio.CancelledError:
+            self._release(lease, 0)
+            raise
+        lease.degraded = False
         values = [int(v) for v in raw]
+        if len(values) == 1:  # already finished: cannot happen to a caller still waiting
+            return Decision(False, "backend", None, BACKEND_RETRY_AFTER, {}, None)
         results = [
             (values[1 + 4 * i], values[2 + 4 * i], values[3 + 4 * i], values[4 + 4 * i])
             for i in range(len(checks))
@@ -944,14 +1006,25 @@ class RedisRateLimiter:
         return int(raw) == 1
 
     async def finish(self, lease: Lease, actual_tokens: int) -> None:
-        """Reconcile and release in one EVALSHA; idempotent; never raises."""
+        """Reconcile and release in one EVALSHA; idempotent; never raises.
+
+        Waits for the first attempt only (bounded by ``timeout``); a failed one is retried
+        in the background (``RELEASE_RETRIES``), and cancelling the caller does not stop it.
+        """
+        first = self._release(lease, actual_tokens)
+        if first is not None:
+            await first.wait()
+
+    def _release(self, lease: Lease, actual_tokens: int) -> asyncio.Event | None:
+        """Start finishing ``lease`` in a held task; the event is set after the first try."""
         if lease.finished:
-            return
+            return None
         lease.finished = True
         checks = lease._reconciled
         if not checks:
-            return
+            return None
         keys = [self._lease_key(lease.id)] + [self.prefix + c.key for c in checks]
+        keys.append(self._finished_key(lease.id))
         args: list[Any] = [
             _to_us(self.clock()),
             lease.id,
@@ -959,17 +1032,44 @@ class RedisRateLimiter:
             max(0, actual_tokens),
             lease.charged,
             len(checks),
+            FINISHED_MARK_MS,
         ]
         for c in checks:
             args += [c.code, c.limit, c.arg]
+        tried = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(self._releasing(keys, args, tried))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+        return tried
+
+    async def _releasing(self, keys: list[str], args: list[Any], tried: asyncio.Event) -> None:
         try:
-            await self._run(self._finish, keys, args)
-        except _BackendError:
-            pass  # counted and logged; the slot comes back when its lease expires
-        except Exception:  # never raise from finish
+            for pause in (0.0, *RELEASE_RETRIES):
+                if pause:
+                    await asyncio.sleep(pause)
+                try:
+                    await self._run(self._finish, keys, args)
+                    return
+                except _BackendError:
+                    pass  # counted and logged
+                finally:
+                    tried.set()
+            log.warning(
+                "rate-limit release failed %d times; the slot comes back when its lease expires",
+                1 + len(RELEASE_RETRIES),
+            )
+        except Exception:  # never raise from a release
             self.failures += 1
             log.exception("rate-limit finish failed")
+        finally:
+            tried.set()
 
     async def close(self) -> None:
-        """Close the Redis connections."""
+        """Let releases still being retried finish (bounded), then close the connections."""
+        if self._releases:
+            bound = sum(RELEASE_RETRIES) + (1 + len(RELEASE_RETRIES)) * self.timeout + 1.0
+            _done, pending = await asyncio.wait(set(self._releases), timeout=bound)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         await self._redis.aclose()

@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from gateway.chain import discover_plugins
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.runtime import ConfigSource, ReloadOutcome, Runtime, build_runtime
+from gateway.runtime import (
+    ConfigSource,
+    ReloadOutcome,
+    Runtime,
+    build_runtime,
+    chain_plugins,
+    start_plugins,
+)
 
 if TYPE_CHECKING:
     from gateway.app import GatewayState
@@ -202,7 +209,7 @@ class Reloader:
 
     @staticmethod
     async def _start(old: Runtime, new: Runtime) -> None:
-        """Start the new runtime's own upstreams (reused ones are running already)."""
+        """Start the new runtime's own upstreams and plugins (reused ones are running)."""
         running = {id(upstream) for upstream in old.upstreams.values()}
         fresh = [u for u in new.upstreams.values() if id(u) not in running]
         try:
@@ -213,6 +220,12 @@ class Reloader:
                 with contextlib.suppress(Exception):
                     await upstream.close()
             raise
+        started = {id(plugin) for _, plugin in chain_plugins(old.all_chains)}
+        await start_plugins(
+            (name, plugin)
+            for name, plugin in chain_plugins(new.all_chains)
+            if id(plugin) not in started
+        )
 
     def _finish(self, outcome: ReloadOutcome) -> ReloadOutcome:
         self.state.metrics.reloads.labels(outcome.result).inc()

@@ -106,6 +106,7 @@ class ResumableSink(HttpSink):
         self.resumer.registry.add(self.log)
         if self.resumer.redis is not None:
             self.mirror = self.resumer.redis.mirror(self.log)
+            await self.mirror.wait_announced()  # the id must be resumable anywhere once sent
         if not await super().open(shown):
             self.detach()
         return True  # the log is a client too: generation goes on

@@ -11,15 +11,19 @@ seconds after the last write, so a crashed replica leaves nothing behind for lon
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any, cast
 
 import aiohttp
 import orjson
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError, ResponseError
 
 from gateway.config import ResumableConfig
 from gateway.errors import GatewayError
@@ -32,6 +36,24 @@ log = logging.getLogger("sluice.resume")
 LEASE_MS = 5000  # a remote reader's lease; renewed every LEASE_MS / 2.5
 BLOCK_MS = 1000  # longest XREAD wait before the reader checks the stream still exists
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+# A failed write is retried after these pauses (seconds); then the mirror is broken, and
+# marking the stream as unavailable is tried after BROKEN_MARK_RETRIES.
+WRITE_RETRIES = (0.05, 0.2, 0.5)
+WRITE_TIMEOUT = 0.5  # seconds per try of one batch
+BROKEN_MARK_RETRIES = (0.5, 1.0, 2.0, 4.0)
+ANNOUNCE_WAIT = 2.0  # longest wait for the stream's meta in Redis before its headers go out
+
+
+def unavailable() -> GatewayError:
+    """A stream that exists, but whose events could not be shared through Redis."""
+    return GatewayError(
+        503,
+        "This stream exists, but its events could not be shared with other replicas; "
+        "resume it on the replica that serves it, or send the request again.",
+        type="server_error",
+        code="stream_unavailable",
+        headers={"Retry-After": "1"},
+    )
 
 
 def stream_key(prefix: str, stream_id: str) -> str:
@@ -86,6 +108,8 @@ class RedisStreams:
             ) from None
         if not meta or meta.get(b"owner", b"").decode() != owner:
             raise not_found()
+        if meta.get(b"state") == b"broken":
+            raise unavailable()
         if first:
             first_seq = int(first[0][0].split(b"-")[0])
             if first_seq > after + 1:
@@ -156,7 +180,12 @@ class RedisStreams:
 
 
 class RedisMirror:
-    """Copies one stream's log into Redis, in order, from a single writer task."""
+    """Copies one stream's log into Redis, in order, from a single writer task.
+
+    Every write is retried (WRITE_RETRIES) before the mirror gives up; then it keeps
+    trying to mark the stream `broken` in its meta, so other replicas answer 503
+    `stream_unavailable` rather than 404 for a stream that exists.
+    """
 
     def __init__(self, streams: RedisStreams, log_: StreamLog) -> None:
         self.streams = streams
@@ -165,12 +194,19 @@ class RedisMirror:
         self.written = 0  # last sequence number in Redis
         self._wake = asyncio.Event()
         self._wake.set()
+        self.announced = asyncio.Event()  # the meta is in Redis (or the mirror gave up)
         self.task = asyncio.create_task(self._run())
         self.broken = False
 
     def changed(self) -> None:
         """The log grew or finished."""
         self._wake.set()
+
+    async def wait_announced(self, within: float = ANNOUNCE_WAIT) -> None:
+        """Wait (bounded) until other replicas can find the stream: before its id goes out."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self.announced.wait()
 
     async def reader_attached(self) -> bool:
         """Whether a reader on some replica holds a lease on this stream."""
@@ -180,15 +216,40 @@ class RedisMirror:
             self.streams.failed("lease check", err)
             return False
 
+    async def _write(self, fill: Callable[[Pipeline], None]) -> None:
+        """Run one batch of writes, retried; raises the last error if every try failed.
+
+        A retried batch may repeat entries that did land: Redis refuses those (an id not
+        above the last one), which is what a retry wants.
+        """
+        for pause in (0.0, *WRITE_RETRIES):
+            if pause:
+                await asyncio.sleep(pause)
+            pipe = self.streams.redis.pipeline(transaction=False)
+            fill(pipe)
+            try:
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    results = await pipe.execute(raise_on_error=False)
+            except REDIS_ERRORS as err:
+                failure: BaseException = err
+                continue
+            errors = [r for r in results if isinstance(r, Exception) and not _repeated(r)]
+            if not errors:
+                return
+            failure = errors[0]
+        raise failure
+
     async def _run(self) -> None:
-        redis, ttl, meta = self.streams.redis, self.streams.ttl, self.key + ":meta"
+        ttl, meta = self.streams.ttl, self.key + ":meta"
+        head: dict[str, Any] = {"owner": self.log.owner, "headers": orjson.dumps(self.log.headers)}
         try:
-            head: dict[str, Any] = {
-                "owner": self.log.owner,
-                "headers": orjson.dumps(self.log.headers),
-            }
-            await redis.hset(meta, mapping=cast("Any", head))
-            await redis.expire(meta, ttl)
+
+            def announce(pipe: Pipeline) -> None:
+                pipe.hset(meta, mapping=cast("Any", head))
+                pipe.expire(meta, ttl)
+
+            await self._write(announce)
+            self.announced.set()
             while True:
                 await self._wake.wait()
                 self._wake.clear()
@@ -197,21 +258,45 @@ class RedisMirror:
                 except ResumeExpired:
                     entries = self.log.since(self.log.first_seq - 1)
                 finished = self.log.finished
-                pipe = redis.pipeline(transaction=False)
-                for seq, data in entries:
-                    pipe.xadd(self.key, {"d": data}, id=f"{seq}-0")
+                await self._write(functools.partial(self._batch, entries, finished))
                 if entries:
                     self.written = entries[-1][0]
-                if self.log.first_seq > 1:
-                    pipe.xtrim(self.key, minid=f"{self.log.first_seq}-0", approximate=False)
-                if finished:
-                    end = b"abandoned" if self.log.abandoned else b"1"
-                    pipe.xadd(self.key, {"end": end}, id=f"{self.log.last_seq + 1}-0")
-                pipe.expire(self.key, ttl)
-                pipe.expire(meta, ttl)
-                await pipe.execute()
                 if finished:
                     return
         except REDIS_ERRORS as err:
             self.broken = True
+            self.announced.set()
             self.streams.failed("write", err)
+            await self._mark_broken(meta, head)
+
+    def _batch(self, entries: list[tuple[int, bytes]], finished: bool, pipe: Pipeline) -> None:
+        """The writes that bring Redis up to `entries` (and the end marker if finished)."""
+        ttl, log_ = self.streams.ttl, self.log
+        for seq, data in entries:
+            pipe.xadd(self.key, {"d": data}, id=f"{seq}-0")
+        if log_.first_seq > 1:
+            pipe.xtrim(self.key, minid=f"{log_.first_seq}-0", approximate=False)
+        if finished:
+            end = b"abandoned" if log_.abandoned else b"1"
+            pipe.xadd(self.key, {"end": end}, id=f"{log_.last_seq + 1}-0")
+        pipe.expire(self.key, ttl)
+        pipe.expire(self.key + ":meta", ttl)
+
+    async def _mark_broken(self, meta: str, head: dict[str, Any]) -> None:
+        """Tell other replicas the stream exists but cannot be resumed there (bounded)."""
+        for pause in BROKEN_MARK_RETRIES:
+            await asyncio.sleep(pause)
+            try:
+                pipe = self.streams.redis.pipeline(transaction=False)
+                pipe.hset(meta, mapping=cast("Any", {**head, "state": "broken"}))
+                pipe.expire(meta, self.streams.ttl)
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await pipe.execute()
+                return
+            except REDIS_ERRORS:
+                continue
+
+
+def _repeated(err: Exception) -> bool:
+    """An XADD refused because the entry is in the stream already (a retried batch)."""
+    return isinstance(err, ResponseError) and "equal or smaller" in str(err)

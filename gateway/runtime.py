@@ -199,6 +199,23 @@ def close_now(plugins: Iterable[Any]) -> None:
             log.exception("plugin %s failed to close", type(plugin).__name__)
 
 
+async def start_plugins(plugins: Iterable[tuple[str, Any]]) -> None:
+    """Await `start()` once on every (name, instance) that has one, before it serves (a
+    backend connected, scripts loaded); a failure is logged, never fatal."""
+    seen: set[int] = set()
+    for name, plugin in plugins:
+        starter = getattr(plugin, "start", None)
+        if starter is None or id(plugin) in seen:
+            continue
+        seen.add(id(plugin))
+        try:
+            result = starter()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("plugin %s failed to start", name)
+
+
 async def close_plugins(plugins: Iterable[tuple[str, Any]]) -> None:
     """Call `close()` once on every (name, instance) that has one (backends, files)."""
     seen: set[int] = set()

@@ -3,11 +3,13 @@
 Token limits hold for streams: at admission the request reserves its prompt tokens (from
 `token_count` when it runs earlier in the chain, else an estimate) plus `max_tokens` (or
 `default_max_tokens`); at the end the reservation is reconciled with what was really used
-(the upstream's usage, else the local count) and the rest released, on every ending. With
-`hard_budget`, completion tokens are also debited while the stream runs (every
-`debit_every_tokens`), and a stream whose daily/monthly budget runs out is cut with a final
-error event. Limits come from the authenticated key's team and key (`auth: keys`); with
-`auth: none` nothing is limited.
+(the upstream's usage, else the local count) and the rest released, on every ending. While
+a stream runs, the tokens it used beyond its reservation are debited (in batches of at
+least `debit_every_tokens` and `debit_every_seconds`, at most one in flight, never awaited
+on the per-event path), so other replicas' admissions see them even when an upstream
+ignores `max_tokens`. With `hard_budget`, a stream whose daily/monthly budget runs out is
+cut with a final error event. Limits come from the authenticated key's team and key
+(`auth: keys`); with `auth: none` nothing is limited.
 
 Backends: `memory` for one replica, `redis` to share limits across replicas (one atomic
 Lua script per check). See `gateway.ratelimit` for the algorithms (GCRA for per-minute
@@ -33,6 +35,7 @@ from gateway.config import RouteConfig
 from gateway.context import RequestContext, StateKey
 from gateway.plugin import Plugin, Reject
 from gateway.ratelimit import (
+    DEFAULT_TIMEOUT,
     Decision,
     Lease,
     Limits,
@@ -62,12 +65,19 @@ class RateLimitOptions(BaseModel):
     on_backend_error: Literal["open", "closed"] = Field(
         "open", description="Redis down or slow: admit (open) or refuse with 503 (closed)"
     )
-    timeout_ms: float = Field(50.0, gt=0, description="longest wait for Redis per check")
+    timeout_ms: float = Field(
+        DEFAULT_TIMEOUT * 1000, gt=0, description="longest wait for Redis per check"
+    )
     default_max_tokens: int = Field(
         1024, ge=1, description="completion tokens reserved when a request sets no max_tokens"
     )
     hard_budget: bool = Field(False, description="cut streams whose token budget runs out")
-    debit_every_tokens: int = Field(256, ge=1)
+    debit_every_tokens: int = Field(
+        256, ge=1, description="tokens a stream uses between two debits, at least"
+    )
+    debit_every_seconds: float = Field(
+        0.25, ge=0, description="seconds between two debits of a stream, at least"
+    )
 
 
 @dataclass
@@ -75,7 +85,7 @@ class _Held:
     lease: Lease
     prompt_estimate: int
     debited: int = 0  # tokens already passed to debit()
-    renewed_at: float = 0.0  # loop time of the last debit (which renews the lease)
+    renewed_at: float = 0.0  # limiter time of the last debit (which renews the lease)
     pending: asyncio.Task[bool] | None = None
 
 
@@ -192,6 +202,13 @@ class RateLimit(Plugin):
             self.limiter = MemoryRateLimiter()
         # Renew well before a lease expires: a third of its time to live.
         self._renew_every = float(getattr(self.limiter, "lease_ttl", 600.0)) / 3
+        self._ending: set[asyncio.Task[None]] = set()  # finishes the plugin waits for
+
+    async def start(self) -> None:
+        """Connect to the backend before the gateway says it is ready."""
+        starter = getattr(self.limiter, "start", None)
+        if starter is not None:
+            await starter()
 
     async def on_request(self, ctx: RequestContext) -> None:
         principal = ctx.get(PRINCIPAL)
@@ -212,13 +229,12 @@ class RateLimit(Plugin):
         held = ctx.get(_HELD)
         if held is None:
             return None
-        if not self.settings.hard_budget:
-            self._keep_slot(held)
-            return None
         pending = held.pending
-        if pending is not None and pending.done():
+        if pending is not None:
+            if not pending.done():
+                return None  # at most one debit in flight per stream
             held.pending = None
-            if not pending.cancelled() and pending.exception() is None and not pending.result():
+            if self.settings.hard_budget and _exhausted(pending):
                 raise Reject(
                     429,
                     "The token budget ran out during this answer.",
@@ -227,41 +243,47 @@ class RateLimit(Plugin):
                 )
         # Debits count the whole request (prompt + completion so far) against its reservation.
         used = held.prompt_estimate + (ctx.usage.completion_tokens or _streamed(ctx))
-        if held.pending is None and used - held.debited >= self.settings.debit_every_tokens:
+        now = self._now()
+        since = now - held.renewed_at
+        if (
+            used - held.debited >= self.settings.debit_every_tokens
+            and since >= self.settings.debit_every_seconds
+        ):
             amount, held.debited = used - held.debited, used
-            self._debit(held, amount)
-        else:
-            self._keep_slot(held)
+            self._debit(held, amount, now)
+        elif since >= self._renew_every:
+            self._debit(held, 0, now)  # a long stream's slot is renewed before it expires
         return None
 
-    def _debit(self, held: _Held, amount: int) -> None:
-        """Start one debit (it also renews the lease); at most one is in flight per stream."""
-        held.renewed_at = self._now()
+    def _debit(self, held: _Held, amount: int, now: float) -> None:
+        """Start one debit (it also renews the lease), held by the stream until its end."""
+        held.renewed_at = now
         held.pending = asyncio.get_running_loop().create_task(
             self.limiter.debit(held.lease, amount)
         )
-
-    def _keep_slot(self, held: _Held) -> None:
-        """Renew a long stream's concurrency lease (a zero debit) before it can expire."""
-        if held.pending is not None and not held.pending.done():
-            return
-        if self._now() - held.renewed_at >= self._renew_every:
-            self._debit(held, 0)
 
     async def on_end(self, ctx: RequestContext) -> None:
         held = ctx.get(_HELD)
         if held is None:
             return
-        if held.pending is not None:
-            # Let an in-flight debit land first (bounded by the backend's timeout): cancelling
-            # a script that already ran would charge its tokens twice at reconciliation.
-            with contextlib.suppress(Exception):
-                await held.pending
         usage = ctx.usage
         if usage.total_tokens is not None:
             actual = usage.total_tokens
         else:
             actual = (usage.prompt_tokens or held.prompt_estimate) + (usage.completion_tokens or 0)
+        # In a task of its own: a request cancelled now (a shutdown) still gives its slot
+        # back, and `close` waits for it.
+        task = asyncio.get_running_loop().create_task(self._finish(held, actual))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+        await asyncio.shield(task)
+
+    async def _finish(self, held: _Held, actual: int) -> None:
+        if held.pending is not None:
+            # Let an in-flight debit land first (bounded by the backend's timeout): cancelling
+            # a script that already ran would charge its tokens twice at reconciliation.
+            with contextlib.suppress(Exception):
+                await held.pending
         await self.limiter.finish(held.lease, actual)
 
     def _now(self) -> float:
@@ -270,8 +292,15 @@ class RateLimit(Plugin):
         return clock()
 
     async def close(self) -> None:
-        """Release the backend's connections (called at shutdown)."""
+        """Finish what is still ending, then release the backend (called at shutdown)."""
+        if self._ending:
+            await asyncio.gather(*self._ending, return_exceptions=True)
         await self.limiter.close()
+
+
+def _exhausted(debit: asyncio.Task[bool]) -> bool:
+    """Whether a finished debit said a budget ran out (a failed one never cuts a stream)."""
+    return not debit.cancelled() and debit.exception() is None and not debit.result()
 
 
 def _streamed(ctx: RequestContext) -> int:

@@ -681,7 +681,8 @@ def test_dockerfile_lint() -> None:
     assert len(stages) == 2, stages
     assert re.match(r"\$\{PYTHON_IMAGE\} AS builder$", stages[0])
     base = [args for keyword, args in instructions if args.startswith("PYTHON_IMAGE=")]
-    assert base and re.fullmatch(r"PYTHON_IMAGE=python:3\.11\.\d+-slim-\w+", base[0]), base
+    assert base, "no PYTHON_IMAGE default"
+    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.11\.\d+-slim-\w+", base[0]), base
     runtime = instructions[[keyword for keyword, _ in instructions].index("FROM", 1) :]
     users = [args for keyword, args in runtime if keyword == "USER"]
     assert users

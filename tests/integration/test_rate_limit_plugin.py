@@ -852,7 +852,7 @@ async def test_hard_budget_cuts_a_running_stream_with_a_final_event(
     chunks = openai_stream(tokens)
     script, gates = gated_script(chunks, *range(2, len(chunks)))
     upstream.queue(script)
-    options = {"hard_budget": True, "debit_every_tokens": 1}
+    options = {"hard_budget": True, "debit_every_tokens": 1, "debit_every_seconds": 0}
     config = gateway_config(upstream, ml_team({"tokens_per_day": 40}), options=options)
     registry, _log = make_tracker()
     body = chat_body(max_tokens=2)

@@ -30,6 +30,7 @@ from gateway.ratelimit import (
     team_scope,
 )
 from gateway.testing.redis_server import RedisServer
+from gateway.testing.slow_link import SlowLink
 from tests.unit.test_ratelimit import FakeClock, running_redis
 
 BOUND = 1.0  # no call may take longer than this, whatever Redis does
@@ -298,13 +299,15 @@ async def test_a_hung_redis_costs_at_most_the_timeout(
             async with asyncio.timeout(BOUND):
                 decision = await limiter.admit(scopes, 0)
                 await limiter.finish(lease, 10)
+            assert is_failing(limiter)
+            # the admission and the release; failing closed, also the release of the
+            # slot the timed-out admission may have taken (retried in the background)
+            assert limiter.failures >= 2
         finally:
             server.resume()
         limiter.timeout = 2.0  # a loaded test machine must not fail the recovery
         assert decision.allowed is fail_open
         assert decision.kind == (None if fail_open else "backend")
-        assert is_failing(limiter)
-        assert limiter.failures == 2
         async with asyncio.timeout(BOUND):
             assert (await limiter.admit(scopes, 0)).allowed
         assert not is_failing(limiter)
@@ -386,3 +389,112 @@ async def test_memory_and_redis_make_the_same_decisions(
 
 def _summary(d: Decision) -> tuple[object, ...]:
     return (d.allowed, d.kind, d.scope_name, d.too_large, round(d.retry_after, 6), d.headers)
+
+
+# --- slots are released on every ending, whatever Redis does ---------------------------
+
+
+@pytest.fixture
+async def link(server: RedisServer) -> AsyncIterator[SlowLink]:
+    """A relay to the server whose replies can come late, or whose requests get lost."""
+    async with SlowLink(server.port) as relay:
+        yield relay
+
+
+def conc_key(scope: Scope) -> str:
+    return f"sluice:rl:s:{scope.name}:conc"
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_an_admission_that_timed_out_after_redis_took_the_slot_gives_it_back(
+    link: SlowLink, admin: Redis, clock: FakeClock, fail_open: bool
+) -> None:
+    limiter = RedisRateLimiter(
+        f"redis://127.0.0.1:{link.port}/0", timeout=0.2, fail_open=fail_open, clock=clock
+    )
+    scope = team_scope("ml", Limits(concurrent_streams=5, tokens_per_minute=1000))
+    try:
+        await limiter.finish(held(await limiter.admit([scope], 10)), 10)  # scripts loaded
+        link.mode = "late"  # the script runs in Redis; its answer comes after the timeout
+        async with asyncio.timeout(BOUND):
+            decision = await limiter.admit([scope], 500)
+        assert decision.allowed is fail_open
+        link.mode = "pass"
+        assert await admin.zcard(conc_key(scope)) == 1  # Redis did take the slot
+        if decision.lease is not None:
+            assert decision.lease.degraded
+            await limiter.finish(decision.lease, 0)
+    finally:
+        link.mode = "pass"
+        await limiter.close()  # waits for releases still being retried
+    assert await admin.zcard(conc_key(scope)) == 0
+    check = RedisRateLimiter(f"redis://127.0.0.1:{link.port}/0", timeout=2.0, clock=clock)
+    try:  # the 500 tokens reserved by the lost admission are back too
+        after = await check.admit([scope], 0)
+        assert after.headers["x-ratelimit-remaining-tokens"] == "990"
+    finally:
+        await check.close()
+
+
+async def test_a_release_lost_on_the_way_is_retried_until_it_lands(
+    link: SlowLink, admin: Redis, clock: FakeClock
+) -> None:
+    limiter = RedisRateLimiter(f"redis://127.0.0.1:{link.port}/0", timeout=0.2, clock=clock)
+    scope = team_scope("ml", Limits(concurrent_streams=5, tokens_per_minute=1000))
+    try:
+        lease = held(await limiter.admit([scope], 500))
+        link.mode = "lost"
+        async with asyncio.timeout(BOUND):
+            await limiter.finish(lease, 100)  # bounded: the caller waits for one attempt
+        assert await admin.zcard(conc_key(scope)) == 1
+        link.mode = "pass"
+    finally:
+        link.mode = "pass"
+        await limiter.close()
+    assert await admin.zcard(conc_key(scope)) == 0
+    assert not [k async for k in admin.scan_iter(match="sluice:rl:lease:*")]
+
+
+async def test_a_release_retried_after_it_did_land_is_not_counted_twice(
+    link: SlowLink, admin: Redis, clock: FakeClock
+) -> None:
+    limiter = RedisRateLimiter(f"redis://127.0.0.1:{link.port}/0", timeout=0.2, clock=clock)
+    scope = team_scope("ml", Limits(concurrent_streams=5, tokens_per_minute=1000))
+    try:
+        lease = held(await limiter.admit([scope], 500))
+        link.mode = "late"  # the release runs, its answer is late: it is retried
+        async with asyncio.timeout(BOUND):
+            await limiter.finish(lease, 100)
+        link.mode = "pass"
+    finally:
+        link.mode = "pass"
+        await limiter.close()
+    assert await admin.zcard(conc_key(scope)) == 0
+    check = RedisRateLimiter(f"redis://127.0.0.1:{link.port}/0", timeout=2.0, clock=clock)
+    try:  # 100 used, refunded once (not 400 twice)
+        after = await check.admit([scope], 0)
+        assert after.headers["x-ratelimit-remaining-tokens"] == "900"
+    finally:
+        await check.close()
+
+
+async def test_an_admission_cancelled_in_flight_gives_its_slot_back(
+    link: SlowLink, admin: Redis, clock: FakeClock
+) -> None:
+    limiter = RedisRateLimiter(f"redis://127.0.0.1:{link.port}/0", timeout=5.0, clock=clock)
+    scope = team_scope("ml", Limits(concurrent_streams=5))
+    try:
+        await limiter.finish(held(await limiter.admit([scope], 0)), 0)
+        link.mode = "late"
+        link.forwarded.clear()
+        admission = asyncio.create_task(limiter.admit([scope], 0))
+        async with asyncio.timeout(BOUND):  # the script is in Redis: it takes the slot
+            await link.forwarded.wait()
+        admission.cancel()  # the client hung up while its request was being admitted
+        with pytest.raises(asyncio.CancelledError):
+            await admission
+        link.mode = "pass"
+    finally:
+        link.mode = "pass"
+        await limiter.close()
+    assert await admin.zcard(conc_key(scope)) == 0

@@ -10,11 +10,13 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from gateway.context import Outcome
 from gateway.testing.fake_upstream import Script, openai_stream
 from gateway.testing.harness import run_gateway
 from gateway.testing.redis_server import RedisServer
+from gateway.testing.slow_link import SlowLink
 from tests.integration._support import (
     BOUND,
     CHAT,
@@ -287,3 +289,65 @@ async def test_redis_replica_refuses_other_keys_and_unknown_streams(
         assert other.status == 404
         mine = await http.get(f"{two.v1}/streams/{stream_id}?after=0", headers=owner)
         assert _text(_events(await mine.read())) == "".join(TOKENS)
+
+
+async def test_a_stream_id_handed_out_is_resumable_on_another_replica_after_a_lost_write(
+    gated: GatedUpstream, http: aiohttp.ClientSession, redis: RedisServer
+) -> None:
+    """Replica one's first write to Redis is lost on the way: it is retried before the
+    stream's id goes out, so replica two can serve the stream as soon as a client has it."""
+    (gate,) = _held_stream(gated)
+    async with SlowLink(redis.port) as link:
+        config = config_for(gated)
+        via_link = {"redis_url": f"redis://127.0.0.1:{link.port}/0", "grace_seconds": 5}
+        config["resumable"] = via_link
+        config_two = {**config_for(gated), "resumable": {"redis_url": redis.url}}
+        async with run_gateway(config) as one, run_gateway(config_two) as two:
+            link.mode = "lost"
+            posting = asyncio.create_task(
+                http.post(one.v1 + CHAT, json=chat_body(), headers=RESUMABLE)
+            )
+            try:
+                async with asyncio.timeout(BOUND):
+                    await link.dropped.wait()  # the stream's meta never reached Redis
+                link.mode = "pass"
+                async with asyncio.timeout(BOUND):
+                    resp = await posting
+                stream_id = resp.headers["X-Sluice-Stream-Id"]
+                resp.close()
+                async with asyncio.timeout(BOUND):
+                    resumed = await http.get(f"{two.v1}/streams/{stream_id}?after=0")
+                    gate.set()
+                    body = await resumed.read()
+            finally:
+                link.mode = "pass"
+                gate.set()
+                posting.cancel()
+    assert resumed.status == 200, body
+    assert _text(_events(body)) == "".join(TOKENS)
+
+
+async def test_a_stream_whose_mirror_broke_is_unavailable_not_unknown_elsewhere(
+    gated: GatedUpstream, http: aiohttp.ClientSession, redis: RedisServer
+) -> None:
+    """The owner marks a stream it could not mirror as broken; another replica then says
+    503 stream_unavailable (it exists), not 404."""
+    (gate,) = _held_stream(gated)
+    config = {**config_for(gated), "resumable": {"redis_url": redis.url}}
+    admin = Redis.from_url(redis.url)
+    try:
+        async with run_gateway(config) as one, run_gateway(config) as two:
+            stream_id, _first = await _drop_after_k(http, one.v1)
+            key = f"sluice:stream:{{{stream_id}}}:meta"
+            assert await admin.exists(key)
+            await admin.hset(key, "state", "broken")  # what a mirror that gave up writes
+            async with asyncio.timeout(BOUND):
+                other = await http.get(f"{two.v1}/streams/{stream_id}?after=0")
+                error = (await other.json())["error"]
+            gate.set()
+    finally:
+        gate.set()
+        await admin.aclose()
+    assert other.status == 503
+    assert error["code"] == "stream_unavailable"
+    assert other.headers["Retry-After"] == "1"

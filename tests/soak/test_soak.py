@@ -2,8 +2,9 @@
 
 Opt-in (`SLUICE_SOAK=1`); see docs/streaming.md, "Soak and load tests". The gateway runs
 as a subprocess (so RSS and file descriptors are its own) with every built-in plugin,
-rate limits (memory backend, generous limits), an upstream concurrency gate and short
-timeouts, in front of a FakeUpstream. Each request's client says, in its prompt, what the
+rate limits (the Redis backend at its default settings, on a redis-server of its own;
+generous limits), an upstream concurrency gate and short timeouts, in front of a
+FakeUpstream. Each request's client says, in its prompt, what the
 fake must do (so a retry replays the same fault): a normal stream, a stream split at
 awkward byte boundaries, an HTTP 500 or 429, a reset before headers, an in-band error
 first or mid-stream, a reset mid-stream, a truncated stream, a stall before the first
@@ -13,7 +14,8 @@ is printed, and `SLUICE_SOAK_SEED` replays a run.
 
 Afterwards, once idle, nothing may have leaked: asyncio tasks, file descriptors and live
 gateway objects back to their baseline (taken after a warm-up, so lazy imports, caches and
-metric series exist already), upstream and rate-limit concurrency slots all released,
+metric series exist already), upstream and rate-limit concurrency slots all released
+(no member left in any concurrency set in Redis, no open lease),
 `sluice_inflight_streams` at 0, RSS within RSS_GROWTH_BOUND of the baseline, and every
 request counted once in `sluice_requests_total` with the outcome its fault implies; the
 gateway exits 0 on SIGTERM and logged no error, lost task exception or unclosed resource.
@@ -38,6 +40,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from gateway.auth import hash_key
 from gateway.testing.fake_upstream import (
@@ -55,6 +58,7 @@ from tests.integration._process import (
     raise_nofile_limit,
 )
 from tests.integration._support import CHAT, DONE, chat_contents, final_error, json_error
+from tests.unit.test_ratelimit import running_redis
 
 STREAMS = int(os.environ.get("SLUICE_SOAK_STREAMS", "2000"))
 SECONDS = float(os.environ.get("SLUICE_SOAK_SECONDS", "60"))
@@ -368,7 +372,7 @@ async def drive(gw: GatewayProcess, load: Load, indexes: list[int], seconds: flo
     return time.perf_counter() - started
 
 
-def soak_config(upstream: FakeUpstream, log_dir: Path) -> dict[str, Any]:
+def soak_config(upstream: FakeUpstream, log_dir: Path, redis_url: str) -> dict[str, Any]:
     generous = {
         "requests_per_minute": 1_000_000,
         "tokens_per_minute": 1_000_000_000,
@@ -403,7 +407,7 @@ def soak_config(upstream: FakeUpstream, log_dir: Path) -> dict[str, Any]:
         },
         "plugins": [
             {"name": "token_count"},
-            {"name": "rate_limit", "options": {"backend": "memory"}},
+            {"name": "rate_limit", "options": {"backend": "redis", "redis_url": redis_url}},
             {"name": "content_filter"},
             {"name": "access_log", "options": {"stream": str(log_dir / "access.log")}},
             {"name": "latency"},
@@ -425,19 +429,22 @@ async def test_soak_no_leaks(tmp_path: Path) -> None:
     upstream = FakeUpstream(responder=responder(plans), keepalive_timeout=KEEPALIVE)
     await upstream.start()
     try:
-        config = soak_config(upstream, tmp_path)
-        async with gateway_process(config, tmp_path, probe=True, log_level="WARNING") as gw:
-            warm = Load(plans)
-            await drive(gw, warm, warmup, max(2.0, WARMUP / 40))
-            assert not warm.wrong, "warm-up:\n" + "\n".join(warm.wrong[:20])
-            before = await settle(gw, None)
-            load = Load(plans)
-            duration = await drive(gw, load, main, SECONDS)
-            after = await settle(gw, before)
-            report(load, before, after, duration)
-            check(load, before, after)
-            exit_code = await gw.stop()
-            log_text = gw.log_text()
+        async with running_redis() as redis_server:
+            config = soak_config(upstream, tmp_path, redis_server.url)
+            async with gateway_process(config, tmp_path, probe=True, log_level="WARNING") as gw:
+                warm = Load(plans)
+                await drive(gw, warm, warmup, max(2.0, WARMUP / 40))
+                assert not warm.wrong, "warm-up:\n" + "\n".join(warm.wrong[:20])
+                before = await settle(gw, None)
+                load = Load(plans)
+                duration = await drive(gw, load, main, SECONDS)
+                after = await settle(gw, before)
+                held = await redis_slots(redis_server.url)
+                report(load, before, after, duration, held)
+                check(load, before, after, held)
+                exit_code = await gw.stop()
+                log_text = gw.log_text()
+            assert await redis_slots(redis_server.url) == RedisSlots({}, 0), "after shutdown"
         assert exit_code == 0, log_text[-3000:]
         # Nothing went wrong unnoticed: no unhandled error, lost task exception or unclosed
         # resource reported by asyncio or aiohttp.
@@ -445,6 +452,31 @@ async def test_soak_no_leaks(tmp_path: Path) -> None:
             assert needle not in log_text, log_text[log_text.find(needle) - 500 :][:3000]
     finally:
         await upstream.close()
+
+
+@dataclass(frozen=True)
+class RedisSlots:
+    """What the Redis rate-limit backend holds: members of each concurrency set, leases."""
+
+    slots: dict[str, int]  # concurrency key -> slots held (only keys holding some)
+    leases: int  # admission markers not finished
+
+    def __str__(self) -> str:
+        return f"{sum(self.slots.values())} concurrency slots held, {self.leases} open leases"
+
+
+async def redis_slots(url: str) -> RedisSlots:
+    """Read the rate limiter's keys in Redis (the default prefix, sluice:rl:)."""
+    client = Redis.from_url(url, decode_responses=True)
+    try:
+        slots = {}
+        async for key in client.scan_iter(match="sluice:rl:s:*:conc"):
+            if held := int(await client.zcard(key)):
+                slots[key] = held
+        leases = len([k async for k in client.scan_iter(match="sluice:rl:lease:*")])
+    finally:
+        await client.aclose()
+    return RedisSlots(slots, leases)
 
 
 def expected_outcomes(load: Load) -> Counter[str]:
@@ -464,7 +496,9 @@ def object_growth(before: Snapshot, after: Snapshot, *prefixes: str) -> dict[str
     return dict(sorted(grown.items(), key=lambda item: -item[1]))
 
 
-def report(load: Load, before: Snapshot, after: Snapshot, duration: float) -> None:
+def report(
+    load: Load, before: Snapshot, after: Snapshot, duration: float, held: RedisSlots
+) -> None:
     outcomes = after.outcomes() - before.outcomes()
     statuses = after.statuses() - before.statuses()
     peak_rss = max((rss for _, rss, _ in load.samples), default=0)
@@ -484,14 +518,14 @@ def report(load: Load, before: Snapshot, after: Snapshot, duration: float) -> No
         f"RSS {before.rss / mib:.1f} MiB -> {after.rss / mib:.1f} MiB (peak {peak_rss / mib:.1f})",
         f"gc objects {before.stats['gc_objects']} -> {after.stats['gc_objects']}; "
         f"most grown: {dict(list(object_growth(before, after).items())[:12])}",
-        f"rate limiters {after.stats['rate_limiters']}; upstream fake: "
+        f"rate limits in Redis: {held}; upstream fake: "
         f"outstanding {after.upstreams['fake']['outstanding']}, "
         f"queue {after.upstreams['fake']['queue']}",
     ]
     print("\n".join(lines))
 
 
-def check(load: Load, before: Snapshot, after: Snapshot) -> None:
+def check(load: Load, before: Snapshot, after: Snapshot, held: RedisSlots) -> None:
     seed = f"(seed {SEED})"
     assert not load.wrong, f"{len(load.wrong)} wrong answers {seed}:\n" + "\n".join(load.wrong[:20])
     outcomes = after.outcomes() - before.outcomes()
@@ -502,9 +536,8 @@ def check(load: Load, before: Snapshot, after: Snapshot) -> None:
     assert fake["outstanding"] == 0
     assert fake["queue"]["in_use"] == 0
     assert fake["queue"]["waiting"] == 0
-    for limiter in after.stats["rate_limiters"]:
-        assert limiter == {"slots_held": 0, "leases_open": 0}, after.stats["rate_limiters"]
-    assert after.stats["rate_limiters"], "the rate_limit plugin's limiter was not found"
+    assert held == RedisSlots({}, 0), str(held)
+    assert after.stats["rate_limiters"] == [], "the rate limits were not on Redis"
     assert after.tasks <= before.tasks, (before.stats["task_names"], after.stats["task_names"])
     assert len(after.fds) <= len(before.fds), (before.fd_kinds(), after.fd_kinds())
     assert after.stats["objects"].get("gateway.context.RequestContext", 0) == 0

@@ -36,7 +36,11 @@ from gateway.teams import KeyConfig, LimitsConfig, TeamConfig
 
 def parse_auth(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> GatewayConfig:
     """`auth`/`teams` validated as part of a whole (minimal) config, as at start-up."""
-    tree = {"upstreams": {"d": {"kind": "demo"}}, "routes": [{"model": "demo", "upstream": "d"}]}
+    tree = {
+        "upstreams": {"d": {"kind": "demo"}},
+        "routes": [{"model": "demo", "upstream": "d"}],
+        "plugins": [{"name": "rate_limit"}],  # limits need it
+    }
     return parse_config({**tree, **data}, env)
 
 
