@@ -14,10 +14,11 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from gateway.auth import KeyStore
-from gateway.chain import Chain, build_chain, discover_plugins
+from gateway.chain import Chain, build_chain, build_plugin, discover_plugins
 from gateway.config import (
     AnthropicUpstream,
     AzureUpstream,
+    ConfigError,
     GatewayConfig,
     OllamaUpstream,
     OpenAIUpstream,
@@ -84,6 +85,18 @@ def build_chains(
     """One chain per route (global plugins minus skipped ones, then its own), plus a global one."""
     global_specs = [(f"plugins[{i}]", spec) for i, spec in enumerate(config.plugins)]
     shared: dict[str, Any] = {}  # one instance per configured plugin, whatever the route
+    problems: list[str] = []  # every plugin's, in config order, each reported once
+    for where, spec in global_specs + [
+        (f"routes[{r}].plugins[{i}]", spec)
+        for r, route in enumerate(config.routes)
+        for i, spec in enumerate(route.plugins)
+    ]:
+        try:
+            shared[where] = build_plugin(spec, registry, where)
+        except ConfigError as err:
+            problems += err.problems
+    if problems:
+        raise ConfigError("\n".join(problems), problems)
     chains: dict[str, Chain] = {}
     for r, route in enumerate(config.routes):
         specs: list[tuple[str, PluginConfig]] = [

@@ -15,7 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from gateway.app import build_app, build_state
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, GatewayConfig
+from gateway.configcheck import check_config
 from gateway.serverlog import http_server_logger
 
 log = logging.getLogger("sluice")
@@ -127,8 +128,7 @@ def _run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
-        build_state(config)  # validate plugin options before binding the port
+        config = check_config(args.config)  # every problem, before binding the port
     except ConfigError as err:
         print(f"sluice: {err}", file=sys.stderr)
         return 2
@@ -141,8 +141,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.file)
-        build_state(config)
+        config = check_config(args.file)
     except ConfigError as err:
         print(f"sluice: {err}", file=sys.stderr)
         return 1
