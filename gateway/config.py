@@ -371,6 +371,11 @@ class ServerConfig(_Strict):
     )
     metrics: MetricsConfig = MetricsConfig()
     cors: CorsConfig = CorsConfig()
+    public_models: bool = Field(
+        False,
+        description="GET /v1/models answers without a key (and lists every model) even when "
+        "keys are configured; default: it needs a key and lists what that key may use",
+    )
     playground: bool | None = Field(
         None,
         description="the browser page at GET /playground (GET / redirects to it); null: on for "
