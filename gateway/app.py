@@ -316,7 +316,7 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
     if metrics.enabled and metrics.port is None:
         app.router.add_get("/metrics", _metrics)
     if state.config.server.playground:  # null (auto) is resolved by load_config
-        add_playground_routes(app)
+        add_playground_routes(app, key_required=state.keys is not None)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(_metrics_listener)
     app.on_shutdown.append(_not_ready_on_shutdown)
