@@ -162,7 +162,9 @@ class AnthropicUpstream(_UpstreamBase):
 
     kind: Literal["anthropic"]
     base_url: str = Field(
-        "https://api.anthropic.com", pattern=r"^https?://[^\s/]+", description="without /v1"
+        "https://api.anthropic.com",
+        pattern=r"^https?://[^\s/]+",
+        description="where /v1/messages is found; a trailing /v1 is accepted too",
     )
     api_key: SecretStr | None = None
     anthropic_version: str = "2023-06-01"

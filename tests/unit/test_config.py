@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from gateway.config import (
     load_config,
     parse_config,
 )
+from gateway.config_yaml import load_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO_ROOT / "config.example.yaml"
@@ -444,3 +446,20 @@ def test_unknown_upstream_is_reported_with_other_sections_errors() -> None:
     message = _error(data)
     assert "server.port: Input should be a valid integer" in message
     assert "routes[0].upstream: unknown upstream 'elsewhere' (known: d)" in message
+
+
+def test_readme_yaml_examples_load_and_whole_configs_validate() -> None:
+    readme = (REPO_ROOT / "README.md").read_text("utf-8")
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL)
+    assert len(blocks) >= 2
+    whole = 0
+    for block in blocks:
+        data = load_yaml(block)  # a YAML error here is a README a user cannot paste
+        assert isinstance(data, dict)
+        if "upstreams" in data and "routes" in data:
+            env = {name: "x" for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", block)}
+            parse_config(data, env)
+            whole += 1
+        anthropic = [u for u in data.get("upstreams", {}).values() if u["kind"] == "anthropic"]
+        assert all("base_url" in upstream for upstream in anthropic)
+    assert whole >= 1
