@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -21,7 +20,12 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.config_yaml import describe_yaml_error, load_yaml
+from gateway.config_yaml import (
+    describe_yaml_error,
+    expand_env,
+    load_yaml,
+    placeholder_consequence,
+)
 from gateway.teams import AuthMode, TeamConfig, check_auth, infer_auth_mode
 
 
@@ -462,51 +466,6 @@ class GatewayConfig(_Strict):
                     raise ValueError(f"routes[{i}].{key}: {name!r} is routed twice")
                 seen.add(name)
         return routes
-
-
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _expand(value: Any, path: str, env: Mapping[str, str], missing: dict[str, str]) -> Any:
-    """Replace `${VAR}` / `${VAR:-default}` in every string of a YAML tree.
-
-    A variable that is not set (and has no default) stays as written and is recorded in
-    `missing` (key path -> problem), so every missing variable is reported in one run.
-    """
-    if isinstance(value, str):
-
-        def sub(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
-            if name in env:
-                return env[name]
-            if default is not None:
-                return default
-            missing[path] = f"{path}: environment variable {name} is not set"
-            return match.group(0)
-
-        return _ENV_REF.sub(sub, value)
-    if isinstance(value, dict):
-        return {
-            k: _expand(v, f"{path}.{k}" if path else str(k), env, missing) for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_expand(v, f"{path}[{i}]", env, missing) for i, v in enumerate(value)]
-    return value
-
-
-def expand_env(data: Any, env: Mapping[str, str] | None = None) -> tuple[Any, dict[str, str]]:
-    """The tree with `${VAR}` references expanded, and the problems of the missing ones."""
-    missing: dict[str, str] = {}
-    return _expand(data, "", os.environ if env is None else env, missing), missing
-
-
-def placeholder_consequence(loc: str, line: str, missing: Mapping[str, str]) -> bool:
-    """Whether a problem at `loc` is only a consequence of an unexpanded `${VAR}` placeholder
-    (it sits at or above a missing variable's key), which its own problem already reports.
-    An unknown key is always its own problem."""
-    if line.endswith(": unknown key"):
-        return False
-    return any(p == loc or p.startswith((loc + ".", loc + "[")) for p in missing)
 
 
 def _format_loc(loc: tuple[int | str, ...], prefix: str = "") -> str:

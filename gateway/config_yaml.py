@@ -1,7 +1,11 @@
-"""A config file's YAML: safe loading, duplicate keys refused, errors naming file, line, column."""
+"""A config file's YAML tree: safe loading, duplicate keys refused, errors naming file, line
+and column; `${VAR}` expansion that reports every missing variable."""
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Mapping
 from typing import Any, Final
 
 import yaml
@@ -64,3 +68,48 @@ def describe_yaml_error(err: yaml.YAMLError, source: str) -> str:
             context += f" at {_at(err.context_mark)}"
         problem += f" ({context})"
     return f"{where}: not valid YAML: {problem}"
+
+
+_ENV_REF: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, path: str, env: Mapping[str, str], missing: dict[str, str]) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in every string of a YAML tree.
+
+    A variable that is not set (and has no default) stays as written and is recorded in
+    `missing` (key path -> problem), so every missing variable is reported in one run.
+    """
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            missing[path] = f"{path}: environment variable {name} is not set"
+            return match.group(0)
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {
+            k: _expand(v, f"{path}.{k}" if path else str(k), env, missing) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_expand(v, f"{path}[{i}]", env, missing) for i, v in enumerate(value)]
+    return value
+
+
+def expand_env(data: Any, env: Mapping[str, str] | None = None) -> tuple[Any, dict[str, str]]:
+    """The tree with `${VAR}` references expanded, and the problems of the missing ones."""
+    missing: dict[str, str] = {}
+    return _expand(data, "", os.environ if env is None else env, missing), missing
+
+
+def placeholder_consequence(loc: str, line: str, missing: Mapping[str, str]) -> bool:
+    """Whether a problem at `loc` is only a consequence of an unexpanded `${VAR}` placeholder
+    (it sits at or above a missing variable's key), which its own problem already reports.
+    An unknown key is always its own problem."""
+    if line.endswith(": unknown key"):
+        return False
+    return any(p == loc or p.startswith((loc + ".", loc + "[")) for p in missing)

@@ -18,11 +18,10 @@ from gateway.config import (
     GatewayConfig,
     config_from_tree,
     config_report,
-    expand_env,
     load_config_tree,
-    placeholder_consequence,
     read_config_text,
 )
+from gateway.config_yaml import expand_env, placeholder_consequence
 
 
 def _plugin_specs(data: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
