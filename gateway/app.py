@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from gateway.auth import KeyStore
+from gateway.auth import KeyStore, key_from_headers
 from gateway.chain import Chain, discover_plugins
 from gateway.config import ConfigError, GatewayConfig
 from gateway.cors import Cors
@@ -143,10 +143,19 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 async def _models(request: web.Request) -> web.Response:
+    """GET /v1/models: the routed names; with keys, only for a key, and only what it may use
+    (unless `server.public_models`)."""
     state = request.app[STATE]
+    models = state.router.models
+    if state.keys is not None and not state.config.server.public_models:
+        try:
+            principal = state.keys.authenticate(key_from_headers(request.headers))
+        except GatewayError as err:
+            return err.to_response()
+        keys, router = state.keys, state.router
+        models = [name for name in models if keys.allows(principal, name, router.resolve(name))]
     data = [
-        {"id": model, "object": "model", "created": 0, "owned_by": "sluice"}
-        for model in state.router.models
+        {"id": model, "object": "model", "created": 0, "owned_by": "sluice"} for model in models
     ]
     return web.Response(
         body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
@@ -325,7 +334,7 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
     if metrics.enabled and metrics.port is None:
         app.router.add_get("/metrics", _metrics)
     if state.config.server.playground:  # null (auto) is resolved by load_config
-        add_playground_routes(app)
+        add_playground_routes(app, key_required=state.keys is not None)
     app.cleanup_ctx.append(_tracing)  # first in, last out: spans of the last requests
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(_metrics_listener)

@@ -209,18 +209,22 @@ class KeyStore:
             raise _expired_key(entry.expires)
         return entry.principal
 
+    def allows(self, principal: Principal, model: str, route: RouteConfig | None = None) -> bool:
+        """Whether the key's `models` allow `model` (see `authorize`)."""
+        if principal.models is None:
+            return True
+        names = [model]
+        if route is not None:
+            names += [route.name, *route.aliases]
+        return model_allowed(principal.models, names)
+
     def authorize(self, principal: Principal, model: str, route: RouteConfig | None = None) -> None:
         """403 `model_not_allowed` unless the key's `models` allow `model`.
 
         With `route` (the resolved route), the route's name and aliases count too, so a key
         allowed `gpt-4o` may use it through its alias, and `openai/*` allows a prefix route.
         """
-        if principal.models is None:
-            return
-        names = [model]
-        if route is not None:
-            names += [route.name, *route.aliases]
-        if not model_allowed(principal.models, names):
+        if not self.allows(principal, model, route):
             raise GatewayError(
                 403,
                 f"This API key is not allowed to use the model `{model[:200]}`.",

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
-from gateway.config import ConfigError, PluginConfig
+from gateway.config import ConfigError, PluginConfig, located_problems
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.plugin import (
@@ -62,20 +62,55 @@ def discover_plugins() -> Mapping[str, type[Any]]:
     return _EntryPointRegistry()
 
 
+def plugin_class(name: str, registry: Mapping[str, type[Any]], where: str) -> type[Any]:
+    """The installed class of plugin `name`; ConfigError naming `where` if there is none."""
+    if name not in registry:
+        known = ", ".join(sorted(registry)) or "none installed"
+        raise ConfigError(f"{where}.name: unknown plugin {name!r} (installed: {known})")
+    try:
+        return registry[name]
+    except ConfigError as err:
+        raise ConfigError(f"{where}.name: {err}") from None
+
+
+class _OptionsError(ConfigError):
+    """Bad plugin options, with each problem's key path."""
+
+    def __init__(self, located: list[tuple[str, str]]) -> None:
+        problems = [line for _, line in located]
+        super().__init__("\n".join(problems), problems)
+        self.located = located
+
+
+def _options(cls: type[Any], options: dict[str, Any], where: str) -> Any:
+    """The plugin's validated `Options`; ConfigError listing every bad option by key path."""
+    options_model = getattr(cls, "Options", None)
+    if options_model is None:
+        return options
+    try:
+        return options_model.model_validate(options)
+    except ValidationError as err:
+        raise _OptionsError(located_problems(err, f"{where}.options")) from None
+
+
+def check_plugin_options(
+    name: str, options: dict[str, Any], registry: Mapping[str, type[Any]], where: str
+) -> list[tuple[str, str]]:
+    """Every problem with one plugin's name and options, as (key path, line), without
+    constructing the plugin."""
+    try:
+        _options(plugin_class(name, registry, where), options, where)
+    except _OptionsError as err:
+        return err.located
+    except ConfigError as err:
+        return [(f"{where}.name", line) for line in err.problems]
+    return []
+
+
 def build_plugin(spec: PluginConfig, registry: Mapping[str, type[Any]], where: str) -> Any:
     """Instantiate one plugin with validated options; ConfigError names the key on failure."""
-    cls = registry.get(spec.name) if spec.name in registry else None
-    if cls is None:
-        known = ", ".join(sorted(registry)) or "none installed"
-        raise ConfigError(f"{where}.name: unknown plugin {spec.name!r} (installed: {known})")
-    options_model = getattr(cls, "Options", None)
-    try:
-        options = options_model.model_validate(spec.options) if options_model else spec.options
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        raise ConfigError(f"{where}.options.{loc}: {msg}") from None
+    cls = plugin_class(spec.name, registry, where)
+    options = _options(cls, spec.options, where)
     try:
         return cls(options)
     except ConfigError as err:
@@ -312,8 +347,15 @@ def build_chain(
     """
     shared = {} if shared is None else shared
     entries = []
+    problems: list[str] = []
     for where, spec in specs:
         if where not in shared:
-            shared[where] = build_plugin(spec, registry, where)
+            try:
+                shared[where] = build_plugin(spec, registry, where)
+            except ConfigError as err:
+                problems += err.problems
+                continue
         entries.append(_Entry(spec.name, shared[where], spec.fail == "closed"))
+    if problems:
+        raise ConfigError("\n".join(problems), problems)
     return Chain(entries)

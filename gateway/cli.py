@@ -17,7 +17,8 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.app import build_app, build_state
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, GatewayConfig
+from gateway.configcheck import check_config
 from gateway.reload import Reloader, read_config
 from gateway.runtime import ConfigSource
 from gateway.serverlog import JsonFormatter, http_server_logger, use_json_logs
@@ -169,8 +170,8 @@ def _run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
+        check_config(args.config)  # every problem, before binding the port
         config, source = read_config(args.config)
-        build_state(config)  # validate plugin options before binding the port
     except ConfigError as err:
         print(f"sluice: {err}", file=sys.stderr)
         return 2
@@ -185,8 +186,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.file)
-        build_state(config)
+        config = check_config(args.file)
     except ConfigError as err:
         print(f"sluice: {err}", file=sys.stderr)
         return 1

@@ -2,22 +2,50 @@
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from gateway.config_yaml import (
+    describe_yaml_error,
+    expand_env,
+    load_yaml,
+    placeholder_consequence,
+)
 from gateway.teams import AuthMode, TeamConfig, check_auth, infer_auth_mode
 from gateway.tracing_config import TracingConfig
 
 
 class ConfigError(Exception):
-    """The configuration is invalid; the message names the offending key."""
+    """The configuration is invalid; the message names the offending key.
+
+    `problems` lists every problem found, one line each (`key.path: what is wrong`); an
+    error raised with a message alone has that message as its one problem.
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)
+
+
+def config_report(problems: Sequence[str], source: str | None = None) -> ConfigError:
+    """One error listing every problem: `source: invalid configuration:` then a line each."""
+    head = "invalid configuration:" if source is None else f"{source}: invalid configuration:"
+    return ConfigError(head + "\n  " + "\n  ".join(problems), problems)
 
 
 class _Strict(BaseModel):
@@ -139,7 +167,9 @@ class AnthropicUpstream(_UpstreamBase):
 
     kind: Literal["anthropic"]
     base_url: str = Field(
-        "https://api.anthropic.com", pattern=r"^https?://[^\s/]+", description="without /v1"
+        "https://api.anthropic.com",
+        pattern=r"^https?://[^\s/]+",
+        description="where /v1/messages is found; a trailing /v1 is accepted too",
     )
     api_key: SecretStr | None = None
     anthropic_version: str = "2023-06-01"
@@ -370,6 +400,11 @@ class ServerConfig(_Strict):
     )
     metrics: MetricsConfig = MetricsConfig()
     cors: CorsConfig = CorsConfig()
+    public_models: bool = Field(
+        False,
+        description="GET /v1/models answers without a key (and lists every model) even when "
+        "keys are configured; default: it needs a key and lists what that key may use",
+    )
     playground: bool | None = Field(
         None,
         description="the browser page at GET /playground (GET / redirects to it); null: on for "
@@ -445,13 +480,17 @@ class GatewayConfig(_Strict):
             )
         return self
 
-    @model_validator(mode="after")
-    def _check_references(self) -> GatewayConfig:
+    @field_validator("routes")
+    @classmethod
+    def _check_references(cls, routes: list[RouteConfig], info: ValidationInfo) -> Any:
+        # A field validator, so it runs even when another section (plugins, server) is
+        # invalid; the upstreams are checked only when they validated themselves.
+        upstreams = info.data.get("upstreams")
         seen: set[str] = set()
-        known = ", ".join(sorted(self.upstreams)) or "none"
-        for i, route in enumerate(self.routes):
+        known = ", ".join(sorted(upstreams or {})) or "none"
+        for i, route in enumerate(routes):
             for j, deployment in enumerate(route.all_deployments):
-                if deployment.upstream not in self.upstreams:
+                if upstreams is not None and deployment.upstream not in upstreams:
                     where = (
                         f"routes[{i}].upstream"
                         if route.upstream
@@ -465,7 +504,7 @@ class GatewayConfig(_Strict):
                     key = "model" if name == route.name else "aliases"
                     raise ValueError(f"routes[{i}].{key}: {name!r} is routed twice")
                 seen.add(name)
-        return self
+        return routes
 
 
 def _first_limits(teams: Mapping[str, TeamConfig]) -> str | None:
@@ -482,31 +521,8 @@ def _first_limits(teams: Mapping[str, TeamConfig]) -> str | None:
     return None
 
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _expand(value: Any, path: str, env: Mapping[str, str]) -> Any:
-    """Replace `${VAR}` / `${VAR:-default}` in every string of a YAML tree."""
-    if isinstance(value, str):
-
-        def sub(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
-            if name in env:
-                return env[name]
-            if default is not None:
-                return default
-            raise ConfigError(f"{path}: environment variable {name} is not set")
-
-        return _ENV_REF.sub(sub, value)
-    if isinstance(value, dict):
-        return {k: _expand(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
-    return value
-
-
-def _format_loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
+def _format_loc(loc: tuple[int | str, ...], prefix: str = "") -> str:
+    out = prefix
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
@@ -517,10 +533,14 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _format_validation(err: ValidationError) -> str:
+def located_problems(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """Pydantic's errors as (key path, `key.path: message`) in the config's own terms.
+
+    `prefix` is where the validated object sits in the file (`plugins[2].options`).
+    """
     lines = []
     for item in err.errors():
-        loc = _format_loc(item["loc"])
+        loc = _format_loc(item["loc"], prefix)
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -536,19 +556,71 @@ def _format_validation(err: ValidationError) -> str:
             )
         elif msg.startswith("Value error, "):
             msg = msg.removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}" if loc else msg)
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+            if msg.startswith((loc + ".", loc + "[")) and ": " in msg:  # it names the key
+                loc, msg = msg.split(": ", 1)
+        lines.append((loc, f"{loc}: {msg}" if loc else msg))
+    return lines
 
 
 def parse_config(data: Any, env: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Validate an already-loaded YAML tree; raises ConfigError naming the bad key."""
+    """Validate an already-loaded YAML tree; raises ConfigError naming every bad key.
+
+    Missing environment variables are reported together with the validation errors (but
+    not the errors their unexpanded placeholders cause).
+    """
     if not isinstance(data, dict):
-        raise ConfigError("invalid configuration: the top level must be a mapping")
-    expanded = _expand(data, "", os.environ if env is None else env)
+        raise config_report(["the top level must be a mapping"])
+    expanded, missing = expand_env(data, env)
     try:
-        return GatewayConfig.model_validate(expanded)
+        config = GatewayConfig.model_validate(expanded)
     except ValidationError as err:
-        raise ConfigError(_format_validation(err)) from None
+        problems = [
+            line
+            for loc, line in located_problems(err)
+            if not placeholder_consequence(loc, line, missing)
+        ]
+        raise config_report([*missing.values(), *problems]) from None
+    if missing:
+        raise config_report(list(missing.values()))
+    return config
+
+
+def read_config_text(path: Path | None) -> tuple[str, str]:
+    """The text of `path` (or of the embedded default) and how to name it in errors."""
+    if path is None:
+        text = resources.files("gateway").joinpath("default_config.yaml").read_text("utf-8")
+        return text, "<embedded default>"
+    try:
+        return path.read_text("utf-8"), str(path)
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read {path}: it is not UTF-8 text") from None
+
+
+def load_config_tree(text: str, source: str) -> Any:
+    """The YAML tree of a config file; ConfigError naming file, line and column if invalid."""
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(describe_yaml_error(err, source)) from None
+
+
+def config_from_tree(
+    data: Any, source: str, env: Mapping[str, str] | None = None, *, embedded: bool = False
+) -> GatewayConfig:
+    """Validate the YAML tree of `source`; ConfigError naming the file and every bad key.
+
+    `server.playground: null` means automatic: on for the `embedded` default, off for a file.
+    """
+    try:
+        config = parse_config(data, env)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}", err.problems) from None
+    if embedded and config.server.playground is None:
+        server = config.server.model_copy(update={"playground": True})
+        config = config.model_copy(update={"server": server})
+    return config
 
 
 def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -557,27 +629,5 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Gate
     `server.playground: null` means automatic: the embedded default turns it on; a file that
     does not set it keeps it off.
     """
-    if path is None:
-        text = resources.files("gateway").joinpath("default_config.yaml").read_text("utf-8")
-        source = "<embedded default>"
-    else:
-        try:
-            text = path.read_text("utf-8")
-        except OSError as err:
-            raise ConfigError(f"cannot read {path}: {err.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"cannot read {path}: it is not UTF-8 text") from None
-        source = str(path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from None
-    try:
-        config = parse_config(data, env)
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
-    if path is None and config.server.playground is None:
-        # `playground: null` is automatic: on for the embedded demo, off for any config file.
-        server = config.server.model_copy(update={"playground": True})
-        config = config.model_copy(update={"server": server})
-    return config
+    text, source = read_config_text(path)
+    return config_from_tree(load_config_tree(text, source), source, env, embedded=path is None)

@@ -22,6 +22,22 @@ PATH: Final = "/playground"
 
 _INLINE = {kind: re.compile(rf"<{kind}>(.*?)</{kind}>", re.DOTALL) for kind in ("style", "script")}
 
+# The key field as shipped (optional) and as served when the gateway requires keys; outside
+# the inline blocks, so the CSP hashes do not depend on it.
+_KEY_OPTIONAL: Final = (
+    '<span class="hint" id="key-need">(optional)</span></label>\n      <input id="key"'
+)
+_KEY_REQUIRED: Final = (
+    '<span class="hint" id="key-need">(required)</span></label>\n      <input id="key" required'
+)
+
+
+def with_key_required(html: str) -> str:
+    """The page telling its user that this gateway requires an API key."""
+    if html.count(_KEY_OPTIONAL) != 1:
+        raise ValueError("playground.html: expected one optional API key field")
+    return html.replace(_KEY_OPTIONAL, _KEY_REQUIRED)
+
 
 def _source_hash(html: str, kind: str) -> str:
     """The CSP source (`'sha256-…'`) of the page's single inline `<style>` or `<script>`."""
@@ -71,10 +87,11 @@ class PlaygroundPage:
         return cls(body, headers, etag)
 
     @classmethod
-    def load(cls) -> PlaygroundPage:
-        """The page shipped in the package (`gateway/static/playground.html`)."""
+    def load(cls, *, key_required: bool = False) -> PlaygroundPage:
+        """The page shipped in the package (`gateway/static/playground.html`); with
+        `key_required` (the gateway has `auth: keys`) its key field says "required"."""
         html = resources.files("gateway").joinpath("static", "playground.html").read_text("utf-8")
-        return cls.from_html(html)
+        return cls.from_html(with_key_required(html) if key_required else html)
 
     async def serve(self, request: web.Request) -> web.Response:
         """GET /playground: the page (304 when the browser's copy is current)."""
@@ -90,8 +107,8 @@ async def _to_playground(request: web.Request) -> web.Response:
     return web.Response(status=302, headers={"Location": PATH.lstrip("/")})
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, *, key_required: bool = False) -> None:
     """Serve the page at /playground and redirect / to it."""
-    page = PlaygroundPage.load()
+    page = PlaygroundPage.load(key_required=key_required)
     app.router.add_get(PATH, page.serve)
     app.router.add_get("/", _to_playground)

@@ -114,6 +114,20 @@ def keep_running(running: GatewayConfig, new: GatewayConfig) -> GatewayConfig:
     )
 
 
+def _full_report(path: Path | None, first: Exception) -> str:
+    """Every problem of a refused file, as `check-config` prints them (the first error found
+    may be one of several)."""
+    from gateway.configcheck import check_config  # imports gateway.app, which imports us
+
+    try:
+        check_config(path)
+    except ConfigError as full:
+        return str(full)
+    except Exception:
+        return str(first)
+    return str(first)  # the file changed again, or the problem is not a config error
+
+
 def _changes(old: Runtime, new: Runtime) -> str:
     before, after = old.config.upstreams, new.config.upstreams
     kept = [n for n in after if n in before and new.upstreams[n] is old.upstreams[n]]
@@ -172,13 +186,14 @@ class Reloader:
                 keep_running(old.config, loaded), self.registry, source, previous=old
             )
         except (ConfigError, ValueError) as err:
+            report = _full_report(self.path, err)
             log.error(
                 "%s: config reload refused, still running sha256 %s:\nsluice: %s",
                 reason,
                 old.source.sha256[:12],
-                err,
+                report,
             )
-            return ReloadOutcome("invalid", f"sluice: {err}")
+            return ReloadOutcome("invalid", f"sluice: {report}")
         except Exception as err:
             log.exception("%s: config reload failed, the running config stays", reason)
             return ReloadOutcome("error", f"{type(err).__name__}: {err}")

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from gateway.auth import KeyStore
-from gateway.chain import Chain, build_chain
+from gateway.chain import Chain, build_chain, build_plugin
 from gateway.config import (
     AnthropicUpstream,
     AzureUpstream,
+    ConfigError,
     GatewayConfig,
     OllamaUpstream,
     OpenAIUpstream,
@@ -124,6 +125,16 @@ def _chains(
     registry: Mapping[str, type[Any]],
     shared: dict[str, Any],
 ) -> tuple[dict[str, Chain], Chain]:
+    problems: list[str] = []  # every plugin's, in config order, each reported once
+    for where, spec in _plugin_specs(config).items():
+        if where in shared:  # reused from the previous runtime
+            continue
+        try:
+            shared[where] = build_plugin(spec, registry, where)
+        except ConfigError as err:
+            problems += err.problems
+    if problems:
+        raise ConfigError("\n".join(problems), problems)
     global_specs = [(f"plugins[{i}]", spec) for i, spec in enumerate(config.plugins)]
     chains: dict[str, Chain] = {}
     for r, route in enumerate(config.routes):

@@ -54,13 +54,21 @@ class AnthropicDecoder:
         return out
 
 
+def messages_url(base_url: str) -> str:
+    """`<base>/v1/messages`; the base may end in `/v1` (as OpenAI-style URLs do) or not (as
+    the Anthropic SDKs' do): `http://h:8000`, `http://h:8000/v1/` and the same under a path
+    prefix all work."""
+    base = base_url.rstrip("/")
+    return base.removesuffix("/v1") + "/v1/messages"
+
+
 class Anthropic(HttpUpstream):
     """Adapter for `kind: anthropic` (chat completions; not completions or embeddings)."""
 
     def __init__(self, name: str, config: AnthropicUpstream) -> None:
         super().__init__(name, config)
         self.config = config
-        self._url = config.base_url.rstrip("/") + "/v1/messages"
+        self._url = messages_url(config.base_url)
         self._static_headers["anthropic-version"] = config.anthropic_version
         if config.api_key is not None and config.api_key.get_secret_value():
             self._static_headers["x-api-key"] = config.api_key.get_secret_value()

@@ -138,10 +138,10 @@ def playground_config(fake: GatedUpstream, **extra: Any) -> dict[str, Any]:
 class Page:
     """The playground as a person sees it."""
 
-    def __init__(self, driver: webdriver.Chrome, url: str) -> None:
+    def __init__(self, driver: webdriver.Chrome, url: str, loaded: str = "true") -> None:
         self.driver = driver
         driver.get(url + "/playground")
-        self.wait(lambda: self.element("model").get_attribute("data-loaded") == "true", "models")
+        self.wait(lambda: self.element("model").get_attribute("data-loaded") == loaded, loaded)
 
     def element(self, element_id: str) -> Any:
         return self.driver.find_element(By.ID, element_id)
@@ -189,6 +189,7 @@ def test_page_lists_the_models_and_runs_under_its_csp(
     with gateway(loop, config) as url:
         page = Page(browser, url)
         assert page.models() == ["m", "other"]
+        assert page.text("key-need") == "(optional)"
         assert page.state == "idle"
         assert page.error() == ""
         # The inline style ran too (a script or style the CSP refused would also be logged).
@@ -277,28 +278,54 @@ def test_stop_cancels_the_upstream(
         assert page.error() == ""
 
 
-def test_a_401_is_shown_and_the_key_is_used_once_entered(
+def test_a_required_key_is_labelled_so_and_used_once_entered(
     loop: LoopThread, fake: GatedUpstream, browser: webdriver.Chrome
 ) -> None:
     teams = {"web": {"keys": [{"name": "page", "sha256": hash_key(KEY)}]}}
     fake.queue(Script(openai_stream(["Welcome"])))
     with gateway(loop, playground_config(fake, teams=teams)) as url:
-        page = Page(browser, url)
+        page = Page(browser, url, loaded="needs-key")
+        assert page.text("key-need") == "(required)"
+        assert page.models() == [""]
+        assert page.error() == ""
+
         page.send()
-        page.wait(lambda: page.state == "error", "the 401")
-        assert "HTTP 401" in page.error()
+        page.wait(lambda: "requires one" in page.error(), "the ask for a key")
+        assert page.state == "idle"
+
+        page.element("key").send_keys("sk-sluice-not-the-right-key-0123")
+        page.send()
+        page.wait(lambda: "HTTP 401" in page.error(), "the 401 for a wrong key")
+        assert "invalid_api_key" in page.error()
         assert page.text("answer") == ""
         assert fake.exchanges == []
 
+        page.element("key").clear()
         page.element("key").send_keys(KEY)
         page.send()
         page.wait(lambda: page.state == "done", "the answer with the key")
+        assert page.models() == ["m"]
         assert page.text("answer") == "Welcome"
         assert page.error() == ""
         stored = browser.execute_script(
             "return [sessionStorage.getItem('sluice.playground.key'), localStorage.length]"
         )
         assert stored == [KEY, 0]
+
+
+def test_public_models_list_without_a_key_but_the_key_is_still_required(
+    loop: LoopThread, fake: GatedUpstream, browser: webdriver.Chrome
+) -> None:
+    teams = {"web": {"keys": [{"name": "page", "sha256": hash_key(KEY)}]}}
+    config = playground_config(fake, teams=teams)
+    config["server"]["public_models"] = True
+    with gateway(loop, config) as url:
+        page = Page(browser, url)
+        assert page.models() == ["m"]
+        assert page.text("key-need") == "(required)"
+        page.send()
+        page.wait(lambda: "requires one" in page.error(), "the ask for a key")
+        assert fake.exchanges == []
 
 
 def test_an_error_mid_stream_is_shown_after_the_partial_answer(

@@ -10,6 +10,7 @@ import aiohttp
 import orjson
 import pytest
 
+from gateway.auth import hash_key
 from gateway.testing.fake_upstream import FakeUpstream, Script, json_script, rechunk, sse
 from gateway.testing.harness import RunningGateway, run_gateway
 from tests.integration._support import (
@@ -132,6 +133,71 @@ async def test_models_lists_routed_models(fake: FakeUpstream, http: aiohttp.Clie
         assert isinstance(model["created"], int)
         assert isinstance(model["owned_by"], str)
     assert fake.exchanges == [], "listing models never asks the upstream"
+
+
+ALL_KEY = "sk-sluice-models-all-0123456789"
+SOME_KEY = "sk-sluice-models-some-0123456789"
+
+
+def _models_config(fake: FakeUpstream, **server: Any) -> dict[str, Any]:
+    config = config_for(fake, server=server) if server else config_for(fake)
+    config["routes"] += [
+        {"model": "big-model", "upstream": "fake", "aliases": ["big"]},
+        {"model": "org/small:q4", "upstream": "fake"},
+    ]
+    config["teams"] = {
+        "t": {
+            "keys": [
+                {"name": "all", "sha256": hash_key(ALL_KEY)},
+                {"name": "some", "sha256": hash_key(SOME_KEY), "models": ["big-model", "org/*"]},
+            ]
+        }
+    }
+    return config
+
+
+async def _list(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str]
+) -> tuple[int, dict[str, Any]]:
+    async with asyncio.timeout(BOUND), http.get(url + "/models", headers=headers) as resp:
+        body = orjson.loads(await resp.read())
+        assert resp.content_type == "application/json"
+        return resp.status, body
+
+
+@pytest.mark.parametrize("header", ["Authorization", "x-api-key"])
+async def test_models_needs_a_key_when_keys_are_configured(
+    fake: FakeUpstream, http: aiohttp.ClientSession, header: str
+) -> None:
+    def given(key: str) -> dict[str, str]:
+        return {header: f"Bearer {key}" if header == "Authorization" else key}
+
+    async with run_gateway(_models_config(fake)) as gw:
+        missing = await _list(http, gw.v1, {})
+        wrong = await _list(http, gw.v1, given("sk-sluice-wrong-0123456789"))
+        full = await _list(http, gw.v1, given(ALL_KEY))
+        some = await _list(http, gw.v1, given(SOME_KEY))
+    assert missing[0] == 401
+    assert missing[1]["error"]["code"] == "missing_api_key"
+    assert missing[1]["error"]["type"] == "invalid_request_error"
+    assert wrong[0] == 401
+    assert wrong[1]["error"]["code"] == "invalid_api_key"
+    assert full[0] == 200
+    assert [m["id"] for m in full[1]["data"]] == ["m", "big-model", "big", "org/small:q4"]
+    # Only what the key may use: `big-model` and its alias, and the `org/*` prefix.
+    assert some[0] == 200
+    assert [m["id"] for m in some[1]["data"]] == ["big-model", "big", "org/small:q4"]
+
+
+async def test_public_models_lists_every_model_without_a_key(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    async with run_gateway(_models_config(fake, public_models=True)) as gw:
+        status, body = await _list(http, gw.v1, {})
+        chat, _ = await _post(http, gw.v1 + CHAT, chat_body())
+    assert status == 200
+    assert [m["id"] for m in body["data"]] == ["m", "big-model", "big", "org/small:q4"]
+    assert chat.status == 401, "public_models opens the listing only"
 
 
 async def test_health_and_readiness(fake: FakeUpstream, http: aiohttp.ClientSession) -> None:

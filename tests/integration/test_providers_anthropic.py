@@ -312,6 +312,27 @@ async def test_non_streaming_message_becomes_a_chat_completion(fake: FakeUpstrea
 # ----- errors ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("suffix", "path"),
+    [
+        ("", "/v1/messages"),
+        ("/", "/v1/messages"),
+        ("/v1", "/v1/messages"),
+        ("/v1/", "/v1/messages"),
+        ("/proxy/anthropic", "/proxy/anthropic/v1/messages"),
+        ("/proxy/anthropic/v1", "/proxy/anthropic/v1/messages"),
+    ],
+)
+async def test_base_url_with_or_without_v1(fake: FakeUpstream, suffix: str, path: str) -> None:
+    fake.queue(json_script(anthropic_message([{"type": "text", "text": "ok"}])))
+    config = _config(fake, base_url=root_url(fake) + suffix)
+    async with run_gateway(config) as gw, openai_sdk(gw) as client:
+        answer = await client.chat.completions.create(model="m", messages=MESSAGES)
+    assert answer.choices[0].message.content == "ok"
+    (exchange,) = fake.exchanges
+    assert exchange.path == path
+
+
 async def test_error_event_mid_stream_raises_in_the_sdk(fake: FakeUpstream) -> None:
     transcript = [
         anthropic_message_start(),

@@ -597,3 +597,23 @@ def test_flushed_events_pass_later_batch_hooks() -> None:
     assert Batcher.calls == [], "no call for the empty batch the holder left"
     assert _data(chain.run_flush(ctx)) == ["held:x"]
     assert Batcher.calls == [1]
+
+
+def test_every_bad_option_of_a_plugin_is_reported_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        _chain({"name": "suffix", "options": {"times": 0, "colour": "red"}})
+    assert [line.split(":")[0] for line in info.value.problems] == [
+        "plugins[0].options.text",
+        "plugins[0].options.times",
+        "plugins[0].options.colour",
+    ]
+
+
+def test_every_plugin_problem_of_a_chain_is_reported_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        _chain({"name": "suffix"}, {"name": "nosuch"}, {"name": "recorder", "options": {"x": 1}})
+    assert [line.split(":")[0] for line in info.value.problems] == [
+        "plugins[0].options.text",
+        "plugins[1].name",
+        "plugins[2].options.x",
+    ]

@@ -120,6 +120,73 @@ def test_check_config_example_needs_its_env_var(
     assert main(["check-config", example]) == 0
 
 
+EVERYTHING_WRONG = """\
+upstreams:
+  sim: {kind: demo, ttft_ms: -1}
+routes:
+  - model: demo
+    upstream: sim
+    plugins:
+      - {name: latency, options: {colour: red}}
+plugins:
+  - name: latency
+  - {name: latency, options: {colour: red}}
+  - name: nosuch
+  - name: content_filter
+    options:
+      rules: [{detector: api_key}, {detector: nope}, {name: w, words: 7}]
+      prompt_action: maybe
+"""
+
+EVERYTHING_WRONG_PROBLEMS = [
+    "upstreams.sim.ttft_ms: Input should be greater than or equal to 0",
+    "plugins[1].options.colour: unknown key",
+    "plugins[2].name: unknown plugin 'nosuch' (installed: ",
+    "plugins[3].options.rules[1].detector: Input should be 'email', 'phone', 'credit_card' or",
+    "plugins[3].options.rules[2].words: Input should be a valid list",
+    "plugins[3].options.prompt_action: Input should be 'reject', 'redact' or 'off'",
+    "routes[0].plugins[0].options.colour: unknown key",
+]
+
+
+def _report(err: str, path: Path) -> list[str]:
+    """The problem lines of a `sluice: FILE: invalid configuration:` report."""
+    head, *lines = err.rstrip("\n").split("\n")
+    assert head == f"sluice: {path}: invalid configuration:"
+    assert all(line.startswith("  ") for line in lines)
+    return [line[2:] for line in lines]
+
+
+@pytest.mark.parametrize("core_error", [True, False])
+def test_check_config_reports_core_and_every_plugin_problem_in_one_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], core_error: bool
+) -> None:
+    text = EVERYTHING_WRONG if core_error else EVERYTHING_WRONG.replace("ttft_ms: -1", "ttft_ms: 0")
+    expected = EVERYTHING_WRONG_PROBLEMS if core_error else EVERYTHING_WRONG_PROBLEMS[1:]
+    path = _write(tmp_path, text)
+    assert main(["check-config", str(path)]) == 1
+    lines = _report(capsys.readouterr().err, path)
+    assert len(lines) == len(expected), lines
+    for line, start in zip(lines, expected, strict=True):
+        assert line.startswith(start)
+
+
+def test_check_config_reports_a_missing_variable_and_plugin_problems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("SLUICE_TEST_UNSET", raising=False)
+    text = BAD_PLUGIN_OPTION.replace("{colour: red}", "{colour: red, x: '${SLUICE_TEST_UNSET}'}")
+    text += "  - {name: token_count, options: {image_tokens: '${SLUICE_TEST_UNSET}'}}\n"
+    path = _write(tmp_path, text)
+    assert main(["check-config", str(path)]) == 1
+    assert _report(capsys.readouterr().err, path) == [
+        "plugins[0].options.x: environment variable SLUICE_TEST_UNSET is not set",
+        "plugins[1].options.image_tokens: environment variable SLUICE_TEST_UNSET is not set",
+        "plugins[0].options.colour: unknown key",
+        "plugins[0].options.x: unknown key",
+    ]
+
+
 # --- serve (in process, never binding) -----------------------------------------------------
 
 
@@ -129,6 +196,7 @@ def test_check_config_example_needs_its_env_var(
         (BAD_ROUTE, "routes[0].upstream"),
         (BAD_PLUGIN_OPTION, "plugins[0].options.colour"),
         ("- not a mapping\n", "mapping"),
+        ("routes: []\nroutes: []\n", "line 2, column 1: not valid YAML: duplicate key 'routes'"),
     ],
 )
 def test_serve_with_bad_config_returns_2_without_binding(
@@ -147,6 +215,18 @@ def test_serve_with_bad_config_returns_2_without_binding(
     err = capsys.readouterr().err
     assert err.startswith("sluice: ")
     assert needle in err
+
+
+def test_serve_prints_the_same_full_report_as_check_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(gateway.cli, "_run", lambda coro: pytest.fail("served a bad config"))
+    path = _write(tmp_path, EVERYTHING_WRONG)
+    assert main(["check-config", str(path)]) == 1
+    checked = capsys.readouterr().err
+    assert main(["serve", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == checked
+    assert len(_report(checked, path)) == len(EVERYTHING_WRONG_PROBLEMS)
 
 
 def test_serve_uses_config_host_and_port_unless_overridden(

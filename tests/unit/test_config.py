@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from gateway.config import (
     load_config,
     parse_config,
 )
+from gateway.config_yaml import load_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO_ROOT / "config.example.yaml"
@@ -366,3 +368,98 @@ def test_config_is_frozen() -> None:
     config = parse_config(_demo_config(), {})
     with pytest.raises(Exception, match="frozen"):
         config.auth = "none"  # type: ignore[misc]
+
+
+# --- YAML errors name the file; duplicate keys; every problem in one report ----------------
+
+
+def test_yaml_error_names_the_file_line_and_column(tmp_path: Path) -> None:
+    path = _write(tmp_path, "upstreams:\n  sim: {kind: demo\nroutes: []\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    message = str(info.value)
+    assert message.startswith(f"{path}, line 3, column 7: not valid YAML: ")
+    assert "<unicode string>" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line", "first"),
+    [
+        (MINIMAL_ISSUE_YAML + "routes: []\n", "routes", 12, 6),
+        ("upstreams:\n  d: {kind: demo}\n  d: {kind: openai}\nroutes: []\n", "d", 3, 2),
+        (
+            "upstreams:\n  d:\n    kind: demo\n    ttft_ms: 1\n    ttft_ms: 2\nroutes: []\n",
+            "ttft_ms",
+            5,
+            4,
+        ),
+    ],
+)
+def test_duplicate_key_is_an_error_naming_key_file_and_line(
+    tmp_path: Path, text: str, key: str, line: int, first: int
+) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {"VLLM_API_KEY": "k"})
+    message = str(info.value)
+    assert message.startswith(f"{path}, line {line}, column ")
+    assert f"duplicate key {key!r} (first given at line {first})" in message
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    text = (
+        "upstreams:\n"
+        "  a: &base {kind: demo, ttft_ms: 1, itl_ms: 1}\n"
+        "  b:\n    <<: *base\n    ttft_ms: 5\n"
+        "routes:\n  - {model: m, upstream: b}\n"
+    )
+    config = load_config(_write(tmp_path, text), {})
+    upstream = config.upstreams["b"]
+    assert isinstance(upstream, DemoUpstream)
+    assert (upstream.ttft_ms, upstream.itl_ms) == (5, 1)
+
+
+def test_every_missing_env_var_and_validation_error_in_one_report(tmp_path: Path) -> None:
+    text = (
+        "server: {port: '${PORT}', hots: x}\n"
+        "upstreams:\n  o: {kind: openai, base_url: 'http://h/v1', api_key: '${KEY_A}'}\n"
+        "  d: {kind: demo, ttft_ms: -1}\n"
+        "routes:\n  - {model: m, upstream: o, api_key: '${KEY_B}'}\n"
+    )
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert info.value.problems == (
+        "server.port: environment variable PORT is not set",
+        "upstreams.o.api_key: environment variable KEY_A is not set",
+        "routes[0].api_key: environment variable KEY_B is not set",
+        "server.hots: unknown key",
+        "upstreams.d.ttft_ms: Input should be greater than or equal to 0",
+        "routes[0].api_key: unknown key",
+    )
+    assert str(info.value).startswith(f"{path}: invalid configuration:\n  server.port: ")
+
+
+def test_unknown_upstream_is_reported_with_other_sections_errors() -> None:
+    data = _demo_config(server={"port": "eighty"})
+    data["routes"] = [{"model": "m", "upstream": "elsewhere"}]
+    message = _error(data)
+    assert "server.port: Input should be a valid integer" in message
+    assert "routes[0].upstream: unknown upstream 'elsewhere' (known: d)" in message
+
+
+def test_readme_yaml_examples_load_and_whole_configs_validate() -> None:
+    readme = (REPO_ROOT / "README.md").read_text("utf-8")
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL)
+    assert len(blocks) >= 2
+    whole = 0
+    for block in blocks:
+        data = load_yaml(block)  # a YAML error here is a README a user cannot paste
+        assert isinstance(data, dict)
+        if "upstreams" in data and "routes" in data:
+            env = {name: "x" for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", block)}
+            parse_config(data, env)
+            whole += 1
+        anthropic = [u for u in data.get("upstreams", {}).values() if u["kind"] == "anthropic"]
+        assert all("base_url" in upstream for upstream in anthropic)
+    assert whole >= 1

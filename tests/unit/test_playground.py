@@ -108,3 +108,14 @@ def test_page_headers(page: PlaygroundPage) -> None:
 def test_a_page_without_exactly_one_inline_script_is_refused(html: str) -> None:
     with pytest.raises(ValueError, match="inline <script>"):
         content_security_policy(html)
+
+
+def test_with_keys_the_key_field_says_required_under_the_same_csp() -> None:
+    optional, required = PlaygroundPage.load(), PlaygroundPage.load(key_required=True)
+    assert b'id="key-need">(optional)</span>' in optional.body
+    assert b'id="key-need">(required)</span>' in required.body
+    assert b'<input id="key" required' in required.body
+    assert b"(optional)" not in required.body
+    csp = "Content-Security-Policy"
+    assert required.headers[csp] == optional.headers[csp], "only markup outside the inline code"
+    assert required.etag != optional.etag
