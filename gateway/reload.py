@@ -114,13 +114,15 @@ def keep_running(running: GatewayConfig, new: GatewayConfig) -> GatewayConfig:
     )
 
 
-def _full_report(path: Path | None, first: Exception) -> str:
+def _full_report(
+    path: Path | None, registry: Mapping[str, type[Any]], first: Exception
+) -> str:
     """Every problem of a refused file, as `check-config` prints them (the first error found
     may be one of several)."""
     from gateway.configcheck import check_config  # imports gateway.app, which imports us
 
     try:
-        check_config(path)
+        check_config(path, registry=registry)
     except ConfigError as full:
         return str(full)
     except Exception:
@@ -186,7 +188,7 @@ class Reloader:
                 keep_running(old.config, loaded), self.registry, source, previous=old
             )
         except (ConfigError, ValueError) as err:
-            report = _full_report(self.path, err)
+            report = _full_report(self.path, self.registry, err)
             log.error(
                 "%s: config reload refused, still running sha256 %s:\nsluice: %s",
                 reason,

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict
 from gateway.app import GatewayState, build_state
 from gateway.chain import discover_plugins
 from gateway.cli import main
+from gateway.config import ConfigError
+from gateway.configcheck import check_config
 from gateway.plugin import Plugin
 from gateway.reload import Reloader, read_config
 from gateway.upstreams.http import HttpUpstream
@@ -166,12 +168,16 @@ async def test_invalid_file_is_refused_with_check_configs_errors(
         outcome = await reloader.reload()
 
     assert main(["check-config", str(path)]) == 1
-    check_config = capsys.readouterr().err.strip()
-    assert "server.colour: unknown key" in check_config
+    cli_report = capsys.readouterr().err.strip()
+    assert "server.colour: unknown key" in cli_report
+    assert "routes[0].upstream: unknown upstream 'nowhere'" in cli_report
+    with pytest.raises(ConfigError) as refused:  # the same check, with the reloader's plugins
+        check_config(path, registry=reloader.registry)
+    check_report = f"sluice: {refused.value}"
     assert outcome is not None
     assert outcome.result == "invalid"
-    assert outcome.message == check_config
-    assert check_config in caplog.text
+    assert outcome.message == check_report
+    assert check_report in caplog.text
     assert state.runtime is running
     assert state.router.models == ["m", "n"]
     assert (_reloads(state, "invalid"), _reloads(state, "ok")) == (1, 0)
