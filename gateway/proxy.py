@@ -14,9 +14,8 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -45,6 +44,7 @@ from gateway.tracing_config import TRACE
 from gateway.upstreams.base import (
     StreamObserver,
     Upstream,
+    UpstreamBroken,
     UpstreamCall,
 )
 from gateway.upstreams.errors import error_from_event
@@ -117,6 +117,22 @@ def _status_kind(status: int) -> str:
     if status == 429:
         return "status_429"
     return "status_5xx" if status >= 500 else "status_4xx"
+
+
+def _is_json(content_type: str) -> bool:
+    """`application/json` (any parameters), not `application/x-ndjson` and the like."""
+    return content_type.partition(";")[0].strip().lower() == "application/json"
+
+
+def _log_broken(ctx: RequestContext, upstream: str, when: str, err: UpstreamBroken) -> None:
+    log.warning(
+        "upstream %s broke %s (request %s): %s (%s)",
+        upstream,
+        when,
+        ctx.request_id,
+        err.reason,
+        err.cause,
+    )
 
 
 def _parse_unary(raw: bytes) -> Any:
@@ -220,11 +236,12 @@ class Proxy:
             served = await self._serve_detachable(ctx, inbound, sink)
         else:
             served = await self.serve(ctx, inbound)
-        if isinstance(served, GatewayError):
-            return self.error_response(ctx, served)
-        if served is None:
+        if sink.committed:  # the answer started: never a second response on this socket
             assert sink.response is not None
             return sink.response
+        if isinstance(served, GatewayError):
+            return self.error_response(ctx, served)
+        assert served is not None
         return served
 
     async def _serve_detachable(
@@ -249,7 +266,8 @@ class Proxy:
         """One request from arrival to its single end (`on_end` runs exactly once).
 
         Errors before a byte went out are returned, already recorded on `ctx`, for the
-        caller to send in its own format.
+        caller to send in its own format. Once the sink is committed the answer is the
+        stream, whatever happens: the result is None.
         """
         self._inflight += 1
         rt = self.generations.enter()  # this request's runtime, whatever reloads happen
@@ -265,6 +283,9 @@ class Proxy:
                 await chain.run_request(ctx)
                 return await self._attempts(rt, inbound, ctx, chain)
             except GatewayError as err:
+                if inbound.sink.committed:  # after headers: the relay sent its final event
+                    ctx.error = ctx.error or err
+                    return None
                 return self._record_error(ctx, err)
         except asyncio.CancelledError:
             ctx.outcome = ctx.outcome or Outcome.CLIENT_DISCONNECTED
@@ -272,6 +293,9 @@ class Proxy:
         except Exception:
             log.exception("unhandled error (request %s)", ctx.request_id)
             ctx.outcome = Outcome.ERROR
+            if inbound.sink.committed:
+                ctx.error = ctx.error or internal_error()
+                return None
             return self._record_error(ctx, internal_error())
         finally:
             ctx.timing.ended = time.perf_counter()
@@ -397,6 +421,8 @@ class Proxy:
         except GatewayError as err:
             if trace is not None:
                 trace.attempt_ended(ctx, err)
+            if inbound.sink.committed:  # never a second attempt into a started answer
+                raise
             raise _retry_or(err, ctx, health) from None
         finally:
             health.outstanding -= 1
@@ -454,6 +480,11 @@ class Proxy:
             ctx.outcome = Outcome.TIMEOUT
             self.metrics.upstream_error(upstream.name, "timeout")
             raise timeout_error("first_byte") from None
+        except UpstreamBroken as err:
+            _log_broken(ctx, upstream.name, "before answering", err)
+            ctx.outcome = Outcome.UPSTREAM_ERROR
+            self.metrics.upstream_error(upstream.name, "connect")
+            raise upstream_error(f"Upstream {upstream.name!r} failed: {err.reason}.") from None
         except GatewayError as err:
             # A 4xx here was raised before anything was sent (a request the upstream's format
             # cannot express): the client's request is refused, the upstream is not at fault.
@@ -474,7 +505,7 @@ class Proxy:
             try:
                 async with asyncio.timeout(limit):
                     raw = await call.read_body(64 << 10)
-            except (TimeoutError, GatewayError, aiohttp.ClientError):
+            except (TimeoutError, GatewayError, UpstreamBroken):
                 raw = b""
             finally:
                 call.abort()
@@ -484,7 +515,8 @@ class Proxy:
             if retry_after and error.status in (429, 503) and len(retry_after) < 64:
                 error.headers["Retry-After"] = retry_after
             raise error
-        if "text/html" in call.headers.get("Content-Type", ""):
+        content_type = call.headers.get("Content-Type", "")
+        if "text/html" in content_type:
             # A captive portal, a login page or a base_url that points at a web server.
             call.abort()
             ctx.outcome = Outcome.UPSTREAM_ERROR
@@ -494,7 +526,37 @@ class Proxy:
                 "API response (check its base_url, or a proxy or login page in the way).",
                 code="upstream_not_an_api",
             )
+        if ctx.stream and not upstream.json_streams and _is_json(content_type):
+            await self._not_streaming(ctx, upstream, call, limit)
         return call
+
+    async def _not_streaming(
+        self, ctx: RequestContext, upstream: Upstream, call: UpstreamCall, limit: float
+    ) -> NoReturn:
+        """A streaming request answered with one JSON body: an error object is the error
+        it says (as if it came with its status); anything else is no stream at all."""
+        try:
+            async with asyncio.timeout(limit):
+                raw = await call.read_body(64 << 10)
+        except (TimeoutError, GatewayError, UpstreamBroken):
+            raw = b""
+        finally:
+            call.abort()
+        ctx.outcome = Outcome.UPSTREAM_ERROR
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            payload = None
+        in_band = error_from_event(payload)
+        if in_band is not None:
+            self.metrics.upstream_error(upstream.name, "in_band")
+            raise upstream.map_status_error(in_band.status, raw)
+        self.metrics.upstream_error(upstream.name, "malformed")
+        raise upstream_error(
+            "The upstream answered a streaming request with a JSON body instead of an event "
+            "stream.",
+            code="upstream_not_streaming",
+        )
 
     async def _unary(
         self,
@@ -516,10 +578,11 @@ class Proxy:
             ctx.outcome = Outcome.TIMEOUT
             failed = "timeout"
             raise timeout_error("total") from None
-        except (aiohttp.ClientError, ConnectionError) as err:
+        except UpstreamBroken as err:
+            _log_broken(ctx, upstream.name, "while answering", err)
             ctx.outcome = Outcome.UPSTREAM_ERROR
             failed = "broken"
-            raise upstream_error(f"The upstream connection broke ({type(err).__name__}).") from None
+            raise upstream_error(f"{err.reason[:1].upper()}{err.reason[1:]}.") from None
         except GatewayError:
             failed = "too_large"
             raise

@@ -23,8 +23,7 @@ from gateway.auth import KeyStore, key_from_headers
 from gateway.config import ResumableConfig
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
-from gateway.headers import SSE_RESPONSE_HEADERS
-from gateway.sinks import ClientGone, HttpSink
+from gateway.sinks import ClientGone, HttpSink, sse_response
 from gateway.sse import SSEEvent
 from gateway.streamlog import (
     LogRegistry,
@@ -275,8 +274,7 @@ class Resumer:
             reader = log_.attach(after)
         except ResumeExpired:
             raise expired() from None
-        response = web.StreamResponse(status=200, headers={**SSE_RESPONSE_HEADERS, **log_.headers})
-        response.enable_chunked_encoding()
+        response = sse_response(request, log_.headers)
         try:
             await response.prepare(request)
             await _pump_local(response, log_, reader)

@@ -27,8 +27,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway.config import ResumableConfig
 from gateway.errors import GatewayError
-from gateway.headers import SSE_RESPONSE_HEADERS
 from gateway.resume import abandoned, error_event, expired, not_found
+from gateway.sinks import sse_response
 from gateway.streamlog import ResumeExpired, StreamLog
 
 log = logging.getLogger("sluice.resume")
@@ -115,8 +115,7 @@ class RedisStreams:
             if first_seq > after + 1:
                 raise expired()
         headers = orjson.loads(meta.get(b"headers", b"{}"))
-        response = web.StreamResponse(status=200, headers={**SSE_RESPONSE_HEADERS, **headers})
-        response.enable_chunked_encoding()
+        response = sse_response(request, headers)
         lease = asyncio.create_task(self._hold_lease(key + ":reader"))
         try:
             await response.prepare(request)

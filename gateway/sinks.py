@@ -21,8 +21,27 @@ class ClientGone(Exception):
     """Writing to the client failed: it disconnected."""
 
 
+def sse_response(request: web.Request, headers: Mapping[str, str]) -> web.StreamResponse:
+    """A 200 `text/event-stream` response: chunked for HTTP/1.1 clients; for HTTP/1.0 ones
+    (which have no chunked encoding) a close-delimited body, ended by closing the
+    connection."""
+    response = web.StreamResponse(status=200, headers={**SSE_RESPONSE_HEADERS, **headers})
+    if request.version >= aiohttp.HttpVersion11:
+        response.enable_chunked_encoding()
+    else:
+        response.force_close()  # no Content-Length, no chunks: EOF ends the body
+        response.headers["Connection"] = "close"
+    return response
+
+
 class StreamSink(Protocol):
-    """The client end of one streamed answer."""
+    """The client end of one streamed answer.
+
+    `committed` is True once `open` put the start of the answer on the wire: from then on
+    every failure is a final error event, never another response.
+    """
+
+    committed: bool
 
     async def open(self, headers: Mapping[str, str]) -> bool:
         """Commit the start of the answer (for HTTP: status 200 and `headers`).
@@ -47,16 +66,17 @@ class StreamSink(Protocol):
 
 
 class HttpSink:
-    """A chunked `text/event-stream` response to an aiohttp request."""
+    """A `text/event-stream` response to an aiohttp request (see `sse_response`)."""
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
         self.response: web.StreamResponse | None = None
+        self.committed = False
 
     async def open(self, headers: Mapping[str, str]) -> bool:
-        response = web.StreamResponse(status=200, headers={**SSE_RESPONSE_HEADERS, **headers})
-        response.enable_chunked_encoding()
+        response = sse_response(self.request, headers)
         self.response = response
+        self.committed = True  # a failed prepare may have sent part of the head already
         try:
             await response.prepare(self.request)
         except (ConnectionError, aiohttp.ClientConnectionResetError):

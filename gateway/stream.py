@@ -9,10 +9,9 @@ sockets' buffers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
-
-import aiohttp
 
 from gateway.chain import Chain
 from gateway.config import ServerConfig
@@ -20,6 +19,7 @@ from gateway.context import Outcome, RequestContext
 from gateway.dialects import DIALECTS
 from gateway.errors import (
     GatewayError,
+    internal_error,
     timeout_error,
     upstream_error,
 )
@@ -31,9 +31,12 @@ from gateway.upstreams.base import (
     Batch,
     StreamDecoder,
     StreamObserver,
+    UpstreamBroken,
     UpstreamCall,
 )
 from gateway.watchdog import Watchdog
+
+log = logging.getLogger("sluice.stream")
 
 
 class Ended(Exception):
@@ -94,6 +97,7 @@ class StreamRelay:
         self.egress = self.dialect.egress(ctx)
         self.upstream_failed: Callable[[str], None] = _ignore  # counts a failure by kind
         self.interrupted = False  # the gateway is shutting down: end with a retry hint
+        self._failing = False  # the final error event is being (or was) written
 
     # -- reading ---------------------------------------------------------------------
 
@@ -103,14 +107,14 @@ class StreamRelay:
         wd.waiting_since = wd._loop.time()
         try:
             chunk = await self.call.read_chunk()
-        except (aiohttp.ClientError, ConnectionError, OSError) as err:
-            raise self._read_failure(
-                f"the upstream connection broke ({type(err).__name__})"
-            ) from None
+        except UpstreamBroken as err:
+            raise self._read_failure(err.reason, err.cause) from None
+        except Exception as err:  # an UpstreamCall outside gateway.upstreams.http
+            raise self._read_failure("the upstream connection failed", type(err).__name__) from None
         finally:
             wd.waiting_since = None
         if wd.fired is not None or self.interrupted:
-            raise self._read_failure("")
+            raise self._read_failure("", "")
         return chunk
 
     def interrupt(self) -> None:
@@ -118,15 +122,22 @@ class StreamRelay:
         self.interrupted = True
         self.call.abort()
 
-    def _read_failure(self, detail: str) -> StreamFailed:
+    def _read_failure(self, reason: str, cause: str) -> StreamFailed:
+        """Why the read failed: a drain, a timeout (the watchdog aborted it), or a broken
+        upstream, said in words (`reason`); `cause` (the exception class) is logged."""
         if self.interrupted:
             return StreamFailed(draining_error(), Outcome.ERROR, "draining")
         if self.watchdog.fired is not None:
             return StreamFailed(timeout_error(self.watchdog.fired), Outcome.TIMEOUT, "timeout")
+        log.warning(
+            "upstream %s broke while streaming (request %s): %s (%s)",
+            self.ctx.upstream_name,
+            self.ctx.request_id,
+            reason,
+            cause,
+        )
         return StreamFailed(
-            upstream_error(f"The upstream stream failed: {detail}."),
-            Outcome.UPSTREAM_ERROR,
-            "broken",
+            upstream_error(f"{reason[:1].upper()}{reason[1:]}."), Outcome.UPSTREAM_ERROR, "broken"
         )
 
     def _decode(self, chunk: bytes) -> list[SSEEvent]:
@@ -213,9 +224,31 @@ class StreamRelay:
     # -- phase 2: the pump ---------------------------------------------------------------
 
     async def run(self) -> None:
-        """Deliver what `start` read, then pump until the end, a failure or the client leaving."""
+        """Deliver what `start` read, then pump until the end, a failure or the client leaving.
+
+        Headers are out, so nothing but a cancellation leaves here as an exception: every
+        failure, foreseen or not, ends in one final error event.
+        """
         if self.finished:
             return
+        ctx = self.ctx
+        try:
+            try:
+                await self._relay()
+            except Exception:  # a bug, or a failure nobody foresaw: still one final event
+                log.exception("unhandled error mid-stream (request %s)", ctx.request_id)
+                ctx.outcome = Outcome.ERROR
+                ctx.error = internal_error()
+                if not self._failing:
+                    await self._fail(ctx.error)
+        except asyncio.CancelledError:
+            if ctx.outcome is not Outcome.CANCELLED:  # a WebSocket `cancel` names itself
+                ctx.outcome = Outcome.CLIENT_DISCONNECTED
+            self.call.abort()
+            raise
+
+    async def _relay(self) -> None:
+        """`run` minus its last resort: every foreseen ending is handled here."""
         ctx = self.ctx
         try:
             try:
@@ -241,11 +274,6 @@ class StreamRelay:
             await self._fail(err)
         except ClientGone:
             ctx.outcome = Outcome.CLIENT_DISCONNECTED
-        except asyncio.CancelledError:
-            if ctx.outcome is not Outcome.CANCELLED:  # a WebSocket `cancel` names itself
-                ctx.outcome = Outcome.CLIENT_DISCONNECTED
-            self.call.abort()
-            raise
 
     async def _pump(self) -> None:
         observer, ctx = self.observer, self.ctx
@@ -321,6 +349,7 @@ class StreamRelay:
 
     async def _fail(self, err: GatewayError) -> None:
         """The contract after headers: one final error event, then the stream ends."""
+        self._failing = True
         self.call.abort()  # ctx.status stays 200: that is what the client got; ctx.error says why
         try:
             event = self.dialect.final_error_event(self.ctx, err) or self.observer.error_event(err)

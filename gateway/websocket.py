@@ -48,6 +48,7 @@ class WsSink:
         self.ws = ws
         self.rid = rid
         self._prefix = b'{"type":"chunk","id":' + orjson.dumps(rid) + b',"data":'
+        self.committed = False
 
     async def open(self, headers: Mapping[str, str]) -> bool:
         shown = {
@@ -55,6 +56,7 @@ class WsSink:
             for name, value in headers.items()
             if name.lower() in _START_HEADERS or name.lower().startswith("x-ratelimit-")
         }
+        self.committed = True
         try:
             await self.ws.send_str(_message("start", self.rid, headers=shown))
         except ConnectionError:

@@ -14,6 +14,19 @@ from gateway.sse import SSEEvent
 from gateway.upstreams.errors import error_from_upstream
 
 
+class UpstreamBroken(Exception):
+    """The upstream connection or its HTTP framing failed.
+
+    `reason` says what broke in words for the client ("the upstream reset the
+    connection"); `cause` names the underlying exception class, for the log only.
+    """
+
+    def __init__(self, reason: str, cause: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.cause = cause
+
+
 class UpstreamCall(abc.ABC):
     """One in-flight request to an upstream, after its response headers arrived."""
 
@@ -22,7 +35,10 @@ class UpstreamCall(abc.ABC):
 
     @abc.abstractmethod
     async def read_chunk(self) -> bytes:
-        """The next body bytes as they arrive; b"" at the end. Safe to cancel."""
+        """The next body bytes as they arrive; b"" at the end. Safe to cancel.
+
+        Raises UpstreamBroken when the connection or the body's framing fails.
+        """
 
     async def read_body(self, limit: int) -> bytes:
         """The whole body, failing with a 502 past `limit` bytes."""
@@ -129,6 +145,10 @@ class StreamDecoder(Protocol):
 class Upstream(abc.ABC):
     """An adapter for one configured upstream; shared by every request routed to it."""
 
+    json_streams = False
+    """True if this upstream streams JSON lines, so that a JSON Content-Type on a streaming
+    answer is no sign of an answer that is not a stream."""
+
     def __init__(self, name: str, timeouts: Timeouts) -> None:
         self.name = name
         self.timeouts = timeouts
@@ -148,7 +168,8 @@ class Upstream(abc.ABC):
     ) -> UpstreamCall:
         """Send the request; return once the upstream's response headers are in.
 
-        Raises GatewayError for connection failures (502) and TimeoutError past `connect`.
+        Raises GatewayError for connection failures (502), UpstreamBroken when the
+        connection or the response's framing broke, and TimeoutError past `connect`.
         """
 
     @abc.abstractmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ import orjson
 from gateway.config import ConfigError, HttpUpstreamConfig
 from gateway.errors import GatewayError, timeout_error, upstream_error
 from gateway.upstreams.base import Upstream, UpstreamCall
+from gateway.upstreams.failures import upstream_broken
 
 log = logging.getLogger("sluice.upstream")
 
@@ -56,6 +58,12 @@ def _connect_failure(err: aiohttp.ClientConnectorError) -> str:
     return "connection failed"
 
 
+def _retrieve(closed: asyncio.Future[None]) -> None:
+    """Mark a connection's closing error as seen (asyncio logs unread future errors)."""
+    if not closed.cancelled():
+        closed.exception()
+
+
 class AiohttpCall(UpstreamCall):
     """An upstream response read through aiohttp's client."""
 
@@ -64,26 +72,74 @@ class AiohttpCall(UpstreamCall):
         self.status = response.status
         self.headers = response.headers
         self._content = response.content
+        self._closed: asyncio.Future[None] | None = None
+        self._failure: Exception | None = None  # why the body ended early (see below)
+        connection = response.connection
+        self._protocol = connection.protocol if connection is not None else None
+        if self._protocol is not None:
+            closed = self._protocol.closed
+            if closed is None:  # already lost
+                self._connection_lost()
+            else:
+                closed.add_done_callback(self._on_closed)
+                self._closed = closed
+
+    def _on_closed(self, closed: asyncio.Future[None]) -> None:
+        _retrieve(closed)
+        self._closed = None
+        self._connection_lost()
+
+    def _connection_lost(self) -> None:
+        """End a body the connection died under, so that its reads fail once drained.
+
+        When aiohttp's C parser finds broken chunked framing it closes the connection but
+        neither ends nor fails the response body, so a pending read would wait for a
+        timeout and the next one would raise RuntimeError. End the body instead: what it
+        holds is still read, then `read_chunk` says what happened.
+        """
+        content = self._content
+        if content.is_eof() or content.exception() is not None:
+            return
+        protocol = self._protocol
+        failure = protocol.exception() if protocol is not None else None
+        error = aiohttp.ClientPayloadError(f"Response payload is not completed: {failure!r}")
+        if failure is not None:
+            error.__cause__ = failure
+        self._failure = error
+        content.feed_eof()
+
+    def _unwatch(self) -> None:
+        closed, self._closed = self._closed, None
+        if closed is not None:
+            closed.remove_done_callback(self._on_closed)
+            # One static reader stays, for a pooled connection that closes with an error.
+            closed.remove_done_callback(_retrieve)
+            closed.add_done_callback(_retrieve)
 
     async def read_chunk(self) -> bytes:
         try:
-            return await self._content.readany()
-        except aiohttp.ClientConnectionError as err:
-            # A response closed while a read is pending (a timeout, a drain) fails that read
-            # with one module-level ClientConnectionError that aiohttp shares across responses
-            # (subclasses are fresh per failure). Raising an exception extends its traceback,
-            # so every raise of that instance would chain onto the last one and keep the
-            # frames, hence the whole request, of every such stream alive for good. Detach it
-            # and raise a fresh one instead.
-            if type(err) is not aiohttp.ClientConnectionError:
-                raise
-            err.__traceback__ = err.__context__ = err.__cause__ = None
-            raise aiohttp.ClientConnectionError(*err.args) from None
+            chunk = await self._content.readany()
+        except Exception as err:
+            # Raise a fresh exception, never the one aiohttp holds: a response closed while
+            # a read is pending fails that read with one module-level ClientConnectionError
+            # shared across responses, and raising an exception extends its traceback, so
+            # every raise of that instance would keep the frames, hence the whole request,
+            # of every such stream alive for good.
+            broken = upstream_broken(err)
+            err.__traceback__ = err.__context__ = None
+            if type(err) is aiohttp.ClientConnectionError:
+                err.__cause__ = None
+            raise broken from None
+        if not chunk and self._failure is not None:
+            raise upstream_broken(self._failure)
+        return chunk
 
     def abort(self) -> None:
+        self._unwatch()
         self._response.close()
 
     def release(self) -> None:
+        self._unwatch()
         self._response.release()
 
 
@@ -160,7 +216,8 @@ class HttpUpstream(Upstream):
     async def post(
         self, url: str, body: dict[str, Any], headers: Mapping[str, str]
     ) -> UpstreamCall:
-        """POST JSON; connection failures become the client's 502/504."""
+        """POST JSON; connection failures become the client's 502/504 (GatewayError), or
+        UpstreamBroken when the connection or the response's head broke."""
         if self._session is None:
             raise RuntimeError(f"upstream {self.name} used before start()")
         try:
@@ -189,7 +246,5 @@ class HttpUpstream(Upstream):
                 code="upstream_connect_error",
             ) from None
         except aiohttp.ClientError as err:
-            raise upstream_error(
-                f"Upstream {self.name!r} failed before answering ({type(err).__name__}).",
-            ) from None
+            raise upstream_broken(err) from None
         return AiohttpCall(response)

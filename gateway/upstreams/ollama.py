@@ -24,6 +24,8 @@ from gateway.upstreams.translated import TranslatedObserver
 class Ollama(HttpUpstream):
     """Adapter for `kind: ollama`: /api/chat and /api/generate (no embeddings yet)."""
 
+    json_streams = True
+
     def __init__(self, name: str, config: OllamaUpstream) -> None:
         super().__init__(name, config)
         self.config = config

@@ -2,7 +2,8 @@
 
 Request bodies, a small SSE splitter for what the client received, a fake upstream that
 can hold any chunk until the test releases it, a probe plugin that records `on_end`, and
-a hand-written HTTP/1.1 client for tests that need exact control of the socket.
+a hand-written HTTP client and a raw-socket upstream for tests that need exact control of
+the bytes on either side.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import re
 import socket
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +55,7 @@ def completion_body(*, stream: bool = True, model: str = "m", **extra: Any) -> d
 
 
 def config_for(
-    fake: FakeUpstream,
+    fake: FakeUpstream | RawUpstream,
     *,
     server: Mapping[str, Any] | None = None,
     plugins: Sequence[Mapping[str, Any]] = (),
@@ -261,10 +263,11 @@ class RawHead:
 
     status: int
     headers: dict[str, str]
+    version: str = "HTTP/1.1"
 
 
 class RawClient:
-    """One hand-driven HTTP/1.1 connection: exact request bytes, explicit reads, abrupt close."""
+    """One hand-driven HTTP connection: exact request bytes, explicit reads, abrupt close."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -286,20 +289,31 @@ class RawClient:
         path: str,
         headers: Sequence[tuple[str, str]] = (),
         body: bytes = b"",
+        *,
+        version: str = "HTTP/1.1",
     ) -> None:
         """Write one request with a Content-Length body."""
-        lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+        lines = [f"{method} {path} {version}", "Host: 127.0.0.1"]
         lines += [f"{name}: {value}" for name, value in headers]
         lines.append(f"Content-Length: {len(body)}")
         self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         await self.writer.drain()
 
     async def post_json(
-        self, path: str, body: Any, headers: Sequence[tuple[str, str]] = ()
+        self,
+        path: str,
+        body: Any,
+        headers: Sequence[tuple[str, str]] = (),
+        *,
+        version: str = "HTTP/1.1",
     ) -> None:
         """POST a JSON body."""
         await self.send(
-            "POST", path, [("Content-Type", "application/json"), *headers], orjson.dumps(body)
+            "POST",
+            path,
+            [("Content-Type", "application/json"), *headers],
+            orjson.dumps(body),
+            version=version,
         )
 
     async def read_head(self) -> RawHead:
@@ -307,19 +321,21 @@ class RawClient:
         head = await self.reader.readuntil(b"\r\n\r\n")
         status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
         version, status, *_ = status_line.split(" ", 2)
-        assert version == "HTTP/1.1", status_line
+        assert version in ("HTTP/1.0", "HTTP/1.1"), status_line
         headers: dict[str, str] = {}
         for line in lines:
             name, _, value = line.partition(":")
             key = name.strip().lower()
             value = value.strip()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        return RawHead(int(status), headers)
+        return RawHead(int(status), headers, version)
 
     async def read_chunk(self) -> bytes | None:
         """The next chunk of a chunked body; None after the last (zero-size) chunk."""
         size_line = await self.reader.readuntil(b"\r\n")
-        size = int(size_line.split(b";", 1)[0], 16)
+        size_field = size_line[:-2].split(b";", 1)[0]
+        assert re.fullmatch(rb"[0-9a-fA-F]{1,16}", size_field), f"bad chunk size {size_line!r}"
+        size = int(size_field, 16)
         if size == 0:
             await self.reader.readuntil(b"\r\n")  # no trailers are expected
             return None
@@ -356,3 +372,95 @@ class RawClient:
             self.writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
+
+
+# ----- an upstream that writes exact bytes ----------------------------------------------------
+
+
+HTTP_200_CHUNKED_SSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def http_chunk(data: bytes) -> bytes:
+    """`data` as one well-formed chunk of a chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@dataclass
+class RawScript:
+    """What a RawUpstream writes for one request: `steps` in order (bytes are written, an
+    Event is waited for after what came before was flushed); then it closes the socket
+    ("eof"), resets it ("reset"), or keeps it open until the gateway closes it ("hang")."""
+
+    steps: list[bytes | asyncio.Event]
+    then: str = "eof"
+
+
+class RawUpstream:
+    """A plain asyncio server as the upstream: any bytes, broken framing included."""
+
+    def __init__(self) -> None:
+        self.scripts: list[RawScript] = []
+        self.requests: list[bytes] = []  # each request's head and body, as received
+        self.closed_by_peer = asyncio.Event()  # the gateway closed a connection
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        """`http://127.0.0.1:PORT/v1`, for an `openai` upstream's base_url."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def queue(self, *scripts: RawScript) -> None:
+        """Answer the next requests with these scripts, in order."""
+        self.scripts.extend(scripts)
+
+    async def start(self) -> RawUpstream:
+        """Listen on a free loopback port."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def close(self) -> None:
+        """Stop listening and drop open connections."""
+        if self._server is not None:
+            self._server.close()
+            for writer in self._open:
+                writer.transport.abort()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
+        try:
+            await self._play(reader, writer)
+        finally:
+            self._open.discard(writer)
+
+    async def _play(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            body = await reader.readexactly(int(length.group(1))) if length else b""
+            self.requests.append(head + body)
+            script = self.scripts.pop(0)
+            for step in script.steps:
+                if isinstance(step, asyncio.Event):
+                    await writer.drain()
+                    await step.wait()
+                else:
+                    writer.write(step)
+            await writer.drain()
+            if script.then == "hang":
+                while await reader.read(65536):
+                    pass
+                self.closed_by_peer.set()
+            elif script.then == "reset":
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+                return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self.closed_by_peer.set()
+        writer.close()

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from tests.integration._support import GatedUpstream
+from tests.integration._support import GatedUpstream, RawUpstream
 
 
 @pytest.fixture
@@ -22,6 +22,16 @@ async def gated() -> AsyncIterator[GatedUpstream]:
     """A fake upstream whose GatedScripts can hold any chunk until the test releases it."""
     upstream = GatedUpstream()
     await upstream.start()
+    try:
+        yield upstream
+    finally:
+        await upstream.close()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[RawUpstream]:
+    """An upstream that writes exact bytes (RawScripts), broken HTTP framing included."""
+    upstream = await RawUpstream().start()
     try:
         yield upstream
     finally:

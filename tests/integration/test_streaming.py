@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 from collections.abc import Callable, Sequence
 
 import aiohttp
@@ -13,7 +14,9 @@ import pytest
 from gateway.testing.fake_upstream import (
     FakeUpstream,
     Script,
+    json_script,
     openai_chunk,
+    openai_completion,
     openai_stream,
     rechunk,
 )
@@ -24,6 +27,8 @@ from tests.integration._support import (
     DONE,
     SANE_ID,
     GatedUpstream,
+    RawClient,
+    RawHead,
     chat_body,
     chat_contents,
     config_for,
@@ -272,3 +277,59 @@ async def test_terminal_event_complete_at_its_cr_ends_the_stream_at_once(
         async with asyncio.timeout(BOUND):
             got = await resp.read()
     assert got == head
+
+
+# ----- HTTP/1.0 clients -------------------------------------------------------------------------
+
+
+async def _http10_post(gw_url: str, body: dict[str, object]) -> tuple[RawHead, bytes]:
+    """One HTTP/1.0 request on a raw socket; the response head and the body up to EOF."""
+    client = await RawClient.connect(gw_url)
+    try:
+        async with asyncio.timeout(BOUND):
+            await client.post_json("/v1" + CHAT, body, version="HTTP/1.0")
+            head = await client.read_head()
+            return head, await client.reader.read()
+    finally:
+        await client.close()
+
+
+async def test_http10_client_streams_with_a_close_delimited_body(fake: FakeUpstream) -> None:
+    """HTTP/1.0 has no chunked encoding: the events go out as they are, and the gateway
+    closes the connection to end the body."""
+    fake.queue(Script(rechunk(LF_STREAM, [40, 7])))
+    async with run_gateway(config_for(fake)) as gw:
+        head, body = await _http10_post(gw.url, chat_body())
+    assert head.status == 200
+    assert head.headers["content-type"].startswith("text/event-stream")
+    assert "transfer-encoding" not in head.headers
+    assert "content-length" not in head.headers
+    assert head.headers["connection"].lower() == "close"
+    assert body == LF_STREAM
+
+
+async def test_http10_curl_streams_the_whole_answer(fake: FakeUpstream) -> None:
+    curl = shutil.which("curl")
+    assert curl is not None, "curl is needed by this test"
+    fake.queue(Script(openai_stream(["Hel", "lo"])))
+    async with run_gateway(config_for(fake)) as gw:
+        proc = await asyncio.create_subprocess_exec(
+            *[curl, "-sS", "-N", "--http1.0", gw.v1 + CHAT, "-H", "Content-Type: application/json"],
+            *["-d", orjson.dumps(chat_body()).decode()],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(BOUND):
+            out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    assert out == b"".join(openai_stream(["Hel", "lo"]))
+
+
+async def test_http10_client_still_gets_non_streaming_answers(fake: FakeUpstream) -> None:
+    fake.queue(json_script(openai_completion("hi there")))
+    async with run_gateway(config_for(fake)) as gw:
+        head, body = await _http10_post(gw.url, chat_body(stream=False))
+    assert head.status == 200
+    assert "transfer-encoding" not in head.headers
+    assert int(head.headers["content-length"]) == len(body)
+    assert orjson.loads(body)["choices"][0]["message"]["content"] == "hi there"
