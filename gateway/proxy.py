@@ -20,8 +20,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway.attempts import Attempts, Retry, ejected, queue_failure, retry_or
 from gateway.auth import PRINCIPAL, KeyStore, key_from_headers
-from gateway.balancer import QueueFull, QueueTimeout, Slot, backoff_delay, parse_retry_after
+from gateway.balancer import QueueFull, QueueTimeout, Slot
 from gateway.chain import Chain
 from gateway.config import ServerConfig
 from gateway.context import Endpoint, Outcome, RequestContext, request_id_from
@@ -50,38 +51,6 @@ from gateway.validation import read_json_body, validate_body
 from gateway.watchdog import Watchdog
 
 log = logging.getLogger("sluice.proxy")
-
-
-class _Retry(Exception):
-    """An attempt failed before a byte reached the client, in a way worth another try."""
-
-    def __init__(self, error: GatewayError, retry_after: float | None) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.retry_after = retry_after
-
-
-_RETRIABLE_STATUSES = frozenset({429, 502, 503, 504})
-
-
-def _retry_or(err: GatewayError, ctx: RequestContext, health: UpstreamHealth) -> Exception:
-    """`_Retry` for an upstream failure worth retrying (counted against its health), else `err`."""
-    upstream_fault = ctx.outcome in (Outcome.UPSTREAM_ERROR, Outcome.TIMEOUT)
-    if not upstream_fault or err.status not in _RETRIABLE_STATUSES:
-        return err
-    if err.status != 429:  # rate limiting is not ill health
-        health.failures += 1
-        health.breaker.record_failure()
-    return _Retry(err, parse_retry_after(err.headers.get("Retry-After")))
-
-
-def _ejected(upstream: str) -> GatewayError:
-    return GatewayError(
-        503,
-        f"Upstream {upstream!r} is ejected after repeated failures; retry later.",
-        type="upstream_error",
-        code="upstream_unavailable",
-    )
 
 
 async def _acquire(health: UpstreamHealth, ctx: RequestContext) -> Slot | None:
@@ -312,31 +281,32 @@ class Proxy:
         """Try the route's deployments in the balancer's order until one answers.
 
         Only failures before a byte reached the client are retried (connect errors,
-        timeouts before the first event, 429 and 5xx), with backoff that honours
-        Retry-After; once streaming started, never (no duplicated tokens).
+        timeouts before the first event, 429 and 5xx, the upstream's queue), on the next
+        deployment when there is one, with backoff that honours Retry-After; once
+        streaming started, never (no duplicated tokens). See `gateway.attempts`.
         """
         assert ctx.route is not None
-        targets = self.router.targets(ctx.model)
-        tries = [targets[i % len(targets)] for i in range(1 + ctx.route.retries)]
-        last: GatewayError | None = None
-        for attempt, target in enumerate(tries):
+        attempts = Attempts(self.router.targets(ctx.model), ctx.route.retries)
+        while (target := attempts.next()) is not None:
             health = self.health[target.upstream]
-            last_resort = last is None and attempt == len(tries) - 1
-            if not health.breaker.allow() and not last_resort:
-                last = last or _ejected(target.upstream)
+            if not health.breaker.allow():
+                attempts.skip(target, ejected(target.upstream, health.breaker))
                 continue
-            if attempt:
+            delay = attempts.start(target)
+            if attempts.made > 1:
                 ctx.retries += 1
+                await waiting(ctx, asyncio.sleep(delay))
             try:
                 return await self._attempt(inbound, ctx, chain, target, health)
-            except _Retry as retry:
-                last = retry.error
-                if attempt < len(tries) - 1:
-                    delay = backoff_delay(attempt, retry_after=retry.retry_after)
-                    await waiting(ctx, asyncio.sleep(delay))
-        assert last is not None
+            except Retry as retry:
+                if retry.ill:
+                    health.failures += 1
+                if attempts.failed(target, retry):
+                    health.breaker.record_failure()
+            except GatewayError as err:
+                raise attempts.final(err) from None
         ctx.outcome = ctx.outcome or Outcome.UPSTREAM_ERROR
-        raise last
+        raise attempts.final()
 
     async def _attempt(
         self,
@@ -360,7 +330,7 @@ class Proxy:
         except GatewayError as err:  # queue full or too slow here: another deployment may do
             kind = "queue_full" if err.code == "upstream_queue_full" else "queue_timeout"
             self.metrics.upstream_error(target.upstream, kind)
-            raise _Retry(err, parse_retry_after(err.headers.get("Retry-After"))) from None
+            raise queue_failure(err) from None
         if slot is not None:
             self.metrics.observe_queue_wait(target.upstream, slot.waited)
         health.outstanding += 1
@@ -371,7 +341,7 @@ class Proxy:
             else:
                 response = await self._unary(inbound, ctx, chain, upstream)
         except GatewayError as err:
-            raise _retry_or(err, ctx, health) from None
+            raise retry_or(err, ctx) from None
         finally:
             health.outstanding -= 1
             if slot is not None:
@@ -447,8 +417,8 @@ class Proxy:
                 call.abort()
             ctx.outcome = Outcome.UPSTREAM_ERROR
             error = upstream.map_status_error(call.status, raw)
-            retry_after = call.headers.get("Retry-After")
-            if retry_after and error.status in (429, 503) and len(retry_after) < 64:
+            retry_after = call.headers.get("Retry-After")  # a 503's too, though it becomes 502
+            if retry_after and call.status in (429, 503) and len(retry_after) < 64:
                 error.headers["Retry-After"] = retry_after
             raise error
         if "text/html" in call.headers.get("Content-Type", ""):
