@@ -104,16 +104,19 @@ class Attempts:
         if last is None or (last.code == "upstream_unavailable" and _sooner(error, last)):
             self._last = error
 
-    def start(self, target: Target) -> float:
-        """Count an upstream request to `target`; returns the seconds to wait first: none
-        for the first, else exponential backoff with full jitter, and at least the failed
-        upstream's Retry-After when `target` is that same upstream."""
-        self.made += 1
+    def delay(self, target: Target) -> float:
+        """Seconds to wait before trying `target`: none for the first attempt, else
+        exponential backoff with full jitter, and at least the failed upstream's
+        Retry-After when `target` is that same upstream."""
         if self._last_failure is None:
             return 0.0
         upstream, retry = self._last_failure
         same = upstream == target.upstream
-        return backoff_delay(self.made - 2, retry_after=retry.retry_after if same else None)
+        return backoff_delay(self.made - 1, retry_after=retry.retry_after if same else None)
+
+    def start(self) -> None:
+        """Count an upstream request."""
+        self.made += 1
 
     def failed(self, target: Target, retry: Retry) -> bool:
         """Record a failed attempt; True if the breaker should count it (ill health, and the

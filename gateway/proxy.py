@@ -289,20 +289,21 @@ class Proxy:
         attempts = Attempts(self.router.targets(ctx.model), ctx.route.retries)
         while (target := attempts.next()) is not None:
             health = self.health[target.upstream]
-            if not health.breaker.allow():
-                attempts.skip(target, ejected(target.upstream, health.breaker))
+            breaker = health.breaker
+            if breaker.available and (delay := attempts.delay(target)):
+                await waiting(ctx, asyncio.sleep(delay))  # before a half-open trial is claimed
+            if not breaker.allow():
+                attempts.skip(target, ejected(target.upstream, breaker))
                 continue
-            delay = attempts.start(target)
-            if attempts.made > 1:
-                ctx.retries += 1
-                await waiting(ctx, asyncio.sleep(delay))
+            attempts.start()
+            ctx.retries = attempts.made - 1
             try:
                 return await self._attempt(inbound, ctx, chain, target, health)
             except Retry as retry:
                 if retry.ill:
                     health.failures += 1
                 if attempts.failed(target, retry):
-                    health.breaker.record_failure()
+                    breaker.record_failure()
             except GatewayError as err:
                 raise attempts.final(err) from None
         ctx.outcome = ctx.outcome or Outcome.UPSTREAM_ERROR

@@ -26,7 +26,7 @@ def _run(attempts: Attempts, failure: Retry) -> list[str]:
     """Fail every attempt with `failure`; the upstreams tried, in order."""
     tried: list[str] = []
     while (target := attempts.next()) is not None:
-        attempts.start(target)
+        attempts.start()
         tried.append(target.upstream)
         attempts.failed(target, failure)
     return tried
@@ -45,7 +45,7 @@ def test_an_upstream_that_cannot_succeed_is_not_tried_again() -> None:
     attempts = Attempts([A, B], retries=3)
     first = attempts.next()
     assert first == A
-    attempts.start(A)
+    attempts.start()
     attempts.failed(A, long_wait)
     assert _run(attempts, _failure()) == ["b", "b", "b"]
     queue_full = queue_failure(upstream_error("full", status=429, code="upstream_queue_full"))
@@ -64,7 +64,7 @@ def test_the_breaker_counts_one_ill_failure_per_upstream_per_request() -> None:
     for failure in (_failure(429), _failure(), _failure(), _failure(), _failure()):
         target = attempts.next()
         assert target is not None
-        attempts.start(target)
+        attempts.start()
         counted.append((target.upstream, attempts.failed(target, failure)))
     # a's 429 is no ill health; a's 502 next time is its first counted failure.
     assert counted == [("a", False), ("b", True), ("a", True), ("b", False), ("a", False)]
@@ -72,11 +72,14 @@ def test_the_breaker_counts_one_ill_failure_per_upstream_per_request() -> None:
 
 def test_the_wait_honours_retry_after_only_on_the_same_upstream() -> None:
     attempts = Attempts([A, B], retries=3)
-    assert attempts.start(A) == 0.0
+    assert attempts.delay(A) == 0.0
+    attempts.start()
     attempts.failed(A, _failure(503, retry_after="1.5"))
-    assert attempts.start(B) < 0.1  # full jitter of the first backoff step
+    assert attempts.delay(A) == 1.5
+    assert attempts.delay(B) < 0.1  # full jitter of the first backoff step
+    attempts.start()
     attempts.failed(B, _failure(503, retry_after="1.5"))
-    assert attempts.start(B) == 1.5
+    assert attempts.delay(B) == 1.5
 
 
 def test_the_final_error_tells_sdks_not_to_retry_after_retries_or_when_futile() -> None:
@@ -110,7 +113,7 @@ def test_skipped_upstreams_give_the_soonest_ejection_unless_an_attempt_failed() 
         {"Retry-After": "5"},
     )
     tried = Attempts([A, B], retries=2)
-    tried.start(A)
+    tried.start()
     tried.failed(A, _failure())
     tried.skip(B, ejected("b", soon))
     assert tried.final().code == "upstream_error"
