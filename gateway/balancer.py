@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Literal
 
 __all__ = [
+    "BACKOFF_CAP",
     "Balancer",
     "BreakerState",
     "CircuitBreaker",
@@ -36,6 +37,10 @@ BreakerState = Literal["closed", "open", "half_open"]
 Strategy = Literal["weighted_round_robin", "least_outstanding"]
 
 _DELTA_SECONDS = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?")
+
+BACKOFF_CAP = 2.0
+"""The longest wait between two attempts of one request; a Retry-After beyond it means the
+upstream will not take the request again within it."""
 
 
 class CircuitBreaker:
@@ -81,6 +86,18 @@ class CircuitBreaker:
         """Whether `allow()` would admit a request now; read-only, for health callbacks."""
         state = self.state
         return state == "closed" or (state == "half_open" and not self._trial_live())
+
+    def reopens_in(self) -> float:
+        """Seconds until `allow()` may admit a request again: 0 when it would now; while open,
+        the rest of the cooldown; while a half-open trial runs, until it is presumed lost."""
+        if self.available:
+            return 0.0
+        now = self._clock()
+        until = self._ejected_until
+        if until is not None and now < until:
+            return until - now
+        started = self._trial_started
+        return 0.0 if started is None else max(0.0, started + self.cooldown - now)
 
     def _trial_live(self) -> bool:
         started = self._trial_started
@@ -435,7 +452,7 @@ class Balancer:
 def backoff_delay(
     attempt: int,
     base: float = 0.1,
-    cap: float = 2.0,
+    cap: float = BACKOFF_CAP,
     retry_after: float | None = None,
     rand: Callable[[], float] = random.random,
 ) -> float:

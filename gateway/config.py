@@ -71,7 +71,7 @@ class _UpstreamBase(_Strict):
     max_queue: int = Field(100, ge=0, description="waiting requests before 429")
     queue_timeout: float = Field(30.0, gt=0, description="longest wait in the queue before 503")
     failure_threshold: int = Field(
-        5, ge=1, description="consecutive failures that eject the upstream"
+        5, ge=1, description="consecutive failed requests (not attempts) that eject the upstream"
     )
     cooldown_seconds: float = Field(30.0, gt=0, description="how long an ejection lasts")
 
@@ -230,9 +230,9 @@ class RouteConfig(_Strict):
     """A client-facing model name (or name prefix) served by one or more deployments.
 
     Short form: `upstream` (+ `upstream_model`). Several deployments: `deployments`, with
-    weights and a `strategy`; on connect errors, timeouts before the first byte, 429 and
-    5xx the next deployment is tried (at most `retries` more attempts), never after a byte
-    reached the client.
+    weights and a `strategy`; on connect errors, timeouts before the first byte, 429, 5xx
+    and a full upstream queue the next deployment is tried (at most `retries` more attempts,
+    2 by default), never after a byte reached the client (see `gateway.attempts`).
     """
 
     model: str | None = Field(None, min_length=1, description="the name clients send")
@@ -244,7 +244,12 @@ class RouteConfig(_Strict):
     upstream_model: str | None = None
     deployments: list[DeploymentConfig] = Field(default_factory=list)
     strategy: Literal["weighted_round_robin", "least_outstanding"] = "weighted_round_robin"
-    retries: int = Field(2, ge=0, le=10, description="extra attempts before the first byte")
+    retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="extra attempts before the first byte, on another deployment first",
+    )
     plugins: list[PluginConfig] = Field(
         default_factory=list, description="run after the global plugins"
     )
@@ -332,6 +337,7 @@ class CorsConfig(_Strict):
             "X-Request-Id",
             "x-sluice-overhead-ms",
             "Retry-After",
+            "x-should-retry",
             "x-ratelimit-limit-requests",
             "x-ratelimit-remaining-requests",
             "x-ratelimit-reset-requests",

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import orjson
 from aiohttp import web
 
+from gateway.attempts import Attempts, Retry, ejected, queue_failure, retry_or
 from gateway.auth import PRINCIPAL, KeyStore, key_from_headers
-from gateway.balancer import QueueFull, QueueTimeout, Slot, backoff_delay, parse_retry_after
+from gateway.balancer import QueueFull, QueueTimeout, Slot
 from gateway.chain import Chain
 from gateway.config import ServerConfig
 from gateway.context import Endpoint, Outcome, RequestContext, request_id_from
@@ -55,38 +56,6 @@ if TYPE_CHECKING:
     from gateway.tracing import RequestTrace, Tracing
 
 log = logging.getLogger("sluice.proxy")
-
-
-class _Retry(Exception):
-    """An attempt failed before a byte reached the client, in a way worth another try."""
-
-    def __init__(self, error: GatewayError, retry_after: float | None) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.retry_after = retry_after
-
-
-_RETRIABLE_STATUSES = frozenset({429, 502, 503, 504})
-
-
-def _retry_or(err: GatewayError, ctx: RequestContext, health: UpstreamHealth) -> Exception:
-    """`_Retry` for an upstream failure worth retrying (counted against its health), else `err`."""
-    upstream_fault = ctx.outcome in (Outcome.UPSTREAM_ERROR, Outcome.TIMEOUT)
-    if not upstream_fault or err.status not in _RETRIABLE_STATUSES:
-        return err
-    if err.status != 429:  # rate limiting is not ill health
-        health.failures += 1
-        health.breaker.record_failure()
-    return _Retry(err, parse_retry_after(err.headers.get("Retry-After")))
-
-
-def _ejected(upstream: str) -> GatewayError:
-    return GatewayError(
-        503,
-        f"Upstream {upstream!r} is ejected after repeated failures; retry later.",
-        type="upstream_error",
-        code="upstream_unavailable",
-    )
 
 
 async def _acquire(health: UpstreamHealth, ctx: RequestContext) -> Slot | None:
@@ -354,32 +323,34 @@ class Proxy:
         """Try the route's deployments in the balancer's order until one answers.
 
         Only failures before a byte reached the client are retried (connect errors,
-        timeouts before the first event, 429 and 5xx), with backoff that honours
-        Retry-After; once streaming started, never (no duplicated tokens).
+        timeouts before the first event, 429 and 5xx, the upstream's queue), on the next
+        deployment when there is one, with backoff that honours Retry-After; once
+        streaming started, never (no duplicated tokens). See `gateway.attempts`.
         """
         assert ctx.route is not None
-        targets = rt.router.targets(ctx.model)
-        tries = [targets[i % len(targets)] for i in range(1 + ctx.route.retries)]
-        last: GatewayError | None = None
-        for attempt, target in enumerate(tries):
+        attempts = Attempts(rt.router.targets(ctx.model), ctx.route.retries)
+        while (target := attempts.next()) is not None:
             health = rt.health[target.upstream]
-            last_resort = last is None and attempt == len(tries) - 1
-            if not health.breaker.allow() and not last_resort:
-                last = last or _ejected(target.upstream)
+            breaker = health.breaker
+            if breaker.available and (delay := attempts.delay(target)):
+                await waiting(ctx, asyncio.sleep(delay))  # before a half-open trial is claimed
+            if not breaker.allow():
+                attempts.skip(target, ejected(target.upstream, breaker))
                 continue
-            if attempt:
-                ctx.retries += 1
+            attempts.start()
+            ctx.retries = attempts.made - 1
             try:
                 upstream = rt.upstreams[target.upstream]
                 return await self._attempt(rt, inbound, ctx, chain, target, upstream, health)
-            except _Retry as retry:
-                last = retry.error
-                if attempt < len(tries) - 1:
-                    delay = backoff_delay(attempt, retry_after=retry.retry_after)
-                    await waiting(ctx, asyncio.sleep(delay))
-        assert last is not None
+            except Retry as retry:
+                if retry.ill:
+                    health.failures += 1
+                if attempts.failed(target, retry):
+                    breaker.record_failure()
+            except GatewayError as err:
+                raise attempts.final(err) from None
         ctx.outcome = ctx.outcome or Outcome.UPSTREAM_ERROR
-        raise last
+        raise attempts.final()
 
     async def _attempt(
         self,
@@ -405,7 +376,7 @@ class Proxy:
         except GatewayError as err:  # queue full or too slow here: another deployment may do
             kind = "queue_full" if err.code == "upstream_queue_full" else "queue_timeout"
             self.metrics.upstream_error(target.upstream, kind)
-            raise _Retry(err, parse_retry_after(err.headers.get("Retry-After"))) from None
+            raise queue_failure(err) from None
         if slot is not None:
             self.metrics.observe_queue_wait(target.upstream, slot.waited)
         trace = ctx.get(TRACE) if self.tracing is not None else None
@@ -423,7 +394,7 @@ class Proxy:
                 trace.attempt_ended(ctx, err)
             if inbound.sink.committed:  # never a second attempt into a started answer
                 raise
-            raise _retry_or(err, ctx, health) from None
+            raise retry_or(err, ctx) from None
         finally:
             health.outstanding -= 1
             if slot is not None:
@@ -511,8 +482,8 @@ class Proxy:
                 call.abort()
             ctx.outcome = Outcome.UPSTREAM_ERROR
             error = upstream.map_status_error(call.status, raw)
-            retry_after = call.headers.get("Retry-After")
-            if retry_after and error.status in (429, 503) and len(retry_after) < 64:
+            retry_after = call.headers.get("Retry-After")  # a 503's too, though it becomes 502
+            if retry_after and call.status in (429, 503) and len(retry_after) < 64:
                 error.headers["Retry-After"] = retry_after
             raise error
         content_type = call.headers.get("Content-Type", "")

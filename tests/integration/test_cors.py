@@ -137,7 +137,12 @@ async def test_streamed_answer_carries_the_cors_headers(
     got = _cors_headers(resp)
     assert got["access-control-allow-origin"] == APP
     exposed = {h.lower() for h in got["access-control-expose-headers"].split(", ")}
-    assert {"x-request-id", "retry-after", "x-ratelimit-remaining-tokens"} <= exposed
+    assert {
+        "x-request-id",
+        "retry-after",
+        "x-should-retry",
+        "x-ratelimit-remaining-tokens",
+    } <= exposed
     assert "Origin" in resp.headers["Vary"]
 
 

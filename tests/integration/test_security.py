@@ -68,6 +68,7 @@ def _leak_config(fake: FakeUpstream, **server: Any) -> dict[str, Any]:
         fake,
         api_key=UPSTREAM_KEY,
         timeouts={"first_byte": 0.3},
+        failure_threshold=100,  # the traffic fails on purpose, more often than the default 5
         plugins=[
             {
                 "name": "access_log",

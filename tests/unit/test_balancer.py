@@ -172,6 +172,19 @@ def test_breaker_snapshot() -> None:
     assert snap["ejected_for"] == 0.0
 
 
+def test_breaker_reopens_in_the_rest_of_its_cooldown_or_trial() -> None:
+    breaker, clock = tripped(cooldown=10.0)
+    clock.advance(3.5)
+    assert breaker.reopens_in() == 6.5
+    clock.advance(6.5)
+    assert breaker.reopens_in() == 0.0  # half-open, no trial yet: allow() would admit
+    assert breaker.allow()
+    clock.advance(4.0)
+    assert breaker.reopens_in() == 6.0  # until the trial is presumed lost
+    breaker.record_success()
+    assert breaker.reopens_in() == 0.0
+
+
 @pytest.mark.parametrize(("threshold", "cooldown"), [(0, 1.0), (1, 0.0), (1, -1.0)])
 def test_breaker_rejects_bad_settings(threshold: int, cooldown: float) -> None:
     with pytest.raises(ValueError, match="must"):
