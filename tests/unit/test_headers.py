@@ -78,6 +78,20 @@ def test_request_id_and_content_type_are_set_by_the_gateway() -> None:
     assert _lower_keys(out) == {"x-request-id", "content-type"}
 
 
+def test_request_id_header_can_be_renamed() -> None:
+    client = CIMultiDict(
+        {"X-Request-Id": "client-chosen", "x-correlation-id": "client-too", "X-Kept": "1"}
+    )
+    out = upstream_headers(client, "the-id", "X-Correlation-Id")
+    assert out == {"X-Kept": "1", "X-Correlation-Id": "the-id", "Content-Type": "application/json"}
+
+
+def test_request_id_header_can_be_left_out() -> None:
+    client = CIMultiDict({"X-Request-Id": "client-chosen", "X-Kept": "1"})
+    out = upstream_headers(client, "the-id", None)
+    assert out == {"X-Kept": "1", "Content-Type": "application/json"}
+
+
 def test_headers_listed_in_connection_are_dropped() -> None:
     client = CIMultiDict(
         {"Connection": "keep-alive, X-Hop-One ,x-hop-two", "X-Hop-One": "1", "X-HOP-TWO": "2"}
