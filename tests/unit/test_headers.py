@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.app import build_upstream
+from gateway.config import parse_config
 from gateway.headers import HOP_BY_HOP, SSE_RESPONSE_HEADERS, upstream_headers
 
 DROPPED = [
@@ -142,3 +146,27 @@ def test_sse_response_headers() -> None:
     assert SSE_RESPONSE_HEADERS["Content-Type"].startswith("text/event-stream")
     assert SSE_RESPONSE_HEADERS["Cache-Control"] == "no-cache"
     assert SSE_RESPONSE_HEADERS["X-Accel-Buffering"] == "no"
+
+
+_KINDS = [
+    {"kind": "openai", "base_url": "http://h/v1"},
+    {"kind": "azure", "endpoint": "https://r.openai.azure.com"},
+    {"kind": "anthropic"},
+    {"kind": "ollama"},
+    {"kind": "demo"},
+]
+
+
+@pytest.mark.parametrize("upstream", _KINDS, ids=[k["kind"] for k in _KINDS])
+@pytest.mark.parametrize("header", ["X-Trace-Id", None])
+def test_every_upstream_kind_takes_its_request_id_header(
+    upstream: dict[str, Any], header: str | None
+) -> None:
+    config = parse_config(
+        {
+            "upstreams": {"u": {**upstream, "request_id_header": header}},
+            "routes": [{"model": "m", "upstream": "u"}],
+        },
+        {},
+    )
+    assert build_upstream("u", config.upstreams["u"]).request_id_header == header
