@@ -4,7 +4,7 @@
 #   tools/llama-tests.sh                 # build or reuse the wheel, install, run the layer
 #   tools/llama-tests.sh -k disconnect   # extra arguments go to pytest
 #
-# llama-cpp-python ships as a source package: its wheel is built once (10-15 minutes on 2
+# llama-cpp-python ships as a source package: its wheel is built once (10-20 minutes on 2
 # cores) and cached in $SLUICE_LLAMA_CACHE (default ~/.cache/sluice/wheels), then reused.
 # The build turns off AMX, AVX-512 and -march=native: on these machines llama.cpp's default
 # build uses AMX instructions that crash on the first token. The model is SmolLM2-135M-
@@ -24,7 +24,7 @@ mkdir -p "$cache"
 shopt -s nullglob
 wheels=("$cache"/llama_cpp_python-"$version"-*.whl)
 if [[ ${#wheels[@]} -eq 0 ]]; then
-  echo "llama-tests: building llama-cpp-python $version into $cache (10-15 minutes)"
+  echo "llama-tests: building llama-cpp-python $version into $cache (10-20 minutes)"
   started=$(date +%s)
   CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
     "$python" -m pip wheel --no-deps -w "$cache" "llama-cpp-python==$version"

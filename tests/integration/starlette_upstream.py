@@ -32,7 +32,7 @@ from starlette.routing import Route
 from starlette_context import context
 from starlette_context.header_keys import HeaderKeys
 from starlette_context.middleware import RawContextMiddleware
-from starlette_context.plugins import RequestIdPlugin
+from starlette_context.plugins.request_id import RequestIdPlugin
 
 TOKENS = ("Hello", " from", " Starlette")
 

@@ -197,13 +197,27 @@ async def test_client_disconnect_mid_stream_stops_the_generation(
     assert completion.choices[0].message.content
 
 
-async def test_a_prompt_longer_than_the_context_is_a_clear_client_error(
+async def test_a_prompt_longer_than_the_context_is_the_servers_400(
     client: openai.AsyncOpenAI,
 ) -> None:
     async with asyncio.timeout(BOUND):
         with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model=MODEL, messages=TOO_LONG, max_tokens=8)
+    assert caught.value.code == "context_length_exceeded"
+    assert "maximum context length is 512 tokens" in caught.value.message
+
+
+async def test_a_stream_the_server_ends_without_an_event_is_a_clean_502(
+    client: openai.AsyncOpenAI,
+) -> None:
+    """Streaming, llama-cpp-python checks the context only after its 200 and then closes
+    the body empty: the client gets a JSON upstream error, not a hang or a torn stream."""
+    async with asyncio.timeout(BOUND):
+        with pytest.raises(openai.InternalServerError) as caught:
             await client.chat.completions.create(
                 model=MODEL, messages=TOO_LONG, stream=True, max_tokens=8
             )
-    assert caught.value.status_code == 400
-    assert "context" in caught.value.message.lower(), caught.value.message
+    assert caught.value.status_code == 502
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert body["type"] == "upstream_error"
