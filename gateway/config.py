@@ -26,6 +26,7 @@ from gateway.config_yaml import (
     load_yaml,
     placeholder_consequence,
 )
+from gateway.headers import REQUEST_ID_HEADER, gateway_owned
 from gateway.teams import AuthMode, TeamConfig, check_auth, infer_auth_mode
 from gateway.tracing_config import TracingConfig
 
@@ -61,6 +62,9 @@ class Timeouts(_Strict):
     total: float = Field(1800.0, gt=0, description="whole request")
 
 
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+
+
 class _UpstreamBase(_Strict):
     """Settings every upstream kind has: timeouts, concurrency protection, passive health."""
 
@@ -74,6 +78,21 @@ class _UpstreamBase(_Strict):
         5, ge=1, description="consecutive failed requests (not attempts) that eject the upstream"
     )
     cooldown_seconds: float = Field(30.0, gt=0, description="how long an ejection lasts")
+    request_id_header: str | None = Field(
+        REQUEST_ID_HEADER,
+        description="header that carries the request id upstream, as a UUID (null or '': none)",
+    )
+
+    @field_validator("request_id_header")
+    @classmethod
+    def _check_request_id_header(cls, name: str | None) -> str | None:
+        if not name:
+            return None
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a header name")
+        if gateway_owned(name):
+            raise ValueError(f"{name!r} is a header the gateway sets or drops itself")
+        return name
 
 
 class OpenAIUpstream(_UpstreamBase):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 import time
 import uuid
@@ -129,6 +130,21 @@ def request_id_from(header: str | None) -> str:
     return f"req_{uuid.uuid4().hex}"
 
 
+def upstream_request_id(request_id: str) -> str:
+    """`request_id` as the UUID sent upstream (servers such as llama-cpp-python's refuse
+    any other X-Request-Id).
+
+    A generated `req_<hex>` is its UUID with dashes; a client's id that is a UUID stays that
+    UUID; any other id maps to a fixed version-4-shaped UUID derived from it, so one id always
+    gives the same upstream id. The access log records both.
+    """
+    try:
+        return str(uuid.UUID(request_id.removeprefix("req_")))
+    except ValueError:
+        digest = hashlib.sha256(request_id.encode()).digest()[:16]
+        return str(uuid.UUID(bytes=digest, version=4))
+
+
 @dataclass(slots=True, eq=False)
 class RequestContext:
     """Everything known about one request, from arrival to its single end."""
@@ -143,6 +159,7 @@ class RequestContext:
     upstream_name: str | None = None  # the deployment that served (or last tried) the request
     upstream_model: str | None = None  # the model name that deployment was sent
     response_model: str | None = None  # the model the upstream said answered, where it said
+    upstream_request_id: str | None = None  # the id sent upstream (None: no header sent)
     retries: int = 0  # attempts after the first (only ever before a byte reached the client)
     identity: Identity = field(default_factory=Identity)
     timing: Timing = field(default_factory=Timing)

@@ -38,9 +38,22 @@ _NOT_FORWARDED = HOP_BY_HOP | {
 }
 
 
-def upstream_headers(client: Mapping[str, str], request_id: str) -> dict[str, str]:
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+def gateway_owned(name: str) -> bool:
+    """Whether the gateway decides header `name` itself (framing, credentials, forwarding),
+    so that it cannot carry the request id upstream."""
+    low = name.lower()
+    return low != "x-request-id" and (low in _NOT_FORWARDED or low.startswith("x-forwarded-"))
+
+
+def upstream_headers(
+    client: Mapping[str, str], request_id: str, id_header: str | None = REQUEST_ID_HEADER
+) -> dict[str, str]:
     """Headers to send upstream: the client's end-to-end headers minus credentials and
-    forwarding headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`).
+    forwarding headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`), plus `request_id` in
+    `id_header` (none when it is None; the client's own `X-Request-Id` is never passed on).
 
     Headers named in the client's `Connection` header are hop-by-hop too and dropped.
     """
@@ -50,6 +63,8 @@ def upstream_headers(client: Mapping[str, str], request_id: str) -> dict[str, st
         for token in value.split(",")
         if token.strip()
     }
+    if id_header is not None:
+        listed.add(id_header.lower())
     out = {
         name: value
         for name, value in client.items()
@@ -57,7 +72,8 @@ def upstream_headers(client: Mapping[str, str], request_id: str) -> dict[str, st
         and low not in listed
         and not low.startswith("x-forwarded-")
     }
-    out["X-Request-Id"] = request_id
+    if id_header is not None:
+        out[id_header] = request_id
     out["Content-Type"] = "application/json"
     return out
 

@@ -24,7 +24,13 @@ from gateway.auth import PRINCIPAL, KeyStore, key_from_headers
 from gateway.balancer import QueueFull, QueueTimeout, Slot
 from gateway.chain import Chain
 from gateway.config import ServerConfig
-from gateway.context import Endpoint, Outcome, RequestContext, request_id_from
+from gateway.context import (
+    Endpoint,
+    Outcome,
+    RequestContext,
+    request_id_from,
+    upstream_request_id,
+)
 from gateway.dialects import DIALECTS
 from gateway.errors import (
     GatewayError,
@@ -420,11 +426,13 @@ class Proxy:
         return response
 
     def _outgoing(
-        self, inbound: Inbound, ctx: RequestContext
+        self, inbound: Inbound, ctx: RequestContext, upstream: Upstream
     ) -> tuple[dict[str, Any], dict[str, str]]:
         assert ctx.route is not None
         body = {**ctx.body, "model": ctx.upstream_model or ctx.model}
-        headers = upstream_headers(inbound.headers, ctx.request_id)
+        id_header = upstream.request_id_header
+        ctx.upstream_request_id = upstream_request_id(ctx.request_id) if id_header else None
+        headers = upstream_headers(inbound.headers, ctx.upstream_request_id or "", id_header)
         if self.tracing is not None:  # the attempt's span context, not the client's
             ctx.require(TRACE).inject(headers)
         return body, headers
@@ -433,7 +441,7 @@ class Proxy:
         self, inbound: Inbound, ctx: RequestContext, upstream: Upstream
     ) -> UpstreamCall:
         """Send upstream and wait for its headers; errors before a byte reached the client."""
-        body, headers = self._outgoing(inbound, ctx)
+        body, headers = self._outgoing(inbound, ctx, upstream)
         return await waiting(ctx, self._send(ctx, upstream, body, headers))
 
     async def _send(

@@ -114,9 +114,7 @@ def keep_running(running: GatewayConfig, new: GatewayConfig) -> GatewayConfig:
     )
 
 
-def _full_report(
-    path: Path | None, registry: Mapping[str, type[Any]], first: Exception
-) -> str:
+def _full_report(path: Path | None, registry: Mapping[str, type[Any]], first: Exception) -> str:
     """Every problem of a refused file, as `check-config` prints them (the first error found
     may be one of several)."""
     from gateway.configcheck import check_config  # imports gateway.app, which imports us

@@ -4,13 +4,14 @@ Each line is rendered by a structlog processor chain that this plugin instance o
 ``structlog.configure`` anywhere, so the application's own structlog set-up is untouched).
 Fields of the ``request`` line (``null`` when unknown, so every line has the same keys):
 
-``ts`` (ISO-8601, UTC), ``level``, ``event``, ``request_id``, ``team``, ``key_id`` (an id,
-never the key), ``model`` (as the client sent it), ``route``, ``upstream``,
-``upstream_model``, ``endpoint`` (``chat.completions``, ``completions``, ``embeddings``, or
-``messages`` for ``/v1/messages``), ``stream``, ``status``, ``outcome``, ``error_code``,
-``error_message`` (sanitised), ``prompt_tokens``, ``completion_tokens``, ``usage_source``,
-``ttft_ms`` (request received to first event written), ``duration_ms``, ``events``,
-``bytes``, ``retries``, ``overhead_ms`` (gateway time per stream; null when not measured).
+``ts`` (ISO-8601, UTC), ``level``, ``event``, ``request_id``, ``upstream_request_id`` (the
+UUID sent upstream in its request id header), ``team``, ``key_id`` (an id, never the key),
+``model`` (as the client sent it), ``route``, ``upstream``, ``upstream_model``,
+``endpoint`` (``chat.completions``, ``completions``, ``embeddings``, or ``messages`` for
+``/v1/messages``), ``stream``, ``status``, ``outcome``, ``error_code``, ``error_message``
+(sanitised), ``prompt_tokens``, ``completion_tokens``, ``usage_source``, ``ttft_ms``
+(request received to first event written), ``duration_ms``, ``events``, ``bytes``,
+``retries``, ``overhead_ms`` (gateway time per stream; null when not measured).
 
 With ``log_prompts`` / ``log_completions`` the line also carries ``prompt`` (the prompt's
 text pieces) / ``completion`` (the generated text per choice index), each capped at
@@ -258,6 +259,7 @@ class AccessLog(Plugin):
         route = ctx.route
         return {
             "request_id": ctx.request_id,
+            "upstream_request_id": ctx.upstream_request_id,
             "team": ctx.identity.team,
             "key_id": ctx.identity.key_id,
             "model": ctx.model[:_MAX_MODEL_CHARS] or None,

@@ -1,7 +1,9 @@
 """Shared fixtures: a fake upstream and a gateway in front of it, both on loopback.
 
 Tests marked `soak` are long and opt-in: they are deselected (not collected into the run, so
-never a silent skip) unless SLUICE_SOAK=1, and with it they run like any other test.
+never a silent skip) unless SLUICE_SOAK=1, and with it they run like any other test. Tests
+marked `llama` (a real llama-cpp-python server, tests/real_servers) likewise need
+SLUICE_LLAMA=1; `tools/llama-tests.sh` sets it up and runs them.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ import pytest
 
 from gateway.testing.fake_upstream import FakeUpstream
 
+_OPT_IN = (("soak", "SLUICE_SOAK"), ("llama", "SLUICE_LLAMA"))  # marker, variable set to 1
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect `soak` tests unless SLUICE_SOAK=1."""
-    if os.environ.get("SLUICE_SOAK") == "1":
-        return
-    soak = [item for item in items if item.get_closest_marker("soak") is not None]
-    if soak:
-        items[:] = [item for item in items if item.get_closest_marker("soak") is None]
-        config.hook.pytest_deselected(items=soak)
+    """Deselect `soak` tests unless SLUICE_SOAK=1, `llama` tests unless SLUICE_LLAMA=1."""
+    for marker, variable in _OPT_IN:
+        if os.environ.get(variable) == "1":
+            continue
+        opted = [item for item in items if item.get_closest_marker(marker) is not None]
+        if opted:
+            items[:] = [item for item in items if item.get_closest_marker(marker) is None]
+            config.hook.pytest_deselected(items=opted)
 
 
 @pytest.fixture

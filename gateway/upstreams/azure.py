@@ -23,6 +23,7 @@ class AzureOpenAI(OpenAICompatible):
             verify_tls=config.verify_tls,
             ca_bundle=config.ca_bundle,
             include_usage=config.include_usage,
+            request_id_header=config.request_id_header,
         )
         super().__init__(name, as_openai)
         self.azure = config

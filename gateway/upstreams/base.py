@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from gateway.config import ServerConfig, Timeouts
 from gateway.context import Endpoint, RequestContext
 from gateway.errors import GatewayError
+from gateway.headers import REQUEST_ID_HEADER
 from gateway.sse import SSEEvent
 from gateway.upstreams.errors import error_from_upstream
 
@@ -149,9 +150,12 @@ class Upstream(abc.ABC):
     """True if this upstream streams JSON lines, so that a JSON Content-Type on a streaming
     answer is no sign of an answer that is not a stream."""
 
-    def __init__(self, name: str, timeouts: Timeouts) -> None:
+    def __init__(
+        self, name: str, timeouts: Timeouts, request_id_header: str | None = REQUEST_ID_HEADER
+    ) -> None:
         self.name = name
         self.timeouts = timeouts
+        self.request_id_header = request_id_header  # None: send no request id
 
     async def start(self) -> None:  # noqa: B027 - optional lifecycle hook
         """Create pools and sessions (called once, at app start-up)."""

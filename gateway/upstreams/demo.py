@@ -98,7 +98,7 @@ class Demo(Upstream):
     """The embedded demo model."""
 
     def __init__(self, name: str, config: DemoUpstream) -> None:
-        super().__init__(name, config.timeouts)
+        super().__init__(name, config.timeouts, config.request_id_header)
         self.config = config
 
     async def open(

@@ -147,7 +147,7 @@ class HttpUpstream(Upstream):
     """An upstream reached over HTTP(S): pooling, TLS settings and connection errors."""
 
     def __init__(self, name: str, config: HttpUpstreamConfig) -> None:
-        super().__init__(name, config.timeouts)
+        super().__init__(name, config.timeouts, config.request_id_header)
         self._http = config
         self._session: aiohttp.ClientSession | None = None
         self._static_headers: dict[str, str] = dict(config.headers)

@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.context import RequestContext
+from gateway.context import RequestContext, upstream_request_id
 from gateway.plugin import Plugin
 from gateway.sse import SSEEvent
 from gateway.testing.fake_upstream import (
@@ -43,6 +43,7 @@ REQUEST_FIELDS = {
     "level",
     "event",
     "request_id",
+    "upstream_request_id",
     "team",
     "key_id",
     "model",
@@ -111,6 +112,7 @@ async def test_completed_stream(
     assert line["event"] == "request"
     assert line["level"] == "info"
     assert line["request_id"] == request_id
+    assert line["upstream_request_id"] == upstream_request_id(request_id)
     assert (line["team"], line["key_id"]) == ("anonymous", None)
     assert (line["model"], line["route"], line["upstream"]) == ("m", "m", "fake")
     assert line["upstream_model"] == "gpt-test"

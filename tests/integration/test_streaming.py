@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import shutil
+import uuid
 from collections.abc import Callable, Sequence
 
 import aiohttp
 import orjson
 import pytest
 
+from gateway.context import upstream_request_id
 from gateway.testing.fake_upstream import (
     FakeUpstream,
     Script,
@@ -158,15 +160,25 @@ def _upstream_header(headers: dict[str, str], name: str) -> str | None:
     return lowered.get(name.lower())
 
 
-@pytest.mark.parametrize("stream", [True, False])
-async def test_sane_client_request_id_is_kept_and_sent_upstream(
-    fake: FakeUpstream, http: aiohttp.ClientSession, stream: bool
+@pytest.mark.parametrize(
+    ("stream", "request_id", "upstream_id"),
+    [
+        (True, "client-42.run:7_A", upstream_request_id("client-42.run:7_A")),
+        (False, "client-42.run:7_A", upstream_request_id("client-42.run:7_A")),
+        (True, "3f2504e0-4f89-11d3-9a0c-0305e82c3301", "3f2504e0-4f89-11d3-9a0c-0305e82c3301"),
+    ],
+)
+async def test_sane_client_request_id_is_kept_and_sent_upstream_as_a_uuid(
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    stream: bool,
+    request_id: str,
+    upstream_id: str,
 ) -> None:
     if not stream:
         fake.queue(
             Script([b'{"object":"chat.completion","choices":[]}'], content_type="application/json")
         )
-    request_id = "client-42.run:7_A"
     async with (
         run_gateway(config_for(fake)) as gw,
         asyncio.timeout(BOUND),
@@ -178,7 +190,9 @@ async def test_sane_client_request_id_is_kept_and_sent_upstream(
     assert resp.status == 200
     assert resp.headers["X-Request-Id"] == request_id
     (exchange,) = fake.exchanges
-    assert _upstream_header(exchange.headers, "X-Request-Id") == request_id
+    sent = _upstream_header(exchange.headers, "X-Request-Id")
+    assert sent == upstream_id
+    assert str(uuid.UUID(sent)) == sent
 
 
 @pytest.mark.parametrize("bad_id", ["has spaces in it", "x" * 300, "semi;colon", "\u00e9t\u00e9"])
@@ -195,7 +209,7 @@ async def test_insane_client_request_id_is_replaced(
     assert returned != bad_id
     assert SANE_ID.match(returned)
     (exchange,) = fake.exchanges
-    assert _upstream_header(exchange.headers, "X-Request-Id") == returned
+    assert _upstream_header(exchange.headers, "X-Request-Id") == upstream_request_id(returned)
 
 
 async def test_generated_request_ids_are_unique(

@@ -26,6 +26,7 @@ REQUEST_FIELDS = {
     "level",
     "event",
     "request_id",
+    "upstream_request_id",
     "team",
     "key_id",
     "model",
@@ -77,6 +78,7 @@ def routed_ctx(
         route=RouteConfig(model="m", upstream="fake", upstream_model="gpt-test"),
         upstream_name="fake",
         upstream_model="gpt-test",
+        upstream_request_id="6f1c1b0e-9d7a-4c1e-8f00-000000000001",
         identity=Identity(team="blue", key_id="key_42"),
         timing=Timing(received=100.0),
     )
@@ -153,6 +155,7 @@ async def test_completed_line_has_every_documented_field() -> None:
         "level": "info",
         "event": "request",
         "request_id": "req_unit",
+        "upstream_request_id": "6f1c1b0e-9d7a-4c1e-8f00-000000000001",
         "team": "blue",
         "key_id": "key_42",
         "model": "m",

@@ -256,6 +256,34 @@ def test_wrong_upstream_values_name_the_key(upstream: dict[str, Any], key: str) 
     assert f"\n  {key}: " in _error(_with_upstream(upstream))
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), ("", None), ("X-Correlation-Id", "X-Correlation-Id")],
+)
+def test_request_id_header_can_be_renamed_or_turned_off(
+    value: str | None, expected: str | None
+) -> None:
+    config = parse_config(
+        _with_upstream({"kind": "openai", "base_url": "http://h", "request_id_header": value}), {}
+    )
+    upstream = config.upstreams["x"]
+    assert isinstance(upstream, OpenAIUpstream)
+    assert upstream.request_id_header == expected
+
+
+def test_request_id_header_defaults_to_x_request_id() -> None:
+    config = parse_config(_with_upstream({"kind": "openai", "base_url": "http://h"}), {})
+    assert config.upstreams["x"].request_id_header == "X-Request-Id"
+
+
+@pytest.mark.parametrize(
+    "value", ["has space", "X-Id:", "Authorization", "content-type", "X-Forwarded-For", "Host"]
+)
+def test_request_id_header_must_be_a_free_header_name(value: str) -> None:
+    upstream = {"kind": "openai", "base_url": "http://h", "request_id_header": value}
+    assert "\n  upstreams.x.request_id_header: " in _error(_with_upstream(upstream))
+
+
 def test_upstream_named_like_a_kind_keeps_its_name_in_the_path() -> None:
     message = _error(_with_upstream({"kind": "openai", "base_url": "nope"}, name="openai"))
     assert "upstreams.openai.base_url" in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from gateway.context import (
     Timing,
     Usage,
     request_id_from,
+    upstream_request_id,
 )
 
 GENERATED = re.compile(r"req_[0-9a-f]{32}")
@@ -67,6 +69,44 @@ def test_request_id_is_always_header_safe(header: str | None) -> None:
     out = request_id_from(header)
     assert re.fullmatch(r"[A-Za-z0-9._:\-]{1,128}", out)
     assert out == header or GENERATED.fullmatch(out)
+
+
+# --- upstream_request_id -------------------------------------------------------------------
+
+
+def test_a_generated_id_goes_upstream_as_its_own_uuid() -> None:
+    request_id = request_id_from(None)
+    out = upstream_request_id(request_id)
+    assert uuid.UUID(out).version == 4
+    assert out.replace("-", "") == request_id.removeprefix("req_")
+
+
+@pytest.mark.parametrize(
+    "client",
+    [
+        "3f2504e0-4f89-11d3-9a0c-0305e82c3301",
+        "3F2504E0-4F89-11D3-9A0C-0305E82C3301",
+        "urn:uuid:3f2504e0-4f89-11d3-9a0c-0305e82c3301",
+    ],
+)
+def test_a_client_uuid_goes_upstream_unchanged(client: str) -> None:
+    assert upstream_request_id(client) == "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
+
+
+@settings(database=None)
+@given(st.from_regex(r"[A-Za-z0-9._:\-]{1,128}", fullmatch=True))
+def test_any_client_id_goes_upstream_as_a_stable_uuid4(client: str) -> None:
+    out = upstream_request_id(client)
+    assert str(uuid.UUID(out)) == out
+    assert upstream_request_id(client) == out
+    try:
+        uuid.UUID(client.removeprefix("req_"))
+    except ValueError:
+        assert uuid.UUID(out).version == 4
+
+
+def test_different_client_ids_go_upstream_as_different_uuids() -> None:
+    assert upstream_request_id("client-42") != upstream_request_id("client-43")
 
 
 # --- StateKey ------------------------------------------------------------------------------

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.runtime import build_upstream
+from gateway.config import parse_config
 from gateway.headers import HOP_BY_HOP, SSE_RESPONSE_HEADERS, upstream_headers
 
 DROPPED = [
@@ -78,6 +82,20 @@ def test_request_id_and_content_type_are_set_by_the_gateway() -> None:
     assert _lower_keys(out) == {"x-request-id", "content-type"}
 
 
+def test_request_id_header_can_be_renamed() -> None:
+    client = CIMultiDict(
+        {"X-Request-Id": "client-chosen", "x-correlation-id": "client-too", "X-Kept": "1"}
+    )
+    out = upstream_headers(client, "the-id", "X-Correlation-Id")
+    assert out == {"X-Kept": "1", "X-Correlation-Id": "the-id", "Content-Type": "application/json"}
+
+
+def test_request_id_header_can_be_left_out() -> None:
+    client = CIMultiDict({"X-Request-Id": "client-chosen", "X-Kept": "1"})
+    out = upstream_headers(client, "the-id", None)
+    assert out == {"X-Kept": "1", "Content-Type": "application/json"}
+
+
 def test_headers_listed_in_connection_are_dropped() -> None:
     client = CIMultiDict(
         {"Connection": "keep-alive, X-Hop-One ,x-hop-two", "X-Hop-One": "1", "X-HOP-TWO": "2"}
@@ -128,3 +146,27 @@ def test_sse_response_headers() -> None:
     assert SSE_RESPONSE_HEADERS["Content-Type"].startswith("text/event-stream")
     assert SSE_RESPONSE_HEADERS["Cache-Control"] == "no-cache"
     assert SSE_RESPONSE_HEADERS["X-Accel-Buffering"] == "no"
+
+
+_KINDS = [
+    {"kind": "openai", "base_url": "http://h/v1"},
+    {"kind": "azure", "endpoint": "https://r.openai.azure.com"},
+    {"kind": "anthropic"},
+    {"kind": "ollama"},
+    {"kind": "demo"},
+]
+
+
+@pytest.mark.parametrize("upstream", _KINDS, ids=[k["kind"] for k in _KINDS])
+@pytest.mark.parametrize("header", ["X-Trace-Id", None])
+def test_every_upstream_kind_takes_its_request_id_header(
+    upstream: dict[str, Any], header: str | None
+) -> None:
+    config = parse_config(
+        {
+            "upstreams": {"u": {**upstream, "request_id_header": header}},
+            "routes": [{"model": "m", "upstream": "u"}],
+        },
+        {},
+    )
+    assert build_upstream("u", config.upstreams["u"]).request_id_header == header

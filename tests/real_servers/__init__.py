@@ -1,0 +1,1 @@
+"""Opt-in tests against real OpenAI-compatible servers (see tools/llama-tests.sh)."""
