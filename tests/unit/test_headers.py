@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.runtime import build_upstream
 from gateway.config import parse_config
 from gateway.headers import HOP_BY_HOP, SSE_RESPONSE_HEADERS, upstream_headers
+from gateway.runtime import build_upstream
 
 DROPPED = [
     "Authorization",
