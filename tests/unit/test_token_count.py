@@ -586,7 +586,11 @@ async def test_chars_estimator(tmp_path: Path) -> None:
 
 
 async def test_missing_encoding_no_network_heuristic_and_one_warning(
-    no_bundled: None, tmp_path: Path, no_network: list[str], caplog: pytest.LogCaptureFixture
+    no_bundled: None,
+    fresh_tiktoken: None,
+    tmp_path: Path,
+    no_network: list[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
     chain = chain_for({"cache_dir": str(tmp_path)})
