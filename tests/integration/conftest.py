@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from tests.integration._helm import find_helm, kubernetes_validate_command
 from tests.integration._support import GatedUpstream, RawUpstream
 
 
@@ -36,3 +37,15 @@ async def raw_upstream() -> AsyncIterator[RawUpstream]:
         yield upstream
     finally:
         await upstream.close()
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """A helm binary: on PATH, in .tools/bin, or installed there by tools/fetch-helm.sh."""
+    return find_helm()
+
+
+@pytest.fixture(scope="session")
+def kubernetes_validate() -> list[str]:
+    """The command that runs kubernetes-validate."""
+    return kubernetes_validate_command()

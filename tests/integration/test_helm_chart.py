@@ -7,31 +7,30 @@ the CI environment variable is set.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 import yaml
 
-ROOT: Final = Path(__file__).resolve().parents[2]
-CHART: Final = ROOT / "helm" / "sluice"
-EXAMPLE: Final = CHART / "examples" / "openai-and-vllm.yaml"
-TOOLS_BIN: Final = ROOT / ".tools" / "bin"
-FETCH_HELM: Final = ROOT / "tools" / "fetch-helm.sh"
-RELEASE: Final = "gw"
-FULLNAME: Final = "gw-sluice"
-
-# Kinds from CRDs: kubernetes-validate has no schema for them; checked structurally here.
-CRD_KINDS: Final = frozenset({"ServiceMonitor", "PrometheusRule"})
+from tests.integration._helm import (
+    CHART,
+    CRD_KINDS,
+    EXAMPLE,
+    FULLNAME,
+    RELEASE,
+    ROOT,
+    Rendered,
+    render,
+    run_helm,
+    write_values,
+)
 
 FAKE_HASH: Final = "ab" * 32
 # What the Secret provides in the tests (check-config needs every ${VAR} without default).
@@ -86,112 +85,10 @@ ALL_TOGGLES: Final[dict[str, Any]] = {
             }
         ],
     },
+    "httpRoute": {"enabled": True, "parentRefs": [{"name": "public", "namespace": "gateways"}]},
     "podDisruptionBudget": {"enabled": True},
     "networkPolicy": {"enabled": True, "egressCIDRs": ["10.0.0.0/8"]},
 }
-
-
-# ----- tools ----------------------------------------------------------------------------------
-
-
-def _unavailable(message: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{message} (required in CI)")
-    pytest.skip(message)
-
-
-@pytest.fixture(scope="session")
-def helm() -> str:
-    """A helm binary: on PATH, in .tools/bin, or installed there by tools/fetch-helm.sh."""
-    found = shutil.which("helm")
-    if found:
-        return found
-    local = TOOLS_BIN / "helm"
-    if not os.access(local, os.X_OK):
-        try:
-            subprocess.run(
-                ["bash", str(FETCH_HELM), str(TOOLS_BIN)],
-                cwd=ROOT,
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-        except (OSError, subprocess.SubprocessError) as err:
-            detail = getattr(err, "stderr", None) or err
-            _unavailable(f"helm not found and tools/fetch-helm.sh failed: {detail}")
-    if not os.access(local, os.X_OK):
-        _unavailable("helm not found and tools/fetch-helm.sh did not install it")
-    return str(local)
-
-
-@pytest.fixture(scope="session")
-def kubernetes_validate() -> list[str]:
-    """The command that runs kubernetes-validate."""
-    if importlib.util.find_spec("kubernetes_validate") is None:
-        _unavailable("kubernetes-validate is not installed (pip install kubernetes-validate)")
-    return [sys.executable, "-m", "kubernetes_validate"]
-
-
-# ----- rendering ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """The documents `helm template` produced, by kind and name."""
-
-    docs: list[dict[str, Any]]
-    text: str
-    values_files: list[Path] = field(default_factory=list)
-
-    def kinds(self) -> list[str]:
-        return sorted(str(doc["kind"]) for doc in self.docs)
-
-    def get(self, kind: str, name: str = FULLNAME) -> dict[str, Any]:
-        for doc in self.docs:
-            if doc["kind"] == kind and doc["metadata"]["name"] == name:
-                return doc
-        raise AssertionError(f"no {kind}/{name} rendered; got {self.kinds()}")
-
-    def has(self, kind: str) -> bool:
-        return any(doc["kind"] == kind for doc in self.docs)
-
-    def container(self) -> dict[str, Any]:
-        containers = self.get("Deployment")["spec"]["template"]["spec"]["containers"]
-        assert len(containers) == 1
-        result: dict[str, Any] = containers[0]
-        return result
-
-    def gateway_config(self) -> dict[str, Any]:
-        text = self.get("ConfigMap")["data"]["config.yaml"]
-        config = yaml.safe_load(text)
-        assert isinstance(config, dict)
-        return config
-
-
-def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [helm, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
-    )
-
-
-def write_values(directory: Path, name: str, values: Mapping[str, Any]) -> Path:
-    path = directory / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(dict(values), sort_keys=False))
-    return path
-
-
-def render(helm: str, values_files: Sequence[Path] = (), *sets: str) -> Rendered:
-    args = ["template", RELEASE, str(CHART), "--namespace", "llm"]
-    for path in values_files:
-        args += ["--values", str(path)]
-    for item in sets:
-        args += ["--set", item]
-    proc = run_helm(helm, *args)
-    assert proc.returncode == 0, proc.stderr
-    docs = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
-    assert all(isinstance(doc, dict) for doc in docs)
-    return Rendered(docs=docs, text=proc.stdout, values_files=list(values_files))
 
 
 @pytest.fixture(scope="session")
@@ -290,16 +187,18 @@ def test_default_is_the_demo_config(renders: dict[str, Rendered]) -> None:
 
 def test_toggles_render_their_resources(renders: dict[str, Rendered]) -> None:
     assert renders["default"].kinds() == sorted(
-        ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"]
+        ["ConfigMap", "Deployment", "Pod", "PodDisruptionBudget", "Service", "ServiceAccount"]
     )
     assert renders["all-toggles"].kinds() == sorted(
         [
             "ConfigMap",
             "ConfigMap",
             "Deployment",
+            "HTTPRoute",
             "HorizontalPodAutoscaler",
             "Ingress",
             "NetworkPolicy",
+            "Pod",
             "PodDisruptionBudget",
             "PrometheusRule",
             "Secret",
@@ -407,6 +306,10 @@ def test_command_probes_and_ports(renders: dict[str, Rendered], case: str) -> No
     ]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == {"path": "/readyz", "port": "http"}
+    # A slow start gets minutes before the liveness probe may restart the pod.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports["http"] == 8080
     assert container["resources"]["requests"]
@@ -433,8 +336,10 @@ def test_drain_timing(helm: str, deadline: int, pre_stop: int) -> None:
     assert pod["terminationGracePeriodSeconds"] == deadline + 10
     container = rendered.container()
     assert container["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", str(pre_stop)]}}
-    env = {item["name"]: item.get("value") for item in container["env"]}
-    assert env["SLUICE_DRAIN_SECONDS"] == str(deadline)
+    # The deadline reaches the gateway as its config's server.drain_seconds, the one setting
+    # `sluice serve` drains by (SLUICE_DRAIN_SECONDS, which nothing read, is gone).
+    env = {item["name"] for item in container["env"]}
+    assert "SLUICE_DRAIN_SECONDS" not in env
     assert rendered.gateway_config()["server"]["drain_seconds"] == deadline
 
 

@@ -50,6 +50,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
+Labels of the `helm test` pod: not the selector labels, so that neither the Service, the
+PodDisruptionBudget nor the NetworkPolicy of the gateway pods takes it for one of them.
+*/}}
+{{- define "sluice.testSelectorLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+{{- end }}
+
+{{- define "sluice.testLabels" -}}
+helm.sh/chart: {{ include "sluice.chart" . }}
+{{ include "sluice.testSelectorLabels" . }}
+app.kubernetes.io/part-of: {{ include "sluice.name" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
 The ServiceAccount's name.
 */}}
 {{- define "sluice.serviceAccountName" -}}
