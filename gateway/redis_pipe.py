@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["PipelinedRedis", "ReplyError", "connect_params"]
 
@@ -100,8 +100,8 @@ class _Protocol(asyncio.Protocol):
         self._out: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not subclasses of asyncio.Transport: no isinstance here
+        self.transport = cast(asyncio.Transport, transport)
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         """Queue `command`; it goes out with the others of this loop pass."""

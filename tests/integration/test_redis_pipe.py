@@ -79,6 +79,21 @@ async def test_concurrent_admissions_share_one_connection_and_get_their_own_repl
         await limiter.close()
 
 
+def test_it_works_on_uvloop(server: RedisServer) -> None:
+    """The gateway serves on uvloop, whose transports are not asyncio's classes."""
+    import uvloop
+
+    async def run() -> list[object]:
+        pipe = PipelinedRedis(port=server.port)
+        try:
+            async with asyncio.timeout(BOUND):
+                return list(await asyncio.gather(*(pipe.call("INCR", "u") for _ in range(5))))
+        finally:
+            await pipe.close()
+
+    assert sorted(uvloop.run(run())) == [1, 2, 3, 4, 5]  # type: ignore[type-var]
+
+
 async def test_a_cancelled_caller_does_not_shift_the_replies_of_the_next(
     server: RedisServer,
 ) -> None:
