@@ -86,6 +86,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from gateway.redis_pipe import PipelinedRedis, ReplyError, connect_params
+
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
@@ -884,6 +886,10 @@ class RedisRateLimiter:
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             health_check_interval=0,
         )
+        # The scripts go through one pipelined connection of our own (see gateway.redis_pipe)
+        # when the URL is plain TCP; redis-py serves every other URL (TLS, Unix sockets).
+        params = connect_params(url)
+        self._pipe = PipelinedRedis(**params) if params is not None else None
         self._admit: AsyncScript = self._redis.register_script(_LUA_ADMIT)
         self._debit: AsyncScript = self._redis.register_script(_LUA_DEBIT)
         self._finish: AsyncScript = self._redis.register_script(_LUA_FINISH)
@@ -903,12 +909,18 @@ class RedisRateLimiter:
         """
         from redis.exceptions import RedisError
 
+        pipe = self._pipe
         try:
             async with asyncio.timeout(within):
-                await asyncio.gather(*(self._redis.ping() for _ in range(WARM_CONNECTIONS)))
-                for script in (self._admit, self._debit, self._finish):
-                    await self._redis.script_load(script.script)
-        except (RedisError, OSError, TimeoutError) as exc:
+                if pipe is not None:
+                    await pipe.call("PING")
+                    for script in (self._admit, self._debit, self._finish):
+                        await pipe.call("SCRIPT LOAD", script.script)
+                else:
+                    await asyncio.gather(*(self._redis.ping() for _ in range(WARM_CONNECTIONS)))
+                    for script in (self._admit, self._debit, self._finish):
+                        await self._redis.script_load(script.script)
+        except (RedisError, ReplyError, OSError, TimeoutError) as exc:
             self.failing = True
             log.warning(
                 "rate-limit backend not reachable at start-up (%s); failing %s until it is",
@@ -923,8 +935,13 @@ class RedisRateLimiter:
 
         try:
             async with asyncio.timeout(self.timeout):
-                result = await script(keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
+                if self._pipe is not None:
+                    result = await self._evalsha(self._pipe, script, keys, args)
+                else:
+                    result = await script(keys=keys, args=args)
+        except (RedisError, ReplyError, OSError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError) and self._pipe is not None:
+                self._pipe.abort()  # a reply that never comes must not go to the next caller
             self.failures += 1
             if not self.failing:
                 self.failing = True
@@ -939,6 +956,19 @@ class RedisRateLimiter:
             self.failing = False
             log.info("rate-limit backend recovered (%d failed calls so far)", self.failures)
         return result
+
+    @staticmethod
+    async def _evalsha(
+        pipe: PipelinedRedis, script: AsyncScript, keys: list[str], args: list[Any]
+    ) -> Any:
+        """EVALSHA; the script is loaded again first if the server lost it (a restart)."""
+        try:
+            return await pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except ReplyError as err:
+            if not str(err).startswith("NOSCRIPT"):
+                raise
+        await pipe.call("SCRIPT LOAD", script.script)
+        return await pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def admit(
         self, scopes: Sequence[Scope], tokens: int, now: float | None = None
@@ -1072,4 +1102,6 @@ class RedisRateLimiter:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._pipe is not None:
+            await self._pipe.close()
         await self._redis.aclose()

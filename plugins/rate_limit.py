@@ -202,6 +202,8 @@ class RateLimit(Plugin):
             self.limiter = MemoryRateLimiter()
         # Renew well before a lease expires: a third of its time to live.
         self._renew_every = float(getattr(self.limiter, "lease_ttl", 600.0)) / 3
+        # How long after a debit or renewal nothing can be due: `on_event` looks no further.
+        self._quiet = min(options.debit_every_seconds, self._renew_every)
         self._ending: set[asyncio.Task[None]] = set()  # finishes the plugin waits for
 
     async def start(self) -> None:
@@ -241,10 +243,12 @@ class RateLimit(Plugin):
                     code="budget_exhausted",
                     type="budget",
                 )
-        # Debits count the whole request (prompt + completion so far) against its reservation.
-        used = held.prompt_estimate + (ctx.usage.completion_tokens or _streamed(ctx))
         now = self._now()
         since = now - held.renewed_at
+        if since < self._quiet:
+            return None  # the hot path: neither a debit nor a renewal can be due yet
+        # Debits count the whole request (prompt + completion so far) against its reservation.
+        used = held.prompt_estimate + (ctx.usage.completion_tokens or _streamed(ctx))
         if (
             used - held.debited >= self.settings.debit_every_tokens
             and since >= self.settings.debit_every_seconds

@@ -94,14 +94,15 @@ async def server_calls(admin: Redis) -> dict[str, int]:
 def record_commands(monkeypatch: pytest.MonkeyPatch, limiter: RedisRateLimiter) -> list[str]:
     """Record every command the limiter sends (one entry per round trip)."""
     sent: list[str] = []
-    client = limiter._redis
-    original = cast(Callable[..., Awaitable[Any]], client.execute_command)
+    client: Any = limiter._pipe if limiter._pipe is not None else limiter._redis
+    name = "call" if limiter._pipe is not None else "execute_command"
+    original = cast(Callable[..., Awaitable[Any]], getattr(client, name))
 
     async def execute_command(*args: Any, **options: Any) -> Any:
         sent.append(str(args[0]).lower())
         return await original(*args, **options)
 
-    monkeypatch.setattr(client, "execute_command", execute_command)
+    monkeypatch.setattr(client, name, execute_command)
     return sent
 
 
