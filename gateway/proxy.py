@@ -25,7 +25,6 @@ from gateway.balancer import QueueFull, QueueTimeout, Slot, backoff_delay, parse
 from gateway.chain import Chain
 from gateway.config import ServerConfig
 from gateway.context import Endpoint, Outcome, RequestContext, request_id_from
-from gateway.dialects import DIALECTS
 from gateway.errors import (
     GatewayError,
     bad_request,
@@ -36,6 +35,7 @@ from gateway.errors import (
 from gateway.headers import upstream_headers
 from gateway.metrics import GatewayMetrics
 from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, Overhead, overhead_ms, waiting
+from gateway.protocols.lanes import Lanes, check_client_body, dialect_of
 from gateway.resume import ResumableSink, Resumer, wants_resume
 from gateway.routing import Router, Target, UpstreamHealth
 from gateway.sinks import HttpSink, StreamSink
@@ -47,7 +47,7 @@ from gateway.upstreams.base import (
     UpstreamCall,
 )
 from gateway.upstreams.errors import error_from_event
-from gateway.validation import read_json_body, validate_body
+from gateway.validation import read_json_body
 from gateway.watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -182,6 +182,7 @@ class Proxy:
         self.health = health
         self.chains = chains
         self.default_chain = default_chain
+        self.lanes = Lanes(upstreams)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
@@ -315,11 +316,11 @@ class Proxy:
             ctx.identity = principal.identity()
             ctx.set(PRINCIPAL, principal)
         body = await waiting(ctx, inbound.read_body())
-        validate_body(ctx.endpoint, body)
+        check_client_body(ctx, body)
         ctx.model = body["model"]
-        ctx.body = DIALECTS[ctx.client_format].admit(ctx, body)
-        ctx.stream = ctx.endpoint is not Endpoint.EMBEDDINGS and body.get("stream") is True
         ctx.route = self.router.resolve(ctx.model)
+        ctx.body = self.lanes.choose(ctx, ctx.route).dialect.admit(ctx, body)
+        ctx.stream = ctx.endpoint is not Endpoint.EMBEDDINGS and body.get("stream") is True
         if principal is not None and self.keys is not None:
             self.keys.authorize(principal, ctx.model, ctx.route)
 
@@ -362,7 +363,7 @@ class Proxy:
         health: UpstreamHealth,
     ) -> Served:
         """One deployment: queue for a slot, send, and (for streams) relay to the end."""
-        upstream = self.upstreams[target.upstream]
+        upstream = self.lanes.upstream(ctx, target.upstream)
         if not upstream.supports(ctx.endpoint):
             raise bad_request(
                 f"The model `{ctx.model}` does not support /v1/{ctx.endpoint.value}.",
@@ -412,7 +413,7 @@ class Proxy:
 
     def error_response(self, ctx: RequestContext, err: GatewayError) -> web.Response:
         """An error before headers, as JSON in the client's format."""
-        response = DIALECTS[ctx.client_format].error_response(ctx, err)
+        response = dialect_of(ctx).error_response(ctx, err)
         response.headers[OVERHEAD_HEADER] = overhead_ms(ctx.require(OVERHEAD).now(ctx))
         return response
 
@@ -540,7 +541,7 @@ class Proxy:
             if self.tracing is not None:
                 ctx.require(TRACE).response(payload)
         ctx.outcome = Outcome.COMPLETED
-        out = orjson.dumps(DIALECTS[ctx.client_format].unary(ctx, payload))
+        out = orjson.dumps(dialect_of(ctx).unary(ctx, payload))
         ctx.bytes_out = len(out)
         overhead = ctx.require(OVERHEAD)
         ctx.overhead_seconds = overhead.answered = overhead.now(ctx)
