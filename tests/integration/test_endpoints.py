@@ -145,7 +145,7 @@ async def test_health_and_readiness(fake: FakeUpstream, http: aiohttp.ClientSess
     assert orjson.loads(ready_body) == {"ready": True}
 
 
-@pytest.mark.parametrize("path", ["/v2/chat/completions", "/v1/chat", "/nothing", "/v1/models/x"])
+@pytest.mark.parametrize("path", ["/v2/chat/completions", "/v1/chat", "/nothing", "/v1/modelz"])
 async def test_unknown_path_is_404_json(
     fake: FakeUpstream, http: aiohttp.ClientSession, path: str
 ) -> None:
