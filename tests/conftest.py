@@ -1,7 +1,8 @@
 """Shared fixtures: a fake upstream and a gateway in front of it, both on loopback.
 
 Tests marked `soak` are long and opt-in: they are deselected (not collected into the run, so
-never a silent skip) unless SLUICE_SOAK=1, and with it they run like any other test.
+never a silent skip) unless SLUICE_SOAK=1, and with it they run like any other test. Tests
+marked `agents` (real coding agents, installed with npm) likewise need SLUICE_AGENTS=1.
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ import pytest
 from gateway.testing.fake_upstream import FakeUpstream
 
 
+_OPT_IN = {"soak": "SLUICE_SOAK", "agents": "SLUICE_AGENTS"}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect `soak` tests unless SLUICE_SOAK=1."""
-    if os.environ.get("SLUICE_SOAK") == "1":
-        return
-    soak = [item for item in items if item.get_closest_marker("soak") is not None]
-    if soak:
-        items[:] = [item for item in items if item.get_closest_marker("soak") is None]
-        config.hook.pytest_deselected(items=soak)
+    """Deselect `soak` tests unless SLUICE_SOAK=1, `agents` tests unless SLUICE_AGENTS=1."""
+    for marker, variable in _OPT_IN.items():
+        if os.environ.get(variable) == "1":
+            continue
+        out = [item for item in items if item.get_closest_marker(marker) is not None]
+        if out:
+            items[:] = [item for item in items if item.get_closest_marker(marker) is None]
+            config.hook.pytest_deselected(items=out)
 
 
 @pytest.fixture
