@@ -14,7 +14,6 @@ import pytest
 
 from gateway.testing.fake_upstream import FakeUpstream
 
-
 _OPT_IN = {"soak": "SLUICE_SOAK", "agents": "SLUICE_AGENTS"}
 
 
