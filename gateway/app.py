@@ -17,6 +17,7 @@ from gateway.auth import KeyStore, key_from_headers
 from gateway.chain import Chain, discover_plugins
 from gateway.config import ConfigError, GatewayConfig
 from gateway.cors import Cors
+from gateway.count_tokens import CountTokens
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.playground import add_routes as add_playground_routes
@@ -160,6 +161,30 @@ async def _models(request: web.Request) -> web.Response:
     return web.Response(
         body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
     )
+
+
+async def _model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: one model (any name a route resolves, prefix routes too); with
+    keys, like the list: a key is needed and a model it may not use is not found."""
+    model = request.match_info["model_id"]
+    state = request.app[STATE]
+    keys, router = state.keys, state.router
+    try:
+        route = router.resolve(model)
+        if keys is not None and not state.config.server.public_models:
+            principal = keys.authenticate(key_from_headers(request.headers))
+            if not keys.allows(principal, model, route):
+                raise GatewayError(
+                    404,
+                    f"The model `{model}` does not exist or you do not have access to it.",
+                    type="invalid_request_error",
+                    param="model",
+                    code="model_not_found",
+                )
+    except GatewayError as err:
+        return err.to_response()
+    body = {"id": model, "object": "model", "created": 0, "owned_by": "sluice"}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -321,10 +346,12 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/embeddings", proxy.embeddings)
     app.router.add_post("/v1/messages", proxy.messages)
+    app.router.add_post("/v1/messages/count_tokens", CountTokens(proxy).handle)
     server = state.config.server
     ws = websocket_handler(proxy, server.max_body_bytes, server.cors.allow_origins)
     app.router.add_get("/v1/ws", ws)
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model_id:.+}", _model)
     app.router.add_get("/v1/streams/{stream_id}", resumer.handle)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

@@ -152,6 +152,9 @@ class RequestContext:
     request_id: str
     endpoint: Endpoint
     client_format: str = "openai"  # the client's wire format: "openai" or "anthropic"
+    # The format of the bodies and events the chain sees: "openai" (the core), or the
+    # client's own on a native lane ("anthropic"); see gateway.protocols.lanes.
+    wire: str = "openai"
     body: dict[str, Any] = field(default_factory=dict)
     model: str = ""
     stream: bool = False

@@ -1,9 +1,11 @@
 """Format-agnostic views of streamed text, for plugins that read or rewrite it.
 
-Plugins see events in the client's wire format. These helpers find the generated text in
-an event (per choice index), rebuild an event with replaced text, and build the final
-"stopped" event, so a plugin works the same on every client format Sluice speaks.
-Currently: OpenAI chat completions and completions.
+Plugins see events in the format of their lane (`RequestContext.wire`). These helpers find
+the generated text in an event (per choice index), rebuild an event with replaced text, and
+build the events that stop an answer, so a plugin works the same on every lane: OpenAI chat
+completions and completions, and Anthropic Messages on its native lane, where a "choice" is
+a content block (text deltas keyed by the block's index; ``content_block_stop`` finishes
+it; see `gateway.protocols.anthropic.views`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from typing import Any, Final
 
 import orjson
 
-from gateway.context import Endpoint, RequestContext, StateKey
+from gateway.context import LOCAL_COUNT, Endpoint, RequestContext, StateKey
+from gateway.protocols import ANTHROPIC, OPENAI
+from gateway.protocols.anthropic import views as anthropic
 from gateway.sse import _UNSET, SSEEvent
+from gateway.translate.openai_anthropic import STOP_REASONS
 
 # A plain text chunk, as OpenAI, vLLM and Sluice's own translators write it: one choice,
 # only text, no finish. A JSON string cannot hold an unescaped quote, so these byte patterns
@@ -61,6 +66,8 @@ def event_texts(ctx: RequestContext, event: SSEEvent) -> dict[int, str]:
     obj = _parsed(event)
     if obj is None:
         return {}
+    if ctx.wire == ANTHROPIC:
+        return anthropic.block_texts(obj)
     out: dict[int, str] = {}
     for choice in obj.get("choices") or ():
         if isinstance(choice, dict):
@@ -113,6 +120,8 @@ def _plain_text(ctx: RequestContext, data: bytes | None) -> _Plain | None:
     """
     if data is None:
         return None
+    if ctx.wire == ANTHROPIC:
+        return anthropic.text_view(ctx.endpoint, data)
     shape = ctx.get(_SHAPE)
     if shape is not None and data.startswith(shape[2]):
         view = _by_shape(shape, data)
@@ -184,6 +193,8 @@ def finish_reasons(ctx: RequestContext, event: SSEEvent) -> dict[int, str]:
     obj = _parsed(event)
     if obj is None:
         return {}
+    if ctx.wire == ANTHROPIC:
+        return anthropic.block_stops(obj)
     return {
         int(c.get("index", 0)): c["finish_reason"]
         for c in obj.get("choices") or ()
@@ -202,6 +213,8 @@ def with_texts(ctx: RequestContext, event: SSEEvent, texts: Mapping[int, str]) -
     obj = _parsed(event)
     if obj is None:
         return event
+    if ctx.wire == ANTHROPIC:
+        return anthropic.with_block_texts(event, obj, texts)
     # Copy only the path that changes: the event's cached JSON must stay as it was.
     choices: list[Any] = []
     for choice in obj.get("choices") or ():
@@ -225,7 +238,12 @@ def with_texts(ctx: RequestContext, event: SSEEvent, texts: Mapping[int, str]) -
 def text_event(
     ctx: RequestContext, template: SSEEvent, index: int, text: str, finish_reason: str | None = None
 ) -> SSEEvent:
-    """A new event carrying `text` for one choice, shaped like `template` (same id, model)."""
+    """A new event carrying `text` for one choice, shaped like `template` (same id, model).
+
+    On the Anthropic lane: a text delta for block `index` (`finish_reason` is ignored there:
+    use `stop_events`)."""
+    if ctx.wire == ANTHROPIC:
+        return anthropic.text_event(index, text)
     view = _view(ctx, template)
     data = template.data_bytes
     if (
@@ -248,8 +266,44 @@ def text_event(
     return SSEEvent.from_json({**base, "choices": [choice]})
 
 
-def prompt_texts(endpoint: Endpoint, body: Mapping[str, Any]) -> list[str]:
-    """Every piece of prompt text in a request body (messages' text parts, or the prompt)."""
+def stop_events(
+    ctx: RequestContext, template: SSEEvent, index: int, finish_reason: str
+) -> list[SSEEvent]:
+    """The events that end choice `index` with `finish_reason` (after its last text).
+
+    OpenAI: one chunk with the finish reason. Anthropic: ``content_block_stop`` for the
+    block and ``message_delta`` with the matching stop reason (``content_filter`` is
+    ``refusal``) and the local output count; the relay's ``message_stop`` follows when the
+    plugin ends the stream.
+    """
+    if ctx.wire == ANTHROPIC:
+        count = ctx.get(LOCAL_COUNT)
+        reason = STOP_REASONS.get(finish_reason, finish_reason)
+        return anthropic.stop_events(index, reason, count.completion_tokens if count else 0)
+    return [text_event(ctx, template, index, "", finish_reason=finish_reason)]
+
+
+def without_choices(ctx: RequestContext, event: SSEEvent, drop: set[int]) -> SSEEvent | None:
+    """`event` without the choices in `drop` (None if nothing of it is left)."""
+    obj = _parsed(event)
+    if obj is None:
+        return event
+    if ctx.wire == ANTHROPIC:
+        return anthropic.without_blocks(event, obj, drop)
+    choices = obj.get("choices") or []
+    kept = [c for c in choices if not (isinstance(c, dict) and int(c.get("index", 0)) in drop)]
+    if len(kept) == len(choices):
+        return event
+    if not kept and obj.get("usage") is None:
+        return None
+    return SSEEvent.from_json({**obj, "choices": kept}, event=event.event, id=event.id)
+
+
+def prompt_texts(endpoint: Endpoint, body: Mapping[str, Any], wire: str = OPENAI) -> list[str]:
+    """Every piece of prompt text in a request body (messages' text parts, or the prompt;
+    on the Anthropic lane the system prompt too)."""
+    if wire == ANTHROPIC:
+        return anthropic.prompt_texts(body)
     if endpoint is Endpoint.CHAT:
         out: list[str] = []
         for message in body.get("messages") or ():

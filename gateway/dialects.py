@@ -23,6 +23,7 @@ from gateway.translate.openai_anthropic import (
     error_event,
     messages_request_to_chat,
 )
+from gateway.validation import validate_body
 
 
 class StreamEgress(Protocol):
@@ -71,6 +72,7 @@ class AnthropicDialect(Dialect):
     name = "anthropic"
 
     def admit(self, ctx: RequestContext, body: dict[str, Any]) -> dict[str, Any]:
+        validate_body(ctx.endpoint, body)
         max_tokens = body.get("max_tokens")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise bad_request(

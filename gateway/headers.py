@@ -78,6 +78,23 @@ def upstream_headers(
     return out
 
 
+def merge_headers(
+    client: Mapping[str, str], configured: Mapping[str, str], client_wins: frozenset[str]
+) -> dict[str, str]:
+    """The client's (filtered) headers overlaid with the configured ones, except that for
+    the lower-case names in `client_wins` a client's value is kept. Names compare
+    case-insensitively, so no header goes out twice."""
+    sent = {name.lower() for name in client}
+    out = {
+        name: value
+        for name, value in configured.items()
+        if not (name.lower() in client_wins and name.lower() in sent)
+    }
+    taken = {name.lower() for name in out}
+    out.update((name, value) for name, value in client.items() if name.lower() not in taken)
+    return out
+
+
 def _all(headers: Mapping[str, str], name: str) -> list[str]:
     getall = getattr(headers, "getall", None)
     if getall is not None:

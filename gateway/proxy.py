@@ -31,7 +31,6 @@ from gateway.context import (
     request_id_from,
     upstream_request_id,
 )
-from gateway.dialects import DIALECTS
 from gateway.errors import (
     GatewayError,
     bad_request,
@@ -42,6 +41,7 @@ from gateway.errors import (
 from gateway.headers import upstream_headers
 from gateway.metrics import GatewayMetrics
 from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, Overhead, overhead_ms, waiting
+from gateway.protocols.lanes import check_client_body, dialect_of
 from gateway.resume import ResumableSink, Resumer, wants_resume
 from gateway.routing import Target, UpstreamHealth
 from gateway.runtime import Generations, Runtime
@@ -55,7 +55,7 @@ from gateway.upstreams.base import (
     UpstreamCall,
 )
 from gateway.upstreams.errors import error_from_event
-from gateway.validation import read_json_body, validate_body
+from gateway.validation import read_json_body
 from gateway.watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -315,11 +315,11 @@ class Proxy:
             ctx.identity = principal.identity()
             ctx.set(PRINCIPAL, principal)
         body = await waiting(ctx, inbound.read_body())
-        validate_body(ctx.endpoint, body)
+        check_client_body(ctx, body)
         ctx.model = body["model"]
-        ctx.body = DIALECTS[ctx.client_format].admit(ctx, body)
-        ctx.stream = ctx.endpoint is not Endpoint.EMBEDDINGS and body.get("stream") is True
         ctx.route = rt.router.resolve(ctx.model)
+        ctx.body = rt.lanes.choose(ctx, ctx.route).dialect.admit(ctx, body)
+        ctx.stream = ctx.endpoint is not Endpoint.EMBEDDINGS and body.get("stream") is True
         if principal is not None and keys is not None:
             keys.authorize(principal, ctx.model, ctx.route)
 
@@ -346,7 +346,7 @@ class Proxy:
             attempts.start()
             ctx.retries = attempts.made - 1
             try:
-                upstream = rt.upstreams[target.upstream]
+                upstream = rt.lanes.upstream(ctx, target.upstream)
                 return await self._attempt(rt, inbound, ctx, chain, target, upstream, health)
             except Retry as retry:
                 if retry.ill:
@@ -421,7 +421,7 @@ class Proxy:
 
     def error_response(self, ctx: RequestContext, err: GatewayError) -> web.Response:
         """An error before headers, as JSON in the client's format."""
-        response = DIALECTS[ctx.client_format].error_response(ctx, err)
+        response = dialect_of(ctx).error_response(ctx, err)
         response.headers[OVERHEAD_HEADER] = overhead_ms(ctx.require(OVERHEAD).now(ctx))
         return response
 
@@ -593,7 +593,7 @@ class Proxy:
             if self.tracing is not None:
                 ctx.require(TRACE).response(payload)
         ctx.outcome = Outcome.COMPLETED
-        out = orjson.dumps(DIALECTS[ctx.client_format].unary(ctx, payload))
+        out = orjson.dumps(dialect_of(ctx).unary(ctx, payload))
         ctx.bytes_out = len(out)
         overhead = ctx.require(OVERHEAD)
         ctx.overhead_seconds = overhead.answered = overhead.now(ctx)

@@ -31,6 +31,7 @@ from gateway.config import (
     PluginConfig,
     UpstreamConfig,
 )
+from gateway.protocols.lanes import Lanes
 from gateway.routing import Router, UpstreamHealth
 from gateway.upstreams.anthropic import Anthropic
 from gateway.upstreams.azure import AzureOpenAI
@@ -78,6 +79,10 @@ class Runtime:
     source: ConfigSource
     resumable_routes: bool = False  # some route makes every stream resumable
     users: int = 0  # requests running on this runtime
+    lanes: Lanes = field(init=False)  # which lane a request on this runtime's routes takes
+
+    def __post_init__(self) -> None:
+        self.lanes = Lanes(self.upstreams)
 
     @property
     def all_chains(self) -> list[Chain]:

@@ -21,6 +21,20 @@ _DONE_STR: Final = "[DONE]"
 _UNSET: Final[Any] = object()  # "json not parsed yet" marker
 _SPLIT_EOL_BYTES: Final = re.compile(rb"\r\n|\r|\n")
 _FIELDS: Final = frozenset({"data", "event", "id", "retry", "comments"})
+# Event names decoded once: the ones Anthropic's streams repeat on every event.
+_NAMES: Final[dict[bytes, str]] = {
+    name.encode(): name
+    for name in (
+        "content_block_delta",
+        "content_block_start",
+        "content_block_stop",
+        "message_start",
+        "message_delta",
+        "message_stop",
+        "ping",
+        "error",
+    )
+}
 
 
 class SSEError(Exception):
@@ -242,7 +256,7 @@ class SSEDecoder:
         self._error: str | None = None
         self._in_block = False  # a non-blank line of the current event was seen
         self._dl: list[bytes] = []  # data lines of the current event
-        self._extra = False  # some field other than data was seen
+        self._extra = 0  # fields other than data seen: 1 an event name (only), 2 others
         self._event: str | None = None
         self._id: str | None = None
         self._retry: int | None = None
@@ -325,6 +339,10 @@ class SSEDecoder:
                 in_block = True
                 if line[:6] == b"data: ":
                     dl.append(line[6:])
+                elif line[:7] == b"event: ":  # named events (Anthropic's): no partition
+                    value = line[7:]
+                    self._event = _NAMES.get(value) or value.decode("utf-8", "replace")
+                    self._extra |= 1
                 else:
                     self._field(line)
             elif in_block:
@@ -334,13 +352,15 @@ class SSEDecoder:
                     buf.clear()
                 if careful:
                     self._check_event(raw)
-                if len(dl) == 1 and not self._extra:  # the common case, inlined
-                    ev = _new_event(SSEEvent)
+                if len(dl) == 1 and self._extra < 2:  # the common cases, inlined:
+                    ev = _new_event(SSEEvent)  # one data line, maybe a name (Anthropic's)
                     ev._data = dl.pop()
-                    ev.event = ev.id = ev.retry = None
+                    ev.event = self._event
+                    ev.id = ev.retry = self._event = None
                     ev.comments = ()
                     ev.raw = raw
                     ev._json = ev._view = _UNSET
+                    self._extra = 0
                     events.append(ev)
                 else:
                     events.append(self._dispatch(raw))
@@ -362,7 +382,7 @@ class SSEDecoder:
         """Apply one non-blank line other than ``data:...`` to the event in progress."""
         if line[0] == 58:  # ":" starts a comment
             self._comments.append(line[1:].decode("utf-8", "replace"))
-            self._extra = True
+            self._extra |= 2
             return
         name, colon, value = line.partition(b":")  # no colon: the whole line names the field
         if colon and value[:1] == b" ":
@@ -371,17 +391,17 @@ class SSEDecoder:
             self._dl.append(value)
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
-            self._extra = True
+            self._extra |= 1
         elif name == b"id":
             if b"\0" not in value:
                 self._id = value.decode("utf-8", "replace")
-                self._extra = True
+                self._extra |= 2
         elif name == b"retry" and value.isdigit():
             try:
                 self._retry = int(value)
             except ValueError:  # more digits than int() accepts: ignore like any bad value
                 return
-            self._extra = True
+            self._extra |= 2
 
     def _dispatch(self, raw: bytes) -> SSEEvent:
         """Build the event from the fields gathered so far and reset them."""
@@ -401,7 +421,7 @@ class SSEDecoder:
             ev.comments = tuple(self._comments)
             self._event = self._id = self._retry = None
             self._comments.clear()
-            self._extra = False
+            self._extra = 0
         else:
             ev.event = ev.id = ev.retry = None
             ev.comments = ()
@@ -434,7 +454,8 @@ class SSEDecoder:
         self._buf = bytearray()
         self._partial = 0
         self._head = b""
-        self._in_block = self._extra = False
+        self._in_block = False
+        self._extra = 0
         self._dl = []
         self._comments = []
         raise SSEError(message)

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from gateway.chain import Chain
 from gateway.config import ServerConfig
 from gateway.context import Outcome, RequestContext
-from gateway.dialects import DIALECTS
 from gateway.errors import (
     GatewayError,
     internal_error,
@@ -25,6 +24,7 @@ from gateway.errors import (
 )
 from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, overhead_ms, waiting
 from gateway.plugin import EndStream, Reject
+from gateway.protocols.lanes import dialect_of
 from gateway.sinks import ClientGone, StreamSink
 from gateway.sse import SSEError, SSEEvent
 from gateway.upstreams.base import (
@@ -93,7 +93,7 @@ class StreamRelay:
         self.finished = False
         self._arrived: float | None = None  # when the bytes being processed came in
         self._first = Batch([])  # what `start` read before committing headers
-        self.dialect = DIALECTS[ctx.client_format]
+        self.dialect = dialect_of(ctx)
         self.egress = self.dialect.egress(ctx)
         self.upstream_failed: Callable[[str], None] = _ignore  # counts a failure by kind
         self.interrupted = False  # the gateway is shutting down: end with a retry hint

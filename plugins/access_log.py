@@ -47,6 +47,7 @@ from gateway.context import Endpoint, RequestContext, StateKey
 from gateway.deltas import event_texts, prompt_texts
 from gateway.errors import sanitise_message
 from gateway.plugin import OnEvent, OnResponse, Plugin
+from gateway.protocols import ANTHROPIC
 from gateway.sse import SSEEvent
 
 _MAX_MODEL_CHARS = 200  # the client's model string is logged even when it matched no route
@@ -204,7 +205,7 @@ class AccessLog(Plugin):
         if opts.log_prompts:
             # Taken now, after earlier plugins (a content filter) rewrote the body.
             prompt = _Text(opts.max_text_chars)
-            for i, piece in enumerate(prompt_texts(ctx.endpoint, ctx.body)):
+            for i, piece in enumerate(prompt_texts(ctx.endpoint, ctx.body, ctx.wire)):
                 prompt.add(i, piece)
                 if prompt.truncated:
                     break
@@ -227,6 +228,11 @@ class AccessLog(Plugin):
     ) -> dict[str, Any] | None:
         text = ctx.get(_COMPLETION)
         if text is None:
+            return None
+        if ctx.wire == ANTHROPIC:  # a Message: its text blocks
+            for block in body.get("content") or ():
+                if isinstance(block, dict) and isinstance(block.get("text"), str):
+                    text.add(0, block["text"])
             return None
         for choice in body.get("choices") or ():
             if not isinstance(choice, dict):

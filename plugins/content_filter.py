@@ -117,11 +117,14 @@ from gateway.deltas import (
     event_texts,
     finish_reasons,
     prompt_texts,
+    stop_events,
     text_delta,
     text_event,
     with_texts,
+    without_choices,
 )
 from gateway.plugin import EndStream, Plugin, Reject
+from gateway.protocols import ANTHROPIC
 from gateway.sse import SSEEvent
 
 __all__ = [
@@ -705,22 +708,10 @@ def _has_word(text: str, start: int) -> bool:
     return _WORD.search(text, start) is not None
 
 
-def _without_choice(events: list[SSEEvent], index: int) -> list[SSEEvent]:
+def _without_choice(ctx: RequestContext, events: list[SSEEvent], index: int) -> list[SSEEvent]:
     """`events` without choice `index` (those left with nothing are dropped)."""
-    kept = [_without_choices(event, {index}) for event in events]
+    kept = [without_choices(ctx, event, {index}) for event in events]
     return [event for event in kept if event is not None]
-
-
-def _without_choices(event: SSEEvent, drop: set[int]) -> SSEEvent | None:
-    """`event` without the choices in `drop` (None if nothing of it is left)."""
-    obj = event.json()
-    choices = obj.get("choices") or []
-    kept = [c for c in choices if not (isinstance(c, dict) and int(c.get("index", 0)) in drop)]
-    if len(kept) == len(choices):
-        return event
-    if not kept and obj.get("usage") is None:
-        return None
-    return SSEEvent.from_json({**obj, "choices": kept}, event=event.event, id=event.id)
 
 
 # ----- the plugin ---------------------------------------------------------------------------------
@@ -756,7 +747,7 @@ class ContentFilter(Plugin):
             return
         action = self.opts.prompt_action
         if action == "reject":
-            for text in prompt_texts(ctx.endpoint, ctx.body):
+            for text in prompt_texts(ctx.endpoint, ctx.body, ctx.wire):
                 _, rule = self.scanner.first(text)
                 if rule >= 0:
                     name = self.scanner.names[rule]
@@ -768,6 +759,8 @@ class ContentFilter(Plugin):
                     )
         elif action == "redact":
             ctx.body = self._redact_body(ctx.endpoint, ctx.body, stats)
+            if ctx.wire == ANTHROPIC:
+                ctx.body = self._redact_system(ctx.body, stats)
         if ctx.stream and self._completions:
             n = ctx.body.get("n")
             ctx.set(_STREAM, _Stream(stats, n if isinstance(n, int) and n > 0 else 1))
@@ -802,6 +795,21 @@ class ContentFilter(Plugin):
         else:
             return body
         return body if redacted == prompt else {**body, "prompt": redacted}
+
+    def _redact_system(self, body: dict[str, Any], stats: FilterStats) -> dict[str, Any]:
+        """A Messages body with its system prompt (a string or text blocks) redacted."""
+
+        def redact(text: str) -> str:
+            return self._redact_text(text, stats, "prompt_redact")
+
+        system = body.get("system")
+        if isinstance(system, str):
+            new: Any = redact(system)
+        elif isinstance(system, list):
+            new = [_redact_part(block, redact) for block in system]
+        else:
+            return body
+        return body if new == system else {**body, "system": new}
 
     # -- streams -----------------------------------------------------------------------------
 
@@ -846,7 +854,7 @@ class ContentFilter(Plugin):
             edit.stopped = True
             edit.drop.add(index)
         events = [text_event(ctx, template, index, safe)] if safe else []
-        events.append(text_event(ctx, template, index, "", finish_reason=CONTENT_FILTER))
+        events += stop_events(ctx, template, index, CONTENT_FILTER)
         return events
 
     def on_event(self, ctx: RequestContext, event: SSEEvent) -> list[SSEEvent] | None:
@@ -1102,7 +1110,7 @@ class ContentFilter(Plugin):
         st.clear_waiting()
         if rule >= 0:
             return [
-                *_without_choice(events, index),
+                *_without_choice(ctx, events, index),
                 *self._stopped(ctx, st, index, text, rule, template, edit),
             ]
         return self._spread_both(ctx, index, events, texts, text)
@@ -1122,7 +1130,7 @@ class ContentFilter(Plugin):
         dropped = [*st.waiting, *events]
         st.clear_waiting()
         out = [
-            *_without_choice(dropped, index),
+            *_without_choice(ctx, dropped, index),
             *self._stopped(ctx, st, index, safe, rule, events[-1]),
         ]
         if st.all_done():
@@ -1201,7 +1209,7 @@ class ContentFilter(Plugin):
             return None
         main: SSEEvent | None = with_texts(ctx, event, edit.texts) if edit.texts else event
         if edit.drop and main is not None:
-            main = _without_choices(main, edit.drop)
+            main = without_choices(ctx, main, edit.drop)
         result = [*edit.before, *([main] if main is not None else []), *edit.after]
         if edit.stopped and st.all_done():
             raise EndStream(result)
@@ -1227,6 +1235,8 @@ class ContentFilter(Plugin):
     async def on_response(self, ctx: RequestContext, body: dict[str, Any]) -> dict[str, Any] | None:
         if not self._completions:
             return None
+        if ctx.wire == ANTHROPIC:
+            return self._filter_message(body, ctx.get(FILTER) or FilterStats())
         choices = body.get("choices")
         if not isinstance(choices, list):
             return None
@@ -1238,6 +1248,31 @@ class ContentFilter(Plugin):
             changed = changed or replaced is not choice
             new_choices.append(replaced)
         return {**body, "choices": new_choices} if changed else None
+
+    def _filter_message(self, body: dict[str, Any], stats: FilterStats) -> dict[str, Any] | None:
+        """A non-streaming Anthropic Message: text blocks redacted, or the answer cut before
+        the first match (later blocks dropped, ``stop_reason: "refusal"``)."""
+        content = body.get("content")
+        if not isinstance(content, list):
+            return None
+        blocks: list[Any] = []
+        for block in content:
+            text = block.get("text") if isinstance(block, dict) else None
+            if not isinstance(text, str) or not text or block.get("type") != "text":
+                blocks.append(block)
+                continue
+            if self._stop:
+                new, rule = self.scanner.first(text)
+                if rule >= 0:
+                    stats.record(self.scanner.names[rule], "completion_stop")
+                    blocks.append({**block, "text": new})
+                    return {**body, "content": blocks, "stop_reason": "refusal"}
+                blocks.append(block)
+                continue
+            new = self._redact_text(text, stats, "completion_redact")
+            blocks.append(block if new == text else {**block, "text": new})
+        changed = any(a is not b for a, b in zip(blocks, content, strict=True))
+        return {**body, "content": blocks} if changed else None
 
     def _filter_choice(self, endpoint: Endpoint, choice: Any, stats: FilterStats) -> Any:
         """One choice of a non-streaming body, redacted or cut (itself if unchanged)."""

@@ -129,6 +129,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gateway.context import LOCAL_COUNT, Endpoint, Outcome, RequestContext, StateKey
 from gateway.deltas import event_texts, text_delta
 from gateway.plugin import Plugin
+from gateway.protocols import ANTHROPIC, OPENAI
+from gateway.protocols.anthropic import views as anthropic_views
 from gateway.sse import SSEEvent
 
 __all__ = [
@@ -837,6 +839,7 @@ class _Run:
     tokens: TokenCount
     count: Count
     chat: bool
+    anthropic: bool = False  # the native Anthropic lane: Messages bodies and events
 
 
 _RUN: StateKey[_Run] = StateKey("token_count.run")
@@ -977,9 +980,11 @@ class TokenCounter(Plugin):
 
     # -- prompt -----------------------------------------------------------------------------
 
-    def _prompt(self, endpoint: Endpoint, body: Mapping[str, Any]) -> _Prompt:
+    def _prompt(self, endpoint: Endpoint, body: Mapping[str, Any], wire: str = OPENAI) -> _Prompt:
         prompt = _Prompt()
-        if endpoint is Endpoint.CHAT:
+        if wire == ANTHROPIC:
+            self._messages_prompt(prompt, body)
+        elif endpoint is Endpoint.CHAT:
             self._chat_prompt(prompt, body)
         elif endpoint is Endpoint.COMPLETIONS:
             _add_inputs(prompt, body.get("prompt"))
@@ -1011,6 +1016,39 @@ class TokenCounter(Plugin):
         if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
             prompt.add_json("response_format", response_format.get("json_schema"))
 
+    def _messages_prompt(self, prompt: _Prompt, body: Mapping[str, Any]) -> None:
+        """An Anthropic Messages body: system, every block's text, tools and tool use as
+        JSON, images and other parts at their fixed costs. Anthropic publishes no framing
+        formula (nor its tokenizer): always an estimate."""
+        prompt.estimate("messages_format")
+        for piece in anthropic_views.prompt_pieces(body):
+            if piece.kind == "text":
+                prompt.texts.append(piece.text)
+            elif piece.kind == "json":
+                prompt.add_json(piece.name, piece.value)
+            elif piece.kind == "image":
+                prompt.fixed += self.config.image_tokens
+                prompt.estimate("image")
+            else:
+                prompt.fixed += self.config.other_part_tokens
+                prompt.estimate(piece.name)
+        messages = body.get("messages")
+        prompt.fixed += TOKENS_PER_MESSAGE * (len(messages) if isinstance(messages, list) else 0)
+
+    async def count_prompt(self, ctx: RequestContext) -> TokenCount:
+        """The prompt tokens of `ctx.body` (in `ctx.wire`'s format), as `on_request` counts
+        them, without starting a count of the answer: the `PromptCounter` service that
+        answers ``/v1/messages/count_tokens`` locally."""
+        counter = await self._counter(ctx)
+        tokens = TokenCount(encoding=counter.encoding, exact=counter.exact)
+        if not counter.exact:
+            tokens.estimated("tokenizer")
+        prompt = self._prompt(ctx.endpoint, ctx.body, ctx.wire)
+        for part in prompt.estimated:
+            tokens.estimated(part)
+        tokens.prompt_tokens = prompt.fixed + await self._count_all(counter.count, prompt.texts)
+        return tokens
+
     def _content_parts(self, prompt: _Prompt, parts: Iterable[Any]) -> None:
         for part in parts:
             if not isinstance(part, dict):
@@ -1037,18 +1075,13 @@ class TokenCounter(Plugin):
     # -- hooks ------------------------------------------------------------------------------
 
     async def on_request(self, ctx: RequestContext) -> None:
-        counter = await self._counter(ctx)
-        tokens = TokenCount(encoding=counter.encoding, exact=counter.exact)
-        if not counter.exact:
-            tokens.estimated("tokenizer")
-        prompt = self._prompt(ctx.endpoint, ctx.body)
-        for part in prompt.estimated:
-            tokens.estimated(part)
-        tokens.prompt_tokens = prompt.fixed + await self._count_all(counter.count, prompt.texts)
+        tokens = await self.count_prompt(ctx)
+        counter = await self._counter(ctx)  # the same one again: a dict lookup
         tokens._stream(counter.count)
         ctx.set(TOKENS, tokens)
         ctx.set(LOCAL_COUNT, tokens)  # what the core reports when the upstream sends no usage
-        ctx.set(_RUN, _Run(tokens, counter.count, ctx.endpoint is Endpoint.CHAT))
+        chat = ctx.endpoint is Endpoint.CHAT
+        ctx.set(_RUN, _Run(tokens, counter.count, chat, ctx.wire == ANTHROPIC))
 
     def on_event(self, ctx: RequestContext, event: SSEEvent) -> list[SSEEvent] | None:
         run = ctx.get(_RUN)
@@ -1089,6 +1122,11 @@ class TokenCounter(Plugin):
     def _count_other(self, ctx: RequestContext, run: _Run, event: SSEEvent) -> None:
         data = event.data_bytes
         if data is None:
+            return
+        if run.anthropic:
+            if b'_delta"' in data or b'"tool_use"' in data:  # thinking, tool input, names
+                texts = anthropic_views.generated_texts(_json_of(event))
+                run.tokens.completion_tokens += _sum_counts(run.count, texts)
             return
         if run.chat:
             # Byte checks before any parse; a text delta passes the first one.
@@ -1137,6 +1175,8 @@ class TokenCounter(Plugin):
         if run is None:
             return None
         texts: list[str] = []
+        if run.anthropic:
+            texts = anthropic_views.response_texts(body)
         for choice in body.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
@@ -1171,6 +1211,13 @@ class TokenCounter(Plugin):
         usage.completion_tokens = tokens.completion_tokens
         usage.total_tokens = tokens.total_tokens
         usage.source = "local" if ctx.outcome is Outcome.COMPLETED else "local_partial"
+
+
+def _json_of(event: SSEEvent) -> Any:
+    try:
+        return event.json()
+    except ValueError:
+        return None
 
 
 def _sum_counts(count: Count, texts: Iterable[str]) -> int:

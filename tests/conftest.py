@@ -4,6 +4,7 @@ Tests marked `soak` are long and opt-in: they are deselected (not collected into
 never a silent skip) unless SLUICE_SOAK=1, and with it they run like any other test. Tests
 marked `llama` (a real llama-cpp-python server, tests/real_servers) likewise need
 SLUICE_LLAMA=1; `tools/llama-tests.sh` sets it up and runs them.
+Tests marked `agents` (real coding agents, installed with npm) likewise need SLUICE_AGENTS=1.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import pytest
 
 from gateway.testing.fake_upstream import FakeUpstream
 
-_OPT_IN = (("soak", "SLUICE_SOAK"), ("llama", "SLUICE_LLAMA"))  # marker, variable set to 1
+_OPT_IN = {"soak": "SLUICE_SOAK", "llama": "SLUICE_LLAMA", "agents": "SLUICE_AGENTS"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect `soak` tests unless SLUICE_SOAK=1, `llama` tests unless SLUICE_LLAMA=1."""
-    for marker, variable in _OPT_IN:
+    """Deselect each opt-in marker's tests unless its variable is 1 (never a silent skip)."""
+    for marker, variable in _OPT_IN.items():
         if os.environ.get(variable) == "1":
             continue
         opted = [item for item in items if item.get_closest_marker(marker) is not None]

@@ -7,13 +7,15 @@ from typing import Any
 
 from gateway.config import AnthropicUpstream, ServerConfig
 from gateway.context import Endpoint, RequestContext
+from gateway.protocols import ANTHROPIC
+from gateway.protocols.anthropic.upstream import NativeMessages
 from gateway.sse import SSEDecoder, SSEEvent
 from gateway.translate.anthropic_openai import (
     MessagesStreamToChat,
     chat_request_to_messages,
     messages_response_to_chat,
 )
-from gateway.upstreams.base import StreamDecoder, StreamObserver, UpstreamCall
+from gateway.upstreams.base import StreamDecoder, StreamObserver, Upstream, UpstreamCall
 from gateway.upstreams.http import HttpUpstream
 from gateway.upstreams.openai import client_wants_usage
 from gateway.upstreams.translated import TranslatedObserver
@@ -72,9 +74,13 @@ class Anthropic(HttpUpstream):
         self._static_headers["anthropic-version"] = config.anthropic_version
         if config.api_key is not None and config.api_key.get_secret_value():
             self._static_headers["x-api-key"] = config.api_key.get_secret_value()
+        self._native = NativeMessages(self, config.base_url)
 
     def supports(self, endpoint: Endpoint) -> bool:
         return endpoint is Endpoint.CHAT
+
+    def native(self, wire: str) -> Upstream | None:
+        return self._native if wire == ANTHROPIC else None
 
     async def open(
         self, ctx: RequestContext, body: dict[str, Any], headers: Mapping[str, str]

@@ -193,3 +193,8 @@ class Upstream(abc.ABC):
     def supports(self, endpoint: Endpoint) -> bool:
         """Whether this upstream serves `endpoint`."""
         return True
+
+    def native(self, wire: str) -> Upstream | None:
+        """This upstream speaking `wire` (a `gateway.protocols` name) natively, or None if
+        it only takes the core's OpenAI format (translating it itself)."""
+        return None

@@ -16,6 +16,7 @@ import orjson
 
 from gateway.config import ConfigError, HttpUpstreamConfig
 from gateway.errors import GatewayError, timeout_error, upstream_error
+from gateway.headers import merge_headers
 from gateway.upstreams.base import Upstream, UpstreamCall
 from gateway.upstreams.failures import upstream_broken
 
@@ -175,7 +176,10 @@ class HttpUpstream(Upstream):
     def map_status_error(self, status: int, body: bytes) -> GatewayError:
         """The base mapping, minus any echo of this upstream's own credentials (an error body
         may quote the key, with or without its `sk-` prefix)."""
-        error = super().map_status_error(status, body)
+        return self.scrubbed(super().map_status_error(status, body))
+
+    def scrubbed(self, error: GatewayError) -> GatewayError:
+        """`error` without any echo of this upstream's credentials (changed in place)."""
         if self._secrets is None:
             self._secrets = secret_forms(self._static_headers.values())
         error.message = scrub(error.message, self._secrets) or ""
@@ -214,16 +218,27 @@ class HttpUpstream(Upstream):
             self._session = None
 
     async def post(
-        self, url: str, body: dict[str, Any], headers: Mapping[str, str]
+        self,
+        url: str,
+        body: dict[str, Any],
+        headers: Mapping[str, str],
+        *,
+        client_wins: frozenset[str] = frozenset(),
     ) -> UpstreamCall:
         """POST JSON; connection failures become the client's 502/504 (GatewayError), or
-        UpstreamBroken when the connection or the response's head broke."""
+        UpstreamBroken when the connection or the response's head broke.
+
+        The configured headers replace the client's, except those named (lower case) in
+        `client_wins` (a native lane's API version header).
+        """
         if self._session is None:
             raise RuntimeError(f"upstream {self.name} used before start()")
+        if client_wins:
+            sent = merge_headers(headers, self._static_headers, client_wins)
+        else:
+            sent = {**headers, **self._static_headers}
         try:
-            response = await self._session.post(
-                url, data=orjson.dumps(body), headers={**headers, **self._static_headers}
-            )
+            response = await self._session.post(url, data=orjson.dumps(body), headers=sent)
         except aiohttp.ServerTimeoutError:
             raise timeout_error("connect") from None
         except aiohttp.ClientConnectorCertificateError as err:

@@ -189,6 +189,31 @@ async def test_models_needs_a_key_when_keys_are_configured(
     assert [m["id"] for m in some[1]["data"]] == ["big-model", "big", "org/small:q4"]
 
 
+async def test_one_model_needs_a_key_and_hides_what_the_key_may_not_use(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    """GET /v1/models/{id} follows the list's rules: no key 401; a model the key may not use
+    is not found for it (404, as OpenAI answers), one it may use is there."""
+
+    async def one(gw_v1: str, model: str, key: str | None) -> tuple[int, dict[str, Any]]:
+        headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+        async with (
+            asyncio.timeout(BOUND),
+            http.get(f"{gw_v1}/models/{model}", headers=headers) as r,
+        ):
+            return r.status, orjson.loads(await r.read())
+
+    async with run_gateway(_models_config(fake)) as gw:
+        missing = await one(gw.v1, "big", None)
+        hidden = await one(gw.v1, "m", SOME_KEY)
+        allowed = await one(gw.v1, "org/small:q4", SOME_KEY)
+        unknown = await one(gw.v1, "nope", ALL_KEY)
+    assert (missing[0], missing[1]["error"]["code"]) == (401, "missing_api_key")
+    assert (hidden[0], hidden[1]["error"]["code"]) == (404, "model_not_found")
+    assert (allowed[0], allowed[1]["id"]) == (200, "org/small:q4")
+    assert (unknown[0], unknown[1]["error"]["code"]) == (404, "model_not_found")
+
+
 async def test_public_models_lists_every_model_without_a_key(
     fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
@@ -211,7 +236,7 @@ async def test_health_and_readiness(fake: FakeUpstream, http: aiohttp.ClientSess
     assert orjson.loads(ready_body) == {"ready": True}
 
 
-@pytest.mark.parametrize("path", ["/v2/chat/completions", "/v1/chat", "/nothing", "/v1/models/x"])
+@pytest.mark.parametrize("path", ["/v2/chat/completions", "/v1/chat", "/nothing", "/v1/modelz"])
 async def test_unknown_path_is_404_json(
     fake: FakeUpstream, http: aiohttp.ClientSession, path: str
 ) -> None:

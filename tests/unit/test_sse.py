@@ -764,3 +764,27 @@ def test_limits_are_inclusive_and_exact(lines: list[bytes], eol: bytes) -> None:
     assert _outcome([stream], longest - 1, len(stream))[1]
     assert _outcome([stream], longest, len(stream) - 1)[1]
     assert _outcome([bytes([b]) for b in stream], longest - 1, len(stream))[1]
+
+
+def test_named_events_split_anywhere_keep_name_data_and_bytes() -> None:
+    """Anthropic's framing (`event:` then one `data:` line) has a fast path of its own; an
+    id, a second data line or `event:` without its space take the general one."""
+    stream = (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta"}\n\n'
+        b"event: ping\nid: 7\ndata: {}\n\n"
+        b"event:custom\ndata: a\ndata: b\n\n"
+        b"data: plain\n\n"
+        b"event: message_stop\ndata: {}\n\n"
+    )
+    expected = [
+        ("content_block_delta", '{"type":"content_block_delta"}', None),
+        ("ping", "{}", "7"),
+        ("custom", "a\nb", None),
+        (None, "plain", None),
+        ("message_stop", "{}", None),
+    ]
+    for cut in range(len(stream) + 1):
+        decoder = SSEDecoder()
+        events = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
+        assert [(e.event, e.data, e.id) for e in events] == expected, cut
+        assert b"".join(e.encode() for e in events) == stream
