@@ -246,16 +246,18 @@ class Pricing:
 
 
 def build_pricing(config: PricingConfig | None, routes: Iterable[RouteConfig]) -> Pricing:
-    """The price table of a config (no `pricing:` block: only the routes' own prices);
-    logs once that the starter table is in use, with its date."""
-    pricing = Pricing(config or PricingConfig(), routes)
-    if pricing.starter_as_of is not None:
-        log.warning(
-            "pricing: using the starter price table as of %s (USD list prices); review it "
-            "before billing anyone by it (see docs/costs.md)",
-            pricing.starter_as_of,
-        )
-    return pricing
+    """The price table of a config (no `pricing:` block: only the routes' own prices)."""
+    return Pricing(config or PricingConfig(), routes)
+
+
+def starter_notice(pricing: Pricing | None) -> str | None:
+    """The warning to show when the starter table is in use (at start-up, reload, check)."""
+    if pricing is None or pricing.starter_as_of is None:
+        return None
+    return (
+        f"pricing: using the starter price table as of {pricing.starter_as_of} (USD list "
+        "prices); review it before billing anyone by it (see docs/costs.md)"
+    )
 
 
 PRICING: StateKey[Pricing] = StateKey("pricing")

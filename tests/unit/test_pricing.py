@@ -18,6 +18,7 @@ from gateway.pricing import (
     Pricing,
     build_pricing,
     reservation_micros,
+    starter_notice,
     starter_table,
     to_micros,
     tokens_cost,
@@ -239,12 +240,13 @@ def test_the_starter_table_is_dated_and_its_entries_win_nothing_over_yours() -> 
     assert Pricing(PricingConfig()).lookup("gpt-4o") is None  # only when asked for
 
 
-def test_using_the_starter_table_is_logged_with_its_date(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="sluice.pricing"):
-        build_pricing(PricingConfig(use_starter_table=True), [])
-    (line,) = [r.getMessage() for r in caplog.records]
-    assert starter_table().as_of in line
-    assert "review" in line
+def test_the_starter_table_notice_names_its_date() -> None:
+    notice = starter_notice(build_pricing(PricingConfig(use_starter_table=True), []))
+    assert notice is not None
+    assert starter_table().as_of in notice
+    assert "review" in notice
+    assert starter_notice(build_pricing(PricingConfig(), [])) is None
+    assert starter_notice(None) is None
 
 
 # ----- config -------------------------------------------------------------------------------
