@@ -22,8 +22,10 @@ from gateway.pricing import (
     starter_table,
     to_micros,
     tokens_cost,
+    usage_cost,
 )
 from gateway.pricing_config import PriceConfig, PricingConfig
+from gateway.translate.anthropic_openai import messages_response_to_chat
 
 KEY = {"name": "ci", "sha256": hash_key("sk-pricing-config-000000000000001")}
 GPT = Price(Decimal("2.50"), Decimal("10.00"), Decimal("1.25"), Decimal("2.50"))
@@ -113,6 +115,27 @@ def test_usage_keeps_openai_cached_and_anthropic_cache_written_tokens() -> None:
     assert (usage.cached_tokens, usage.cache_write_tokens) == (40, 30)
     usage.set_from_upstream({"prompt_tokens": 100, "completion_tokens": 6})
     assert usage.cached_tokens == 40  # a later usage without details keeps what was known
+
+
+def test_an_anthropic_answer_is_priced_with_its_cache_reads_and_writes() -> None:
+    """Anthropic reports input_tokens apart from the cache's; the translation counts them
+    all in prompt_tokens (like OpenAI) and keeps reads and writes apart for pricing."""
+    message = {
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "text", "text": "ok"}],
+        "stop_reason": "end_turn",
+        "usage": {
+            "input_tokens": 300,
+            "cache_read_input_tokens": 600,
+            "cache_creation_input_tokens": 100,
+            "output_tokens": 200,
+        },
+    }
+    usage = Usage()
+    usage.set_from_upstream(messages_response_to_chat(message, "claude")["usage"])
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.cache_write_tokens) == (1000, 600, 100)
+    assert usage_cost(CLAUDE, usage) == tokens_cost(CLAUDE, 1000, 200, 600, 100)
 
 
 # ----- the table ----------------------------------------------------------------------------
