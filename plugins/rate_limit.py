@@ -311,7 +311,7 @@ class RateLimit(Plugin):
 
     async def _debit_both(self, held: _Held, amount: int) -> bool:
         """Debit the token lease, then the cost lease once its reservation is passed."""
-        ok = await self.limiter.debit(held.lease, amount)
+        ok = await self.limiter.debit(held.lease, amount) if held.lease.checks else True
         cost = held.cost
         assert cost is not None
         excess = cost.excess(held.debited)

@@ -144,7 +144,10 @@ async def test_the_days_cost_budget_refuses_once_spent(
     async with run_gateway(config, registry=REGISTRY) as gw:
         replies = [await post(http, gw, bearer(ML_KEY), ask(10)) for _ in range(5)]
         used = await used_micros(gw)
+        scrape = await _scrape(http, gw.url)
     assert [r.status for r in replies] == [200, 200, 200, 200, 429]
+    assert scrape.get("sluice_rate_limit_rejections_total", team="ml", kind="cost_budget") == 1
+    assert scrape.get("sluice_cost_total", team="ml", model="m") == pytest.approx(0.048, abs=1e-12)
     error = assert_cost_refused(replies[-1], "team:ml")
     assert "cost_per_day" in error["message"]
     assert "0.05 USD per UTC day" in error["message"]
