@@ -9,7 +9,9 @@ least `debit_every_tokens` and `debit_every_seconds`, at most one in flight, nev
 on the per-event path), so other replicas' admissions see them even when an upstream
 ignores `max_tokens`. With `hard_budget`, a stream whose daily/monthly budget runs out is
 cut with a final error event. Limits come from the authenticated key's team and key
-(`auth: keys`); with `auth: none` nothing is limited.
+(`auth: keys`); with `auth: none` nothing is limited. Budgets in currency
+(`cost_per_day`, `cost_per_month`) are reserved, debited and reconciled the same way in
+micro-units of the pricing currency (see `gateway.cost_budget`).
 
 Backends: `memory` for one replica, `redis` to share limits across replicas (one atomic
 Lua script per check). See `gateway.ratelimit` for the algorithms (GCRA for per-minute
