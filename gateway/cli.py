@@ -19,6 +19,7 @@ from gateway import __version__
 from gateway.app import build_app, build_state
 from gateway.config import ConfigError, GatewayConfig
 from gateway.configcheck import check_config
+from gateway.pricing import build_pricing, starter_notice
 from gateway.reload import Reloader, read_config
 from gateway.runtime import ConfigSource
 from gateway.serverlog import JsonFormatter, http_server_logger, use_json_logs
@@ -65,6 +66,8 @@ async def serve(
     reload); `watch` (or `server.reload.watch`) also reloads when the file's content changes.
     """
     state = build_state(config, source=source)
+    if (notice := starter_notice(state.runtime.pricing)) is not None:
+        log.warning("%s", notice)
     reloader = Reloader(state, source.path if source is not None else None)
     app = build_app(state, host=host)
     runner = web.AppRunner(
@@ -194,6 +197,9 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         f"{args.file}: OK ({len(config.upstreams)} upstreams, {len(config.routes)} routes, "
         f"{len(config.plugins)} global plugins)"
     )
+    notice = starter_notice(build_pricing(config.pricing, config.routes) if config.priced else None)
+    if notice is not None:
+        print(f"{args.file}: note: {notice}")
     return 0
 
 

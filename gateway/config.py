@@ -27,7 +27,8 @@ from gateway.config_yaml import (
     placeholder_consequence,
 )
 from gateway.headers import REQUEST_ID_HEADER, gateway_owned
-from gateway.teams import AuthMode, TeamConfig, check_auth, infer_auth_mode
+from gateway.pricing_config import PriceConfig, PricingConfig
+from gateway.teams import AuthMode, TeamConfig, check_auth, first_cost_limits, infer_auth_mode
 from gateway.tracing_config import TracingConfig
 
 
@@ -278,6 +279,9 @@ class RouteConfig(_Strict):
     skip_plugins: list[str] = Field(
         default_factory=list, description="global plugins not run on this route"
     )
+    price: PriceConfig | None = Field(
+        None, description="this route's price per million tokens, over `pricing.models`"
+    )
 
     @model_validator(mode="after")
     def _one_of_each(self) -> RouteConfig:
@@ -480,6 +484,9 @@ class GatewayConfig(_Strict):
     plugins: list[PluginConfig] = Field(default_factory=list)
     resumable: ResumableConfig = ResumableConfig()
     tracing: TracingConfig = TracingConfig()
+    pricing: PricingConfig | None = Field(
+        None, description="the price table (see docs/costs.md); unset: costs are not computed"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -503,7 +510,17 @@ class GatewayConfig(_Strict):
                 f"{where}: limits are set but nothing enforces them; add the rate_limit "
                 "plugin to `plugins` (`- name: rate_limit`), or remove the limits"
             )
+        where = first_cost_limits(self.teams)
+        if where is not None and not self.priced:
+            raise ValueError(
+                f"{where}: cost limits need a price table; add `pricing:` (see docs/costs.md)"
+            )
         return self
+
+    @property
+    def priced(self) -> bool:
+        """Whether costs are computed: a `pricing:` block, or a route with a `price:`."""
+        return self.pricing is not None or any(route.price is not None for route in self.routes)
 
     @field_validator("routes")
     @classmethod

@@ -57,6 +57,11 @@ class Usage:
     completion_tokens: int | None = None
     total_tokens: int | None = None
     source: str = "none"  # "upstream", "local", "local_partial" or "none"
+    # Of the prompt tokens, those read from the provider's prompt cache (OpenAI's
+    # prompt_tokens_details.cached_tokens, Anthropic's cache_read_input_tokens) and those
+    # written to it (Anthropic's cache_creation_input_tokens); None when not reported.
+    cached_tokens: int | None = None
+    cache_write_tokens: int | None = None
 
     def set_from_upstream(self, data: dict[str, Any]) -> None:
         """Record an upstream usage object (the latest value wins; vLLM sends running totals)."""
@@ -70,6 +75,16 @@ class Usage:
             self.total_tokens = total
         elif self.prompt_tokens is not None and self.completion_tokens is not None:
             self.total_tokens = self.prompt_tokens + self.completion_tokens
+        details = data.get("prompt_tokens_details")
+        if isinstance(details, dict):
+            cached, written = (
+                details.get("cached_tokens"),
+                details.get("cache_creation_input_tokens"),
+            )
+            if isinstance(cached, int) and not isinstance(cached, bool):
+                self.cached_tokens = cached
+            if isinstance(written, int) and not isinstance(written, bool):
+                self.cache_write_tokens = written
         self.source = "upstream"
 
 

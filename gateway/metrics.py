@@ -34,6 +34,7 @@ from gateway.config import GatewayConfig
 from gateway.context import RequestContext
 from gateway.genai_metrics import GenAIMetrics
 from gateway.plugin import Reject
+from gateway.pricing import cost_of
 from gateway.routing import UpstreamHealth
 from plugins.content_filter import FILTER, ContentFilter
 from plugins.latency import GAP_BUCKETS, LATENCY
@@ -90,9 +91,16 @@ UPSTREAM_ERROR_KINDS: Final = frozenset(
     }
 )
 BREAKER_STATES: Final = {"closed": 0, "half_open": 1, "open": 2}
-RATE_LIMIT_KINDS: Final = frozenset({"requests", "tokens", "concurrency", "budget", "backend"})
+RATE_LIMIT_KINDS: Final = frozenset(
+    {"requests", "tokens", "concurrency", "budget", "cost_budget", "backend"}
+)
 _RATE_LIMIT_CODES: Final = frozenset(
-    {"rate_limit_exceeded", "budget_exhausted", "rate_limit_backend_unavailable"}
+    {
+        "rate_limit_exceeded",
+        "budget_exhausted",
+        "cost_budget_exceeded",
+        "rate_limit_backend_unavailable",
+    }
 )
 FILTER_ACTIONS: Final = frozenset(
     {"prompt_reject", "prompt_redact", "completion_redact", "completion_stop"}
@@ -350,6 +358,13 @@ class GatewayMetrics:
             tm,
             registry=registry,
         )
+        self.cost = Counter(
+            "sluice_cost",
+            "What requests cost, in the pricing currency (pricing.currency), from their final "
+            "usage and the price table; unknown models count 0.",
+            tm,
+            registry=registry,
+        )
         self.token_diff = Histogram(
             "sluice_token_count_difference_tokens",
             "token_count's local count minus the upstream's usage, per request.",
@@ -520,6 +535,9 @@ class GatewayMetrics:
             self.prompt_tokens.labels(team, model).inc(usage.prompt_tokens)
         if usage.completion_tokens:
             self.completion_tokens.labels(team, model).inc(usage.completion_tokens)
+        cost = cost_of(ctx)
+        if cost is not None and cost.amount > 0:
+            self.cost.labels(team, model).inc(float(cost.amount))
         if ctx.stream:
             self._observe_stream(ctx, team, model)
         if answered_overhead is not None:

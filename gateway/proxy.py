@@ -41,6 +41,7 @@ from gateway.errors import (
 from gateway.headers import upstream_headers
 from gateway.metrics import GatewayMetrics
 from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, Overhead, overhead_ms, waiting
+from gateway.pricing import PRICING
 from gateway.protocols.lanes import check_client_body, dialect_of
 from gateway.resume import ResumableSink, Resumer, wants_resume
 from gateway.routing import Target, UpstreamHealth
@@ -308,6 +309,8 @@ class Proxy:
             await self._changed.wait()
 
     async def _admit(self, rt: Runtime, inbound: Inbound, ctx: RequestContext) -> None:
+        if rt.pricing is not None:  # every request gets a cost, refused ones too (0)
+            ctx.set(PRICING, rt.pricing)
         principal = None
         keys = rt.keys
         if keys is not None:  # who, before reading a byte of the body

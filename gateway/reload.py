@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from gateway.chain import discover_plugins
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.pricing import starter_notice
 from gateway.runtime import (
     ConfigSource,
     ReloadOutcome,
@@ -209,6 +210,8 @@ class Reloader:
         if state.resumer is not None:
             state.resumer.keys = runtime.keys
             state.resumer.routes_opt_in = runtime.resumable_routes
+        if (notice := starter_notice(runtime.pricing)) is not None:
+            log.warning("%s", notice)
         log.info(
             "%s: config reloaded from %s (sha256 %s): %s",
             reason,

@@ -31,6 +31,7 @@ from gateway.config import (
     PluginConfig,
     UpstreamConfig,
 )
+from gateway.pricing import Pricing, build_pricing
 from gateway.protocols.lanes import Lanes
 from gateway.routing import Router, UpstreamHealth
 from gateway.upstreams.anthropic import Anthropic
@@ -78,6 +79,7 @@ class Runtime:
     plugins: dict[tuple[str, str], Any]  # (config location, spec as JSON) -> instance
     source: ConfigSource
     resumable_routes: bool = False  # some route makes every stream resumable
+    pricing: Pricing | None = None  # the price table, when costs are computed
     users: int = 0  # requests running on this runtime
     lanes: Lanes = field(init=False)  # which lane a request on this runtime's routes takes
 
@@ -200,6 +202,7 @@ def build_runtime(
         shared.by_key,
         source,
         resumable_routes=any(route.resumable for route in config.routes),
+        pricing=build_pricing(config.pricing, config.routes) if config.priced else None,
     )
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -42,14 +43,31 @@ AuthMode = Literal["none", "keys"]
 # ----- config models ---------------------------------------------------------------------
 
 
+Money = Annotated[
+    Decimal,
+    Field(gt=0, decimal_places=6, allow_inf_nan=False, description="in the pricing currency"),
+]
+
+
 class LimitsConfig(_Strict):
-    """Rate limits; every one is optional (unset: no limit at this level)."""
+    """Rate limits; every one is optional (unset: no limit at this level).
+
+    `cost_per_day` / `cost_per_month` are budgets in the pricing currency (`pricing:`),
+    in UTC calendar windows like the token budgets.
+    """
 
     requests_per_minute: PositiveInt | None = None
     tokens_per_minute: PositiveInt | None = None
     concurrent_streams: PositiveInt | None = None
     tokens_per_day: PositiveInt | None = None
     tokens_per_month: PositiveInt | None = None
+    cost_per_day: Money | None = None
+    cost_per_month: Money | None = None
+
+    @property
+    def has_cost(self) -> bool:
+        """Whether a budget in currency is set."""
+        return self.cost_per_day is not None or self.cost_per_month is not None
 
 
 def _normalise_digest(text: str) -> str | None:
@@ -235,3 +253,17 @@ def check_auth(auth: AuthMode, teams: Mapping[str, TeamConfig]) -> None:
     problem = _duplicate_key_problem(teams)
     if problem is not None:
         raise ValueError(problem)
+
+
+def first_cost_limits(teams: Mapping[str, TeamConfig]) -> str | None:
+    """The config location of the first cost budget set in `teams`, or None."""
+    for name, team in teams.items():
+        if team.limits.has_cost:
+            return f"teams.{name}.limits"
+        for model, limits in team.model_limits.items():
+            if limits.has_cost:
+                return f"teams.{name}.model_limits.{model}"
+        for i, key in enumerate(team.keys):
+            if key.limits is not None and key.limits.has_cost:
+                return f"teams.{name}.keys[{i}].limits"
+    return None

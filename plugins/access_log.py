@@ -11,7 +11,9 @@ UUID sent upstream in its request id header), ``team``, ``key_id`` (an id, never
 ``/v1/messages``), ``stream``, ``status``, ``outcome``, ``error_code``, ``error_message``
 (sanitised), ``prompt_tokens``, ``completion_tokens``, ``usage_source``, ``ttft_ms``
 (request received to first event written), ``duration_ms``, ``events``, ``bytes``,
-``retries``, ``overhead_ms`` (gateway time per stream; null when not measured).
+``retries``, ``overhead_ms`` (gateway time per stream; null when not measured), ``cost``
+(what the request cost in ``currency``, from its final usage and the price table; 0 for an
+unknown model; both null when no ``pricing:`` is configured; see docs/costs.md).
 
 With ``log_prompts`` / ``log_completions`` the line also carries ``prompt`` (the prompt's
 text pieces) / ``completion`` (the generated text per choice index), each capped at
@@ -47,6 +49,7 @@ from gateway.context import Endpoint, RequestContext, StateKey
 from gateway.deltas import event_texts, prompt_texts
 from gateway.errors import sanitise_message
 from gateway.plugin import OnEvent, OnResponse, Plugin
+from gateway.pricing import cost_of
 from gateway.protocols import ANTHROPIC
 from gateway.sse import SSEEvent
 
@@ -295,6 +298,9 @@ class AccessLog(Plugin):
             retries=ctx.retries,
             overhead_ms=round(ctx.overhead_seconds * 1000.0, 3) if ctx.events_in else None,
         )
+        cost = cost_of(ctx)
+        fields["cost"] = float(cost.amount) if cost is not None else None
+        fields["currency"] = cost.currency if cost is not None else None
         prompt, completion = ctx.get(_PROMPT), ctx.get(_COMPLETION)
         if self.options.log_prompts:
             fields["prompt"] = prompt.joined() if prompt is not None else None

@@ -9,7 +9,9 @@ least `debit_every_tokens` and `debit_every_seconds`, at most one in flight, nev
 on the per-event path), so other replicas' admissions see them even when an upstream
 ignores `max_tokens`. With `hard_budget`, a stream whose daily/monthly budget runs out is
 cut with a final error event. Limits come from the authenticated key's team and key
-(`auth: keys`); with `auth: none` nothing is limited.
+(`auth: keys`); with `auth: none` nothing is limited. Budgets in currency
+(`cost_per_day`, `cost_per_month`) are reserved, debited and reconciled the same way in
+micro-units of the pricing currency (see `gateway.cost_budget`).
 
 Backends: `memory` for one replica, `redis` to share limits across replicas (one atomic
 Lua script per check). See `gateway.ratelimit` for the algorithms (GCRA for per-minute
@@ -23,9 +25,9 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,7 +35,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.auth import PRINCIPAL, Principal
 from gateway.config import RouteConfig
 from gateway.context import RequestContext, StateKey
+from gateway.cost_budget import (
+    CostHold,
+    actual_micros,
+    cost_scopes_for,
+    exhausted_error,
+    refusal,
+    reserve,
+)
 from gateway.plugin import Plugin, Reject
+from gateway.pricing import PRICING, Pricing
 from gateway.ratelimit import (
     DEFAULT_TIMEOUT,
     Decision,
@@ -87,6 +98,7 @@ class _Held:
     debited: int = 0  # tokens already passed to debit()
     renewed_at: float = 0.0  # limiter time of the last debit (which renews the lease)
     pending: asyncio.Task[bool] | None = None
+    cost: CostHold | None = None  # the cost budgets' lease (see gateway.cost_budget)
 
 
 _HELD: StateKey[_Held] = StateKey("rate_limit.lease")
@@ -217,15 +229,48 @@ class RateLimit(Plugin):
         if principal is None:
             return
         scopes = scopes_for(principal, ctx.route)
-        if not scopes:
+        pricing = ctx.get(PRICING)
+        cost_scopes = cost_scopes_for(principal, ctx.route) if pricing is not None else []
+        if not scopes and not cost_scopes:
             return
         prompt = _prompt_estimate(ctx)
         tokens = reservation(prompt, _max_tokens(ctx), self.settings.default_max_tokens)
-        decision = await self.limiter.admit(scopes, tokens)
+        cost = None
+        if cost_scopes and pricing is not None:
+            cost = await self._admit_cost(ctx, pricing, cost_scopes, prompt, tokens - prompt)
+        try:
+            decision = await self.limiter.admit(scopes, tokens)
+        except BaseException:
+            if cost is not None:
+                self._finish_later(self.limiter.finish(cost.lease, 0))
+            raise
         ctx.response_headers.update(decision.headers)
         if not decision.allowed or decision.lease is None:
+            if cost is not None:  # refused by a token limit: the cost reservation goes back
+                self._finish_later(self.limiter.finish(cost.lease, 0))
             raise _refusal(decision)
-        ctx.set(_HELD, _Held(decision.lease, prompt, renewed_at=self._now()))
+        ctx.set(_HELD, _Held(decision.lease, prompt, renewed_at=self._now(), cost=cost))
+
+    async def _admit_cost(
+        self,
+        ctx: RequestContext,
+        pricing: Pricing,
+        scopes: list[Scope],
+        prompt: int,
+        completion: int,
+    ) -> CostHold:
+        """Reserve the request's most expensive outcome against its cost budgets."""
+        micros, price = reserve(pricing, ctx, prompt, completion)
+        decision = await self.limiter.admit(scopes, micros)
+        if not decision.allowed or decision.lease is None:
+            raise refusal(decision, scopes, pricing.currency)
+        return CostHold(decision.lease, price, prompt)
+
+    def _finish_later(self, finishing: Coroutine[Any, Any, None]) -> None:
+        """Run a finish in a task the plugin holds (`close` waits for it)."""
+        task = asyncio.get_running_loop().create_task(finishing)
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     def on_event(self, ctx: RequestContext, event: SSEEvent) -> list[SSEEvent] | None:
         held = ctx.get(_HELD)
@@ -237,6 +282,8 @@ class RateLimit(Plugin):
                 return None  # at most one debit in flight per stream
             held.pending = None
             if self.settings.hard_budget and _exhausted(pending):
+                if held.cost is not None and held.cost.exhausted:
+                    raise exhausted_error()
                 raise Reject(
                     429,
                     "The token budget ran out during this answer.",
@@ -264,7 +311,20 @@ class RateLimit(Plugin):
         held.renewed_at = now
         held.pending = asyncio.get_running_loop().create_task(
             self.limiter.debit(held.lease, amount)
+            if held.cost is None
+            else self._debit_both(held, amount)
         )
+
+    async def _debit_both(self, held: _Held, amount: int) -> bool:
+        """Debit the token lease, then the cost lease once its reservation is passed."""
+        ok = await self.limiter.debit(held.lease, amount) if held.lease.checks else True
+        cost = held.cost
+        assert cost is not None
+        excess = cost.excess(held.debited)
+        if excess and not await self.limiter.debit(cost.lease, excess):
+            cost.exhausted = True
+            ok = False
+        return ok
 
     async def on_end(self, ctx: RequestContext) -> None:
         held = ctx.get(_HELD)
@@ -277,18 +337,24 @@ class RateLimit(Plugin):
             actual = (usage.prompt_tokens or held.prompt_estimate) + (usage.completion_tokens or 0)
         # In a task of its own: a request cancelled now (a shutdown) still gives its slot
         # back, and `close` waits for it.
-        task = asyncio.get_running_loop().create_task(self._finish(held, actual))
+        pricing = ctx.get(PRICING)
+        cost = None
+        if held.cost is not None and pricing is not None:
+            cost = actual_micros(pricing, ctx, held.cost)
+        task = asyncio.get_running_loop().create_task(self._finish(held, actual, cost))
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
         await asyncio.shield(task)
 
-    async def _finish(self, held: _Held, actual: int) -> None:
+    async def _finish(self, held: _Held, actual: int, cost: int | None = None) -> None:
         if held.pending is not None:
             # Let an in-flight debit land first (bounded by the backend's timeout): cancelling
             # a script that already ran would charge its tokens twice at reconciliation.
             with contextlib.suppress(Exception):
                 await held.pending
         await self.limiter.finish(held.lease, actual)
+        if held.cost is not None:
+            await self.limiter.finish(held.cost.lease, cost or 0)
 
     def _now(self) -> float:
         """The limiter's clock (leases expire by it)."""

@@ -65,6 +65,8 @@ REQUEST_FIELDS = {
     "bytes",
     "retries",
     "overhead_ms",
+    "cost",
+    "currency",
 }
 TEXT_FIELDS = {"prompt", "prompt_truncated", "completion", "completion_truncated"}
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}

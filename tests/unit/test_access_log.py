@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from gateway.config import ConfigError, PluginConfig, RouteConfig
 from gateway.context import Endpoint, Identity, Outcome, RequestContext, Timing, Usage
 from gateway.errors import GatewayError
 from gateway.plugin import Plugin
+from gateway.pricing import PRICING, Pricing
+from gateway.pricing_config import PriceConfig, PricingConfig
 from gateway.sse import SSEEvent
 from gateway.testing.fake_upstream import openai_chunk, openai_completion
 from plugins.access_log import AccessLog, AccessLogOptions
@@ -48,6 +51,8 @@ REQUEST_FIELDS = {
     "bytes",
     "retries",
     "overhead_ms",
+    "cost",
+    "currency",
 }
 
 
@@ -177,7 +182,21 @@ async def test_completed_line_has_every_documented_field() -> None:
         "bytes": 321,
         "retries": 0,
         "overhead_ms": 2.0,
+        "cost": None,  # no price table
+        "currency": None,
     }
+
+
+async def test_the_line_carries_the_request_cost_from_the_price_table() -> None:
+    plugin, buf = make()
+    ctx = routed_ctx()
+    table = {"gpt-test": PriceConfig(input=Decimal("2.5"), output=Decimal("10"))}
+    ctx.set(PRICING, Pricing(PricingConfig(currency="EUR", models=table)))
+    await plugin.on_request(ctx)
+    finish(ctx)  # 3 prompt tokens, 4 completion tokens
+    await plugin.on_end(ctx)
+    (line,) = lines(buf)
+    assert (line["cost"], line["currency"]) == (0.0000475, "EUR")
 
 
 async def test_request_rejected_before_routing() -> None:

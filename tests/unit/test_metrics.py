@@ -29,6 +29,7 @@ FAMILIES = {
     "sluice_plugin_events": "counter",
     "sluice_prompt_tokens": "counter",
     "sluice_completion_tokens": "counter",
+    "sluice_cost": "counter",
     "sluice_token_count_difference_tokens": "histogram",
     "sluice_inflight_streams": "gauge",
     "sluice_upstream_errors": "counter",
