@@ -20,6 +20,7 @@ from gateway.cors import Cors
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.playground import add_routes as add_playground_routes
+from gateway.protocols.responses.http import add_routes as add_responses_routes
 from gateway.proxy import Proxy
 from gateway.resume import Resumer
 from gateway.routing import Router, UpstreamHealth
@@ -321,6 +322,7 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/embeddings", proxy.embeddings)
     app.router.add_post("/v1/messages", proxy.messages)
+    add_responses_routes(app, proxy, state.config.responses, lambda: state.keys)
     server = state.config.server
     ws = websocket_handler(proxy, server.max_body_bytes, server.cors.allow_origins)
     app.router.add_get("/v1/ws", ws)

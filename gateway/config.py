@@ -27,6 +27,7 @@ from gateway.config_yaml import (
     placeholder_consequence,
 )
 from gateway.headers import REQUEST_ID_HEADER, gateway_owned
+from gateway.protocols.responses.config import ResponsesConfig
 from gateway.teams import AuthMode, TeamConfig, check_auth, infer_auth_mode
 from gateway.tracing_config import TracingConfig
 
@@ -480,6 +481,7 @@ class GatewayConfig(_Strict):
     plugins: list[PluginConfig] = Field(default_factory=list)
     resumable: ResumableConfig = ResumableConfig()
     tracing: TracingConfig = TracingConfig()
+    responses: ResponsesConfig = ResponsesConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -42,6 +42,8 @@ from gateway.errors import (
 from gateway.headers import upstream_headers
 from gateway.metrics import GatewayMetrics
 from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, Overhead, overhead_ms, waiting
+from gateway.protocols.responses.lane import STORE as RESPONSES_STORE
+from gateway.protocols.responses.store import ResponseStore
 from gateway.resume import ResumableSink, Resumer, wants_resume
 from gateway.routing import Target, UpstreamHealth
 from gateway.runtime import Generations, Runtime
@@ -154,6 +156,7 @@ class Proxy:
     ) -> None:
         self.generations = generations
         self.resumer = resumer
+        self.responses_store: ResponseStore | None = None  # set at start-up (/v1/responses)
         self._detached: set[asyncio.Task[Served]] = set()  # resumable streams' producers
         self.metrics = metrics
         self.tracing: Tracing | None = None  # set at start-up when tracing is on
@@ -184,6 +187,10 @@ class Proxy:
         """POST /v1/messages: Anthropic's Messages API, for the Anthropic SDKs."""
         return await self.handle(request, Endpoint.CHAT, "anthropic")
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/responses: OpenAI's Responses API, run as chat (see gateway.protocols)."""
+        return await self.handle(request, Endpoint.CHAT, "responses")
+
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/embeddings (never streamed)."""
         return await self.handle(request, Endpoint.EMBEDDINGS)
@@ -199,6 +206,8 @@ class Proxy:
             return await resumer.resume_by_event_id(request)
         ctx = RequestContext(request_id_from(request.headers.get("X-Request-Id")), endpoint)
         ctx.client_format = client_format
+        if client_format == "responses" and self.responses_store is not None:
+            ctx.set(RESPONSES_STORE, self.responses_store)
         sink = HttpSink(request)
         if resumer is not None:
             asked = wants_resume(request.headers)
@@ -315,9 +324,11 @@ class Proxy:
             ctx.identity = principal.identity()
             ctx.set(PRINCIPAL, principal)
         body = await waiting(ctx, inbound.read_body())
+        dialect = DIALECTS[ctx.client_format]
+        body = await waiting(ctx, dialect.prepare(ctx, body))
         validate_body(ctx.endpoint, body)
         ctx.model = body["model"]
-        ctx.body = DIALECTS[ctx.client_format].admit(ctx, body)
+        ctx.body = dialect.admit(ctx, body)
         ctx.stream = ctx.endpoint is not Endpoint.EMBEDDINGS and body.get("stream") is True
         ctx.route = rt.router.resolve(ctx.model)
         if principal is not None and keys is not None:

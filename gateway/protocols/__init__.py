@@ -1,0 +1,1 @@
+"""One home per wire protocol: request models, translators and encoders, error shapes."""
