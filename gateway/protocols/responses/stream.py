@@ -280,7 +280,7 @@ class ChatStreamToResponses:
         out: list[SSEEvent] = []
         at: dict[str, Any] = {"item_id": item.id, "output_index": item.index}
         if item.kind == "reasoning":
-            part = {"type": "summary_text", "text": text}
+            part: dict[str, Any] = {"type": "summary_text", "text": text}
             out.append(
                 self._event(
                     "response.reasoning_summary_text.done", **at, summary_index=0, text=text
@@ -292,7 +292,7 @@ class ChatStreamToResponses:
                 )
             )
         else:
-            part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+            part = {"type": "output_text", "text": text, "annotations": []}
             out.append(
                 self._event(
                     "response.output_text.done", **at, content_index=0, text=text, logprobs=[]
