@@ -292,15 +292,14 @@ async def test_upstream_error_before_headers_is_openai_json(fake: FakeUpstream) 
     assert "slow down" in info.value.message
 
 
-async def test_unsupported_tool_is_a_400_naming_it(fake: FakeUpstream) -> None:
+async def test_unsupported_input_is_a_400_naming_it(fake: FakeUpstream) -> None:
     async with run_gateway(config_for(fake)) as gw, _sdk(gw) as client:
         with pytest.raises(openai.BadRequestError) as info:
             await client.responses.create(
                 model="m",
-                input="hi",
-                tools=[{"type": "web_search"}],
+                input=[{"role": "user", "content": [{"type": "input_file", "file_id": "f1"}]}],
             )
-    assert info.value.param == "tools[0]"
+    assert info.value.param == "input[0].content[0]"
     assert fake.exchanges == []
 
 

@@ -115,6 +115,11 @@ def test_function_tools_and_tool_choice() -> None:
 def test_dropped_fields_do_not_reach_the_upstream() -> None:
     out = _chat(
         {
+            "tools": [
+                {"type": "web_search"},
+                {"type": "namespace", "name": "ns", "tools": []},
+                {"type": "custom", "name": "c"},
+            ],
             "input": [
                 {"type": "reasoning", "id": "rs_1", "summary": []},
                 {"role": "user", "content": "hi"},
@@ -134,7 +139,7 @@ def test_dropped_fields_do_not_reach_the_upstream() -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0]"),
+        ({"input": "hi", "tools": [{"type": "function"}]}, "tools[0].name"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0]"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},

@@ -240,17 +240,18 @@ def items_to_messages(items: list[Item]) -> list[dict[str, Any]]:
 
 
 def _tools(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Function tools in chat's shape. Other tools (built-in ones such as web_search, and
+    `namespace` or `custom` tools) are dropped: a chat upstream cannot run them, and agents
+    such as Codex send them with every request (the loss table says so)."""
     converted: list[dict[str, Any]] = []
     for j, tool in enumerate(body.get("tools") or []):
         where = f"tools[{j}]"
-        kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind != "function" or not isinstance(tool.get("name"), str):
-            raise bad_request(
-                f"`{where}`: only function tools are supported on this route (got type "
-                f"{kind!r}; built-in tools need OpenAI's own Responses API).",
-                param=where,
-                code="unsupported_tool",
-            )
+        if not isinstance(tool, dict):
+            raise bad_request(f"`{where}` must be an object.", param=where)
+        if tool.get("type") != "function":
+            continue
+        if not isinstance(tool.get("name"), str):
+            raise bad_request(f"`{where}.name` must be a string.", param=f"{where}.name")
         fn: dict[str, Any] = {"name": tool["name"]}
         if isinstance(tool.get("description"), str):
             fn["description"] = tool["description"]
@@ -315,8 +316,9 @@ def responses_request_to_chat(
     ``temperature``, ``top_p``, ``parallel_tool_calls``, ``user`` (or ``safety_identifier``)
     as given; ``reasoning.effort`` -> ``reasoning_effort``; ``text.format`` ->
     ``response_format``; function ``tools`` and ``tool_choice`` to their chat shapes;
-    ``stream`` -> ``stream`` with ``stream_options.include_usage``. Raises a 400
-    GatewayError for what chat cannot express (built-in tools, files, background).
+    ``stream`` -> ``stream`` with ``stream_options.include_usage``; tools other than
+    functions are dropped. Raises a 400 GatewayError for what chat cannot express (files,
+    item references, background).
     """
     _refuse_unsupported(body)
     messages: list[dict[str, Any]] = []
