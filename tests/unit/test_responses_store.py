@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from gateway.config import ConfigError, parse_config
 from gateway.protocols.responses.config import ResponsesConfig
 from gateway.protocols.responses.objects import Turn
 from gateway.protocols.responses.store import MemoryStore, RedisStore, StoredResponse
@@ -85,6 +86,13 @@ async def test_an_entry_over_max_entry_bytes_is_not_stored() -> None:
     big = _record(text="y" * 2000)
     store.put(big)
     assert await store.get("ml", big.id) is None
+
+
+def test_an_unknown_key_in_the_block_is_named() -> None:
+    config = {"upstreams": {"d": {"kind": "demo"}}, "routes": [{"model": "m", "upstream": "d"}]}
+    with pytest.raises(ConfigError, match=r"responses\.retention"):
+        parse_config({**config, "responses": {"retention": 5}}, {})
+    assert parse_config(config, {}).responses.store == "memory"
 
 
 def test_redis_store_needs_a_url() -> None:
