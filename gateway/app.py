@@ -21,6 +21,7 @@ from gateway.count_tokens import CountTokens
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.playground import add_routes as add_playground_routes
+from gateway.protocols.responses.http import add_routes as add_responses_routes
 from gateway.proxy import Proxy
 from gateway.resume import Resumer
 from gateway.routing import Router, UpstreamHealth
@@ -347,6 +348,7 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
     app.router.add_post("/v1/embeddings", proxy.embeddings)
     app.router.add_post("/v1/messages", proxy.messages)
     app.router.add_post("/v1/messages/count_tokens", CountTokens(proxy).handle)
+    add_responses_routes(app, proxy, state.config.responses, lambda: state.keys)
     server = state.config.server
     ws = websocket_handler(proxy, server.max_body_bytes, server.cors.allow_origins)
     app.router.add_get("/v1/ws", ws)

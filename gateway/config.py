@@ -28,6 +28,7 @@ from gateway.config_yaml import (
 )
 from gateway.headers import REQUEST_ID_HEADER, gateway_owned
 from gateway.pricing_config import PriceConfig, PricingConfig
+from gateway.protocols.responses.config import ResponsesConfig
 from gateway.teams import AuthMode, TeamConfig, check_auth, first_cost_limits, infer_auth_mode
 from gateway.tracing_config import TracingConfig
 
@@ -487,6 +488,7 @@ class GatewayConfig(_Strict):
     pricing: PricingConfig | None = Field(
         None, description="the price table (see docs/costs.md); unset: costs are not computed"
     )
+    responses: ResponsesConfig = ResponsesConfig()
 
     @model_validator(mode="before")
     @classmethod

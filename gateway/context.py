@@ -166,7 +166,7 @@ class RequestContext:
 
     request_id: str
     endpoint: Endpoint
-    client_format: str = "openai"  # the client's wire format: "openai" or "anthropic"
+    client_format: str = "openai"  # the client's wire format: openai, anthropic or responses
     # The format of the bodies and events the chain sees: "openai" (the core), or the
     # client's own on a native lane ("anthropic"); see gateway.protocols.lanes.
     wire: str = "openai"
@@ -195,8 +195,11 @@ class RequestContext:
 
     @property
     def api(self) -> str:
-        """The API the client called, for logs: `messages` for /v1/messages, else the endpoint."""
-        return "messages" if self.client_format == "anthropic" else self.endpoint.value
+        """The API the client called, for logs: `messages` for /v1/messages, `responses`
+        for /v1/responses, else the endpoint."""
+        if self.client_format == "anthropic":
+            return "messages"
+        return "responses" if self.client_format == "responses" else self.endpoint.value
 
     def get(self, key: StateKey[T], default: T | None = None) -> T | None:
         """A plugin's state for this request, or `default`."""

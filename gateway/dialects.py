@@ -15,6 +15,9 @@ from aiohttp import web
 
 from gateway.context import LOCAL_COUNT, Endpoint, RequestContext
 from gateway.errors import GatewayError, bad_request
+from gateway.protocols.responses import lane as responses_lane
+from gateway.protocols.responses.request import responses_request_to_chat
+from gateway.protocols.responses.unary import chat_response_to_response
 from gateway.sse import SSEEvent
 from gateway.translate.openai_anthropic import (
     ChatStreamToMessages,
@@ -44,6 +47,11 @@ class Dialect:
     """OpenAI's format: what the chain speaks, so nothing is translated."""
 
     name = "openai"
+
+    async def prepare(self, ctx: RequestContext, body: dict[str, Any]) -> dict[str, Any]:
+        """The client's body in the endpoint's format, once checks and look-ups that need
+        I/O ran (after authentication, before the gateway validates and admits it)."""
+        return body
 
     def admit(self, ctx: RequestContext, body: dict[str, Any]) -> dict[str, Any]:
         """The request body as the gateway runs it (an OpenAI request)."""
@@ -103,4 +111,31 @@ class AnthropicDialect(Dialect):
         )
 
 
-DIALECTS: dict[str, Dialect] = {"openai": Dialect(), "anthropic": AnthropicDialect()}
+class ResponsesDialect(Dialect):
+    """OpenAI's Responses API (POST /v1/responses) translated to chat completions; the
+    conversation state lives in the gateway (see gateway.protocols.responses.lane)."""
+
+    name = "responses"
+
+    async def prepare(self, ctx: RequestContext, body: dict[str, Any]) -> dict[str, Any]:
+        turn = await responses_lane.prepare(ctx, body)
+        return responses_request_to_chat(body, body["model"], turn.conversation)
+
+    def egress(self, ctx: RequestContext) -> StreamEgress | None:
+        return responses_lane.egress(ctx)
+
+    def final_error_event(self, ctx: RequestContext, err: GatewayError) -> SSEEvent | None:
+        translator = ctx.get(responses_lane.EGRESS)
+        return translator.fail(err) if translator is not None else None
+
+    def unary(self, ctx: RequestContext, payload: dict[str, Any]) -> dict[str, Any]:
+        response = chat_response_to_response(payload, ctx.require(responses_lane.TURN))
+        responses_lane.keep(ctx, response)
+        return dict(response)
+
+
+DIALECTS: dict[str, Dialect] = {
+    "openai": Dialect(),
+    "anthropic": AnthropicDialect(),
+    "responses": ResponsesDialect(),
+}

@@ -43,6 +43,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, Overhead, overhead_ms, waiting
 from gateway.pricing import PRICING
 from gateway.protocols.lanes import check_client_body, dialect_of
+from gateway.protocols.responses.lane import STORE as RESPONSES_STORE
+from gateway.protocols.responses.store import ResponseStore
 from gateway.resume import ResumableSink, Resumer, wants_resume
 from gateway.routing import Target, UpstreamHealth
 from gateway.runtime import Generations, Runtime
@@ -155,6 +157,7 @@ class Proxy:
     ) -> None:
         self.generations = generations
         self.resumer = resumer
+        self.responses_store: ResponseStore | None = None  # set at start-up (/v1/responses)
         self._detached: set[asyncio.Task[Served]] = set()  # resumable streams' producers
         self.metrics = metrics
         self.tracing: Tracing | None = None  # set at start-up when tracing is on
@@ -185,6 +188,10 @@ class Proxy:
         """POST /v1/messages: Anthropic's Messages API, for the Anthropic SDKs."""
         return await self.handle(request, Endpoint.CHAT, "anthropic")
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/responses: OpenAI's Responses API, run as chat (see gateway.protocols)."""
+        return await self.handle(request, Endpoint.CHAT, "responses")
+
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/embeddings (never streamed)."""
         return await self.handle(request, Endpoint.EMBEDDINGS)
@@ -200,6 +207,8 @@ class Proxy:
             return await resumer.resume_by_event_id(request)
         ctx = RequestContext(request_id_from(request.headers.get("X-Request-Id")), endpoint)
         ctx.client_format = client_format
+        if client_format == "responses" and self.responses_store is not None:
+            ctx.set(RESPONSES_STORE, self.responses_store)
         sink = HttpSink(request)
         if resumer is not None:
             asked = wants_resume(request.headers)
@@ -318,6 +327,7 @@ class Proxy:
             ctx.identity = principal.identity()
             ctx.set(PRINCIPAL, principal)
         body = await waiting(ctx, inbound.read_body())
+        body = await waiting(ctx, dialect_of(ctx).prepare(ctx, body))  # before routing: I/O
         check_client_body(ctx, body)
         ctx.model = body["model"]
         ctx.route = rt.router.resolve(ctx.model)

@@ -50,9 +50,10 @@ RESTART_ONLY: Final = (
     "server.log_format",
     "resumable",
     "tracing",
+    "responses",
 )
-"""Keys a reload cannot apply (listeners, app middleware, the resumable-stream store, the
-log handlers and the tracer provider set up at start)."""
+"""Keys a reload cannot apply (listeners, app middleware, the resumable-stream and
+Responses stores, the log handlers and the tracer provider set up at start)."""
 
 _READ_ATTEMPTS: Final = 3
 
@@ -111,7 +112,12 @@ def keep_running(running: GatewayConfig, new: GatewayConfig) -> GatewayConfig:
         }
     )
     return new.model_copy(
-        update={"server": server, "resumable": running.resumable, "tracing": running.tracing}
+        update={
+            "server": server,
+            "resumable": running.resumable,
+            "tracing": running.tracing,
+            "responses": running.responses,
+        }
     )
 
 

@@ -44,6 +44,7 @@ _FAILED: Final = frozenset({Outcome.UPSTREAM_ERROR, Outcome.TIMEOUT, Outcome.ERR
 _PATHS: Final = {
     ("openai", Endpoint.CHAT): "/v1/chat/completions",
     ("anthropic", Endpoint.CHAT): "/v1/messages",
+    ("responses", Endpoint.CHAT): "/v1/responses",
     ("openai", Endpoint.COMPLETIONS): "/v1/completions",
     ("openai", Endpoint.EMBEDDINGS): "/v1/embeddings",
 }

@@ -16,4 +16,7 @@ OPENAI: Final = "openai"
 ANTHROPIC: Final = "anthropic"
 """Anthropic Messages (``POST /v1/messages``)."""
 
-__all__ = ["ANTHROPIC", "OPENAI"]
+RESPONSES: Final = "responses"
+"""OpenAI's Responses API (``POST /v1/responses``); translated to chat completions for now."""
+
+__all__ = ["ANTHROPIC", "OPENAI", "RESPONSES"]

@@ -11,6 +11,9 @@ openai (chat, ...)    anything           the core: the body as sent; adapters th
 anthropic (messages)  anthropic          native: body and events pass through
 anthropic (messages)  anything else      translated: Messages -> chat at admission,
                                          chat chunks -> Messages events after the chain
+responses             anything           translated: Responses -> chat (the dialect's
+                                         `prepare`, with the stored conversation),
+                                         chat chunks -> Responses events
 ====================  =================  ==========================================
 
 The lane is chosen once per request, after routing: native when every deployment of the
@@ -32,7 +35,7 @@ from typing import Any
 from gateway.config import RouteConfig
 from gateway.context import RequestContext
 from gateway.dialects import DIALECTS, Dialect
-from gateway.protocols import ANTHROPIC, OPENAI
+from gateway.protocols import ANTHROPIC, OPENAI, RESPONSES
 from gateway.protocols.anthropic.dialect import NativeAnthropic
 from gateway.protocols.anthropic.request import check_request
 from gateway.upstreams.base import Upstream
@@ -64,6 +67,7 @@ _LANES: dict[tuple[str, str], Lane] = {
     (OPENAI, OPENAI): Lane(OPENAI, OPENAI, DIALECTS["openai"]),
     (ANTHROPIC, ANTHROPIC): Lane(ANTHROPIC, ANTHROPIC, NativeAnthropic()),
     (ANTHROPIC, OPENAI): Lane(ANTHROPIC, OPENAI, DIALECTS["anthropic"]),
+    (RESPONSES, OPENAI): Lane(RESPONSES, OPENAI, DIALECTS["responses"]),
 }
 
 
