@@ -25,15 +25,16 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 import orjson
+from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import PRINCIPAL, Principal
 from gateway.config import RouteConfig
-from gateway.context import RequestContext, StateKey
-from gateway.plugin import Plugin, Reject
+from gateway.context import LOCAL_COUNT, RequestContext, StateKey
+from gateway.plugin import ConfigError, Instrument, Plugin, PluginMetrics, Reject
 from gateway.ratelimit import (
     DEFAULT_TIMEOUT,
     Decision,
@@ -50,7 +51,6 @@ from gateway.ratelimit import (
 )
 from gateway.sse import SSEEvent
 from gateway.teams import LimitsConfig
-from plugins.token_count import TOKENS  # read if token_count runs earlier in the chain
 
 log = logging.getLogger("sluice.plugins.rate_limit")
 
@@ -90,6 +90,11 @@ class _Held:
 
 
 _HELD: StateKey[_Held] = StateKey("rate_limit.lease")
+_COUNTED: StateKey[Reject] = StateKey("rate_limit.counted")  # refusal in the metric already
+_CODES: Final = frozenset(
+    {"rate_limit_exceeded", "budget_exhausted", "rate_limit_backend_unavailable"}
+)
+_METRIC_KINDS: Final = ("requests", "tokens", "concurrency", "budget", "backend")
 _KINDS = {
     "requests": "requests per minute",
     "tokens": "tokens per minute",
@@ -132,7 +137,7 @@ def scopes_for(principal: Principal, route: RouteConfig | None) -> list[Scope]:
 
 
 def _prompt_estimate(ctx: RequestContext) -> int:
-    counted = ctx.get(TOKENS)
+    counted = ctx.get(LOCAL_COUNT)  # token_count's, when it runs earlier in the chain
     if counted is not None:
         return counted.prompt_tokens
     body = ctx.body.get("messages") or ctx.body.get("prompt") or ctx.body.get("input") or ""
@@ -177,21 +182,18 @@ def _refusal(decision: Decision) -> Reject:
     )
 
 
-class RateLimit(Plugin):
+class RateLimit(Plugin[RateLimitOptions]):
     """Enforces the authenticated key's team, key and team+model limits."""
 
     name = "rate_limit"
-    Options = RateLimitOptions
+    _refused: Instrument[Counter] | None = None  # set by declare_metrics
 
-    def __init__(self, options: BaseModel) -> None:
+    def __init__(self, options: RateLimitOptions) -> None:
         super().__init__(options)
-        assert isinstance(options, RateLimitOptions)
         self.settings = options
         self.limiter: RateLimiter
         if options.backend == "redis":
             if not options.redis_url:
-                from gateway.config import ConfigError
-
                 raise ConfigError("options.redis_url: required with backend: redis")
             self.limiter = RedisRateLimiter(
                 options.redis_url,
@@ -203,6 +205,29 @@ class RateLimit(Plugin):
         # Renew well before a lease expires: a third of its time to live.
         self._renew_every = float(getattr(self.limiter, "lease_ttl", 600.0)) / 3
         self._ending: set[asyncio.Task[None]] = set()  # finishes the plugin waits for
+
+    def declare_metrics(self, metrics: PluginMetrics) -> None:
+        self._refused = metrics.counter(
+            "sluice_rate_limit_rejections",
+            "Requests and streams refused or cut by the rate_limit plugin, by limit kind.",
+            ["team", "kind"],
+            values={"kind": _METRIC_KINDS},
+        )
+        metrics.read_counter(
+            "sluice_rate_limit_backend_failures",
+            "Rate-limit backend (Redis) calls that failed or timed out.",
+            lambda: self.limiter.failures,
+        )
+
+    def _count_refusal(self, ctx: RequestContext) -> None:
+        err = ctx.error
+        if not isinstance(err, Reject) or err.code not in _CODES or self._refused is None:
+            return
+        if ctx.get(_COUNTED) is err:  # once, if two rate_limit plugins saw the request
+            return
+        ctx.set(_COUNTED, err)
+        kind = "backend" if err.code == "rate_limit_backend_unavailable" else err.type
+        self._refused.labels(ctx, kind=kind).inc()
 
     async def start(self) -> None:
         """Connect to the backend before the gateway says it is ready."""
@@ -263,6 +288,7 @@ class RateLimit(Plugin):
         )
 
     async def on_end(self, ctx: RequestContext) -> None:
+        self._count_refusal(ctx)
         held = ctx.get(_HELD)
         if held is None:
             return
@@ -304,5 +330,5 @@ def _exhausted(debit: asyncio.Task[bool]) -> bool:
 
 
 def _streamed(ctx: RequestContext) -> int:
-    counted = ctx.get(TOKENS)
+    counted = ctx.get(LOCAL_COUNT)
     return counted.completion_tokens if counted is not None else ctx.events_out
