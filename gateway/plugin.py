@@ -112,7 +112,9 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-OptionsT = TypeVar("OptionsT", bound=BaseModel, default=NoOptions)
+# Bare `Plugin` is `Plugin[BaseModel]`: a plugin written before options were typed keeps
+# type-checking as it did.
+OptionsT = TypeVar("OptionsT", bound=BaseModel, default=BaseModel)
 
 AddCommand = Callable[[str, str], argparse.ArgumentParser]
 """What `add_commands` gets: `add(name, help)` -> the parser of `sluice <name>`."""
@@ -124,7 +126,8 @@ class Plugin(Generic[OptionsT]):
     Subclasses set ``name`` and give their options model (a pydantic model; reject unknown
     keys with ``extra="forbid"``) as the type argument, ``class P(Plugin[POptions])``: the
     chain validates the config's ``options`` with it (``P.Options``) and ``self.options``
-    has that type. ``class P(Plugin)`` takes no options (:class:`NoOptions`).
+    has that type. ``class P(Plugin)`` takes no options (:class:`NoOptions`) unless it sets
+    ``Options`` itself (``self.options`` is then a plain ``BaseModel`` to mypy).
     """
 
     name: ClassVar[str] = "unnamed"

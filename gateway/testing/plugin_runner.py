@@ -44,7 +44,9 @@ def request_context(
 ) -> RequestContext:
     """A routed context as the proxy builds it before `on_request`: model `model` on a route
     of that name (upstream `fake`), `stream` from the body unless given."""
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]} if body is None else body
+    body = (
+        {"model": model, "messages": [{"role": "user", "content": "hi"}]} if body is None else body
+    )
     model = str(body.get("model", model))
     ctx = RequestContext(request_id, endpoint, client_format=client_format, body=body)
     ctx.model = model
