@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -55,7 +55,6 @@ class GatewayState:
     resumer: Resumer | None = None  # set by build_app
     metrics_port: int | None = None  # the separate metrics listener's bound port, once started
     tracing: TracingSettings | None = None  # None: tracing off (OpenTelemetry never imported)
-    extras: dict[str, Any] = field(default_factory=dict)
     last_reload: ReloadOutcome | None = None  # set by gateway.reload
 
     @property

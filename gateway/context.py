@@ -8,7 +8,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overload
 
 if TYPE_CHECKING:
     from gateway.config import RouteConfig
@@ -114,6 +114,27 @@ class LocalCount(Protocol):
 LOCAL_COUNT: StateKey[LocalCount] = StateKey("local_count")
 
 
+class StreamLatency(Protocol):
+    """A stream's latency as measured where events leave the chain (the `latency` plugin's).
+
+    Published under `STREAM_LATENCY`; the core's time-to-first-token and GenAI metrics use
+    it when present, else the first and last events written. Final once `on_end` ran.
+    """
+
+    @property
+    def ttft(self) -> float | None:
+        """Request received to the first event carrying generated text (None: no text)."""
+        ...
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Mean seconds per output token after the first."""
+        ...
+
+
+STREAM_LATENCY: StateKey[StreamLatency] = StateKey("stream_latency")
+
+
 @dataclass(slots=True)
 class Timing:
     """Monotonic timestamps (seconds, `time.perf_counter()`); None until reached."""
@@ -201,8 +222,14 @@ class RequestContext:
             return "messages"
         return "responses" if self.client_format == "responses" else self.endpoint.value
 
+    @overload
+    def get(self, key: StateKey[T], default: None = None) -> T | None: ...
+
+    @overload
+    def get(self, key: StateKey[T], default: T) -> T: ...
+
     def get(self, key: StateKey[T], default: T | None = None) -> T | None:
-        """A plugin's state for this request, or `default`."""
+        """A plugin's state for this request, or `default` (None if not given)."""
         return cast("T | None", self._state.get(key, default))
 
     def set(self, key: StateKey[T], value: T) -> None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from gateway.context import Endpoint, RequestContext
-from plugins.latency import LATENCY
+from gateway.context import STREAM_LATENCY, Endpoint, RequestContext
 
 OPERATION_NAMES: Final = {
     Endpoint.CHAT: "chat",
@@ -40,7 +39,7 @@ def time_to_first_token(ctx: RequestContext) -> float | None:
     """
     if not ctx.stream:
         return None
-    latency = ctx.get(LATENCY)
+    latency = ctx.get(STREAM_LATENCY)
     if latency is not None:
         return latency.ttft
     first = ctx.timing.first_event_written
@@ -55,7 +54,7 @@ def time_per_output_token(ctx: RequestContext) -> float | None:
     """
     if not ctx.stream:
         return None
-    latency = ctx.get(LATENCY)
+    latency = ctx.get(STREAM_LATENCY)
     if latency is not None:
         return latency.time_per_output_token
     timing, tokens = ctx.timing, ctx.usage.completion_tokens

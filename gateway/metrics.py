@@ -1,44 +1,42 @@
 """Prometheus metrics: one registry per gateway, filled once per request and read at scrape.
 
 The proxy calls `observe_request(ctx)` once per request, after the plugins' `on_end` hooks
-(so token counts, latency and filter figures are final), `stream_started`/`stream_ended`
-around a relayed stream, and `upstream_error`/`observe_queue_wait` where those happen.
-Nothing here runs per streamed event: the latency plugin counts inter-token gaps into fixed
-buckets in its own per-request state (`LatencyStats.gap_buckets`), merged here at the end.
-Upstream health, queues, plugin errors and the rate-limit backend are read at scrape time.
+(so token counts are final), `stream_started`/`stream_ended` around a relayed stream, and
+`upstream_error`/`observe_queue_wait` where those happen. Nothing here runs per streamed
+event. Upstream health, queues and plugin errors are read at scrape time.
+
+Plugins declare and update their own metrics (`gateway.plugin_metrics`: the latency
+plugin's inter-token histogram, the content filter's actions, the rate limiter's refusals):
+`attach` calls each new plugin instance's `declare_metrics` once, `detach` retires the
+instances no runtime uses any more.
 
 Every label value is bounded by the configuration: teams (+ "anonymous"), route names,
-upstream names, plugin names and content-filter rule names; anything else is "other".
-See docs/metrics.md.
+upstream names and plugin names; anything else is "other". See docs/metrics.md.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
 
 from gateway import __version__
 from gateway.chain import Chain
-from gateway.config import GatewayConfig
-from gateway.context import RequestContext
+from gateway.config import ConfigError, GatewayConfig
+from gateway.context import STREAM_LATENCY, RequestContext
 from gateway.genai_metrics import GenAIMetrics
-from gateway.plugin import Reject
+from gateway.plugin_metrics import PluginMetricsStore
 from gateway.pricing import cost_of
 from gateway.routing import UpstreamHealth
-from plugins.content_filter import FILTER, ContentFilter
-from plugins.latency import GAP_BUCKETS, LATENCY
-from plugins.token_count import TOKENS, estimator_in_use
 
 log = logging.getLogger("sluice.metrics")
 
@@ -54,7 +52,6 @@ OTHER: Final = "other"  # any label value not named in the configuration
 NO_UPSTREAM: Final = "none"  # the request never reached an upstream
 
 TTFT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-ITL_BUCKETS: Final = GAP_BUCKETS  # counted by the latency plugin, per request
 DURATION_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OVERHEAD_BUCKETS: Final = (
     0.00001,
@@ -72,7 +69,6 @@ OVERHEAD_BUCKETS: Final = (
     0.1,
 )
 QUEUE_WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-TOKEN_DIFF_BUCKETS: Final = (-100, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 100)
 
 UPSTREAM_ERROR_KINDS: Final = frozenset(
     {
@@ -91,20 +87,6 @@ UPSTREAM_ERROR_KINDS: Final = frozenset(
     }
 )
 BREAKER_STATES: Final = {"closed": 0, "half_open": 1, "open": 2}
-RATE_LIMIT_KINDS: Final = frozenset(
-    {"requests", "tokens", "concurrency", "budget", "cost_budget", "backend"}
-)
-_RATE_LIMIT_CODES: Final = frozenset(
-    {
-        "rate_limit_exceeded",
-        "budget_exhausted",
-        "cost_budget_exceeded",
-        "rate_limit_backend_unavailable",
-    }
-)
-FILTER_ACTIONS: Final = frozenset(
-    {"prompt_reject", "prompt_redact", "completion_redact", "completion_stop"}
-)
 
 
 def _plugins(chains: Iterable[Chain]) -> list[tuple[str, object]]:
@@ -127,7 +109,6 @@ class LabelValues:
     models: frozenset[str]
     upstreams: frozenset[str]
     plugins: frozenset[str]
-    rules: frozenset[str]
 
     def __or__(self, other: LabelValues) -> LabelValues:
         return LabelValues(
@@ -135,25 +116,16 @@ class LabelValues:
             self.models | other.models,
             self.upstreams | other.upstreams,
             self.plugins | other.plugins,
-            self.rules | other.rules,
         )
 
     @classmethod
     def from_config(cls, config: GatewayConfig, chains: Iterable[Chain]) -> LabelValues:
-        """Teams, route names, upstreams, plugin names and content-filter rule names."""
-        plugins = _plugins(chains)
-        rules = {
-            name
-            for _, plugin in plugins
-            if isinstance(plugin, ContentFilter)
-            for name in plugin.scanner.names
-        }
+        """Teams, route names, upstreams and plugin names."""
         return cls(
             teams=frozenset({*config.teams, "anonymous"}),
             models=frozenset(route.name for route in config.routes),
             upstreams=frozenset(config.upstreams),
-            plugins=frozenset(name for name, _ in plugins),
-            rules=frozenset(rules),
+            plugins=frozenset(name for name, _ in _plugins(chains)),
         )
 
     def team(self, ctx: RequestContext) -> str:
@@ -173,34 +145,9 @@ class LabelValues:
     def plugin(self, name: str) -> str:
         return name if name in self.plugins else OTHER
 
-    def rule(self, name: str) -> str:
-        return name if name in self.rules else OTHER
-
-
-@dataclass
-class _GapHistogram:
-    """One label set of a histogram filled from pre-bucketed counts (non-cumulative)."""
-
-    counts: list[int] = field(default_factory=lambda: [0] * (len(ITL_BUCKETS) + 1))
-    total: float = 0.0
-
-    def merge(self, counts: list[int], total: float) -> None:
-        for i, n in enumerate(counts):
-            self.counts[i] += n
-        self.total += total
-
-    def buckets(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        running = 0
-        for bound, n in zip([*ITL_BUCKETS, float("inf")], self.counts, strict=True):
-            running += n
-            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
-        return out
-
 
 class _ScrapeCollector(Collector):
-    """Values read at scrape time: upstream health and queues, plugin and backend errors,
-    the tokenizer fallback, and the inter-token histogram merged from finished requests."""
+    """Values read at scrape time: upstream health and queues, plugin errors."""
 
     def __init__(self, metrics: GatewayMetrics) -> None:
         self._metrics = metrics
@@ -213,12 +160,6 @@ class _ScrapeCollector(Collector):
 
     def _families(self, *, fill: bool = False) -> Iterator[Metric]:
         m = self._metrics
-        itl = HistogramMetricFamily(
-            "sluice_inter_token_latency_seconds",
-            "Time between two consecutive streamed events after the first token "
-            "(measured by the latency plugin as events leave the chain).",
-            labels=["model"],
-        )
         state = GaugeMetricFamily(
             "sluice_upstream_breaker_state",
             "Circuit breaker of each upstream: 0 closed, 1 half_open, 2 open (ejected).",
@@ -240,18 +181,7 @@ class _ScrapeCollector(Collector):
             "request).",
             labels=["plugin"],
         )
-        backend = CounterMetricFamily(
-            "sluice_rate_limit_backend_failures",
-            "Rate-limit backend (Redis) calls that failed or timed out.",
-        )
-        estimator = GaugeMetricFamily(
-            "sluice_tokenizer_estimator_in_use",
-            "1 once a request was token-counted with the heuristic because its tiktoken "
-            "encoding is not available offline.",
-        )
         if fill:
-            for model, hist in sorted(m._itl.items()):
-                itl.add_metric([model], hist.buckets(), hist.total)
             for name, health in m.health.items():
                 state.add_metric([name], BREAKER_STATES[health.breaker.state])
                 ejections.add_metric([name], health.breaker.times_opened)
@@ -265,9 +195,7 @@ class _ScrapeCollector(Collector):
                     errors[label] = errors.get(label, 0) + count
             for name, count in errors.items():
                 plugin_errors.add_metric([name], count)
-            backend.add_metric([], m.retired_backend_failures + sum(m.rate_limiter_failures()))
-            estimator.add_metric([], 1 if estimator_in_use() else 0)
-        yield from (itl, state, ejections, depth, plugin_errors, backend, estimator)
+        yield from (state, ejections, depth, plugin_errors)
 
 
 @dataclass(frozen=True, eq=False)
@@ -282,9 +210,10 @@ class _Generation:
 class GatewayMetrics:
     """Every Sluice metric, in its own `CollectorRegistry` (never the global default one).
 
-    A reload `attach`es the new runtime's config, chains and health; the replaced runtime
-    stays attached (its label values stay valid for its requests still running) until it
-    is `detach`ed, when its plugin error and backend failure counts are kept as totals.
+    A reload `attach`es the new runtime's config, chains and health (declaring the metrics
+    of its new plugin instances); the replaced runtime stays attached (its label values stay
+    valid for its requests still running) until it is `detach`ed, when its plugin error
+    counts are kept as totals and its plugin instances no other runtime uses are retired.
     """
 
     def __init__(
@@ -296,15 +225,12 @@ class GatewayMetrics:
     ) -> None:
         self._generations: list[_Generation] = []
         self.retired_plugin_errors: dict[str, int] = {}
-        self.retired_backend_failures = 0
         self.chains: list[Chain] = []
         self.health: Mapping[str, UpstreamHealth] = {}
-        self.labels = LabelValues(*(frozenset[str]() for _ in range(5)))
-        self._limiters: list[object] = []
+        self.labels = LabelValues(*(frozenset[str]() for _ in range(4)))
         self._config_sha256: str | None = None
-        self.attach(config, chains, health)
-        self._itl: dict[str, _GapHistogram] = {}
         self.registry = registry = CollectorRegistry()
+        self.plugin_metrics = PluginMetricsStore(registry, lambda: self.labels)
         tm = ["team", "model"]
         self.requests = Counter(
             "sluice_requests",
@@ -365,13 +291,6 @@ class GatewayMetrics:
             tm,
             registry=registry,
         )
-        self.token_diff = Histogram(
-            "sluice_token_count_difference_tokens",
-            "token_count's local count minus the upstream's usage, per request.",
-            ["kind"],
-            buckets=TOKEN_DIFF_BUCKETS,
-            registry=registry,
-        )
         self.inflight = Gauge(
             "sluice_inflight_streams",
             "Streams being relayed now (headers sent, not ended).",
@@ -397,18 +316,6 @@ class GatewayMetrics:
             buckets=QUEUE_WAIT_BUCKETS,
             registry=registry,
         )
-        self.rate_limited = Counter(
-            "sluice_rate_limit_rejections",
-            "Requests and streams refused or cut by the rate_limit plugin, by limit kind.",
-            ["team", "kind"],
-            registry=registry,
-        )
-        self.filter_actions = Counter(
-            "sluice_content_filter_actions",
-            "Content filter matches acted on, by rule and action.",
-            ["rule", "action"],
-            registry=registry,
-        )
         build = Gauge(
             "sluice_build_info", "Always 1; the running version.", ["version"], registry=registry
         )
@@ -428,16 +335,24 @@ class GatewayMetrics:
             ["sha256"],
             registry=registry,
         )
-        for name in sorted(self.labels.upstreams):
-            self.queue_wait.labels(name)
         registry.register(_ScrapeCollector(self))
         self.genai = GenAIMetrics(registry, config) if config.server.metrics.genai_semconv else None
+        self.attach(config, chains, health)
+        for name in sorted(self.labels.upstreams):
+            self.queue_wait.labels(name)
 
     def attach(
         self, config: GatewayConfig, chains: Iterable[Chain], health: Mapping[str, UpstreamHealth]
     ) -> None:
-        """Count for a (new) runtime's config, chains and health from now on."""
+        """Count for a (new) runtime's config, chains and health from now on, after calling
+        `declare_metrics` of each plugin instance not seen before (ConfigError if one fails:
+        a bad name, labels without values, a name another plugin owns)."""
         distinct = tuple({id(chain): chain for chain in chains}.values())
+        for name, plugin in _plugins(distinct):
+            try:
+                self.plugin_metrics.declare(name, plugin)
+            except Exception as err:
+                raise ConfigError(f"plugin {name!r}: declare_metrics failed: {err}") from err
         labels = LabelValues.from_config(config, distinct)
         self._generations.append(_Generation(labels, distinct, health))
         self.health = health  # the newest runtime's upstreams are the ones reported
@@ -448,7 +363,7 @@ class GatewayMetrics:
         chains = {id(chain) for chain in runtime.all_chains}
         gone = [g for g in self._generations if chains & {id(c) for c in g.chains}]
         self._generations = [g for g in self._generations if g not in gone]
-        live = {id(limiter) for limiter in self._limiters_of(self._generations)}
+        live = {id(p) for g in self._generations for _, p in _plugins(g.chains)}
         for generation in gone:
             for chain in generation.chains:
                 for name, count in chain.errors.items():
@@ -456,9 +371,9 @@ class GatewayMetrics:
                     self.retired_plugin_errors[label] = (
                         self.retired_plugin_errors.get(label, 0) + count
                     )
-            for limiter in self._limiters_of([generation]):
-                if id(limiter) not in live:
-                    self.retired_backend_failures += int(getattr(limiter, "failures", 0))
+            for _, plugin in _plugins(generation.chains):
+                if id(plugin) not in live:
+                    self.plugin_metrics.retire(plugin)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -467,17 +382,6 @@ class GatewayMetrics:
             labels = labels | generation.labels
         self.labels = labels
         self.chains = [chain for g in self._generations for chain in g.chains]
-        self._limiters = self._limiters_of(self._generations)
-
-    @staticmethod
-    def _limiters_of(generations: Iterable[_Generation]) -> list[object]:
-        found: dict[int, object] = {}
-        for generation in generations:
-            for _, plugin in _plugins(generation.chains):
-                limiter = getattr(plugin, "limiter", None)
-                if limiter is not None and isinstance(getattr(limiter, "failures", None), int):
-                    found[id(limiter)] = limiter
-        return list(found.values())
 
     def config_loaded(self, sha256: str) -> None:
         """The running config is now the file with this sha256."""
@@ -485,10 +389,6 @@ class GatewayMetrics:
             self.config_info.remove(self._config_sha256)
         self._config_sha256 = sha256
         self.config_info.labels(sha256).set(1)
-
-    def rate_limiter_failures(self) -> list[int]:
-        """Failed backend calls of each rate limiter in the chains."""
-        return [int(getattr(limiter, "failures", 0)) for limiter in self._limiters]
 
     # ----- called by the proxy --------------------------------------------------------------
 
@@ -546,19 +446,13 @@ class GatewayMetrics:
             plugin = self.labels.plugin(name)
             self.plugin_seconds.labels(plugin).inc(seconds)
             self.plugin_events.labels(plugin).inc(ctx.events_in)
-        self._observe_plugins(ctx, team)
         if self.genai is not None:
             self.genai.observe(ctx)
 
     def _observe_stream(self, ctx: RequestContext, team: str, model: str) -> None:
-        latency = ctx.get(LATENCY)
-        if latency is not None:
+        latency = ctx.get(STREAM_LATENCY)
+        if latency is not None:  # a plugin (latency) saw the first generated text leave
             ttft = latency.ttft
-            if latency.gap_count:
-                hist = self._itl.get(model)
-                if hist is None:
-                    hist = self._itl[model] = _GapHistogram()
-                hist.merge(latency.gap_buckets, latency.gap_total)
         else:  # without the latency plugin: the first event written, text or not
             first = ctx.timing.first_event_written
             ttft = None if first is None else first - ctx.timing.received
@@ -570,21 +464,3 @@ class GatewayMetrics:
         if ctx.stream and ctx.events_in:
             per_event = max(0.0, ctx.overhead_seconds - answered) / ctx.events_in
             self.overhead.labels("event").observe(per_event)
-
-    def _observe_plugins(self, ctx: RequestContext, team: str) -> None:
-        tokens = ctx.get(TOKENS)
-        if tokens is not None:
-            if tokens.diff_prompt is not None:
-                self.token_diff.labels("prompt").observe(tokens.diff_prompt)
-            if tokens.diff_completion is not None:
-                self.token_diff.labels("completion").observe(tokens.diff_completion)
-        stats = ctx.get(FILTER)
-        if stats is not None:
-            for (rule, action), count in stats.counts.items():
-                if count:
-                    label = action if action in FILTER_ACTIONS else OTHER
-                    self.filter_actions.labels(self.labels.rule(rule), label).inc(count)
-        err = ctx.error
-        if isinstance(err, Reject) and err.code in _RATE_LIMIT_CODES:
-            kind = "backend" if err.code == "rate_limit_backend_unavailable" else err.type
-            self.rate_limited.labels(team, kind if kind in RATE_LIMIT_KINDS else OTHER).inc()

@@ -210,7 +210,11 @@ class Reloader:
             log.exception("%s: config reload failed starting upstreams; nothing changed", reason)
             return ReloadOutcome("error", f"{type(err).__name__}: {err}")
         needs_restart = tuple(restart_only_changes(old.config, loaded))
-        state.metrics.attach(runtime.config, runtime.all_chains, runtime.health)
+        try:
+            state.metrics.attach(runtime.config, runtime.all_chains, runtime.health)
+        except ConfigError as err:  # a new plugin instance's metrics are declared wrong
+            log.error("%s: config reload refused: %s", reason, err)
+            return ReloadOutcome("invalid", f"sluice: {err}")
         state.generations.swap(runtime)
         state.metrics.config_loaded(source.sha256)
         if state.resumer is not None:

@@ -104,7 +104,7 @@ class StreamRelay:
     async def _read(self) -> bytes:
         """The next upstream chunk; timeouts and broken connections become StreamFailed."""
         wd = self.watchdog
-        wd.waiting_since = wd._loop.time()
+        wd.waiting()
         try:
             chunk = await self.call.read_chunk()
         except UpstreamBroken as err:

@@ -41,6 +41,10 @@ class Watchdog:
             self._next_check(start), self._check
         )
 
+    def waiting(self) -> None:
+        """A read of the upstream starts now (the idle timeout counts from here)."""
+        self.waiting_since = self._loop.time()
+
     def attach(self, call: UpstreamCall) -> None:
         """The call to abort when a timeout fires."""
         self._call = call

@@ -152,22 +152,20 @@ def _ms(start: float | None, end: float | None) -> float | None:
     return round((end - start) * 1000.0, 3)
 
 
-class AccessLog(Plugin):
+class AccessLog(Plugin[AccessLogOptions]):
     """Writes one access-log line per request in `on_end` (see the module docstring)."""
 
     name = "access_log"
-    Options = AccessLogOptions
 
-    options: AccessLogOptions
     # Bound per instance, only with `log_completions`: without them the chain never calls
     # this plugin per event (and skips the event loop entirely if no other plugin needs it).
     on_event: OnEvent
     on_response: OnResponse
 
-    def __init__(self, options: BaseModel, *, file: IO[str] | None = None) -> None:
+    def __init__(self, options: AccessLogOptions, *, file: IO[str] | None = None) -> None:
         """`file` overrides `options.stream` (for tests and embedding)."""
         super().__init__(options)
-        opts = cast(AccessLogOptions, options)
+        opts = options
         self._file: IO[str] | None = None
         target: Literal["stdout", "stderr"] | IO[str]
         if file is not None:

@@ -100,8 +100,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Any, ClassVar, Final, Literal
+from typing import Any, Final, Literal, get_args
 
+from prometheus_client import Counter as PromCounter
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -123,7 +124,7 @@ from gateway.deltas import (
     with_texts,
     without_choices,
 )
-from gateway.plugin import EndStream, Plugin, Reject
+from gateway.plugin import EndStream, Instrument, Plugin, PluginMetrics, Reject
 from gateway.protocols import ANTHROPIC
 from gateway.sse import SSEEvent
 
@@ -167,6 +168,7 @@ class FilterStats:
 
 
 FILTER: StateKey[FilterStats] = StateKey("content_filter.stats")
+_COUNTED: StateKey[FilterStats] = StateKey("content_filter.counted")  # into the metric already
 
 
 # ----- detectors ----------------------------------------------------------------------------------
@@ -717,16 +719,14 @@ def _without_choice(ctx: RequestContext, events: list[SSEEvent], index: int) -> 
 # ----- the plugin ---------------------------------------------------------------------------------
 
 
-class ContentFilter(Plugin):
+class ContentFilter(Plugin[ContentFilterOptions]):
     """Redacts, rejects or stops on rule matches in prompts and completions."""
 
     name = "content_filter"
-    Options: ClassVar[type[BaseModel]] = ContentFilterOptions
+    _actions: Instrument[PromCounter] | None = None  # set by declare_metrics
 
-    def __init__(self, options: BaseModel) -> None:
+    def __init__(self, options: ContentFilterOptions) -> None:
         super().__init__(options)
-        if not isinstance(options, ContentFilterOptions):
-            raise TypeError("ContentFilter needs ContentFilterOptions")
         self.opts = options
         self.scanner = options.scanner
         self._stop = options.completion_action == "stop"
@@ -737,6 +737,24 @@ class ContentFilter(Plugin):
     def window(self) -> int:
         """The most characters held back per choice."""
         return self.scanner.window
+
+    def declare_metrics(self, metrics: PluginMetrics) -> None:
+        self._actions = metrics.counter(
+            "sluice_content_filter_actions",
+            "Content filter matches acted on, by rule and action.",
+            ["rule", "action"],
+            values={"rule": self.scanner.names, "action": get_args(FilterAction)},
+        )
+
+    async def on_end(self, ctx: RequestContext) -> None:
+        """Count what was done per rule and action (once, if the filter runs twice)."""
+        stats = ctx.get(FILTER)
+        if stats is None or self._actions is None or ctx.get(_COUNTED) is stats:
+            return
+        ctx.set(_COUNTED, stats)
+        for (rule, action), count in stats.counts.items():
+            if count:
+                self._actions.labels(rule=rule, action=action).inc(count)
 
     # -- prompts -----------------------------------------------------------------------------
 

@@ -1,5 +1,9 @@
 """Latency meter: time to first token, inter-token gaps, tokens/s and the gateway's own time.
 
+Its figures are published under `LATENCY` (all of them) and `gateway.context.STREAM_LATENCY`
+(what the core's time-to-first-token metrics read); it declares the inter-token latency
+histogram `sluice_inter_token_latency_seconds` (by route), filled once per request.
+
 Put it last in the chain: it timestamps events as they leave the chain, right before they
 are written, so a plugin that holds text back (a content filter) delays what it measures
 exactly as it delays the client. Events that leave together (one upstream read, written in
@@ -13,9 +17,9 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Final
 
-from gateway.context import RequestContext, StateKey
+from gateway.context import STREAM_LATENCY, RequestContext, StateKey
 from gateway.deltas import event_texts, text_delta
-from gateway.plugin import Plugin
+from gateway.plugin import BucketCounts, Plugin, PluginMetrics
 from gateway.sse import SSEEvent
 
 # Upper bounds (seconds) of the buckets `LatencyStats.gap_buckets` counts gaps into; the
@@ -70,15 +74,28 @@ class LatencyStats:
 
 
 LATENCY: StateKey[LatencyStats] = StateKey("latency")
+_MERGED: StateKey[LatencyStats] = StateKey("latency.merged")  # into the histogram already
 
 
 class LatencyMeter(Plugin):
     """Records `LatencyStats` in the request context under `LATENCY`."""
 
     name = "latency"
+    _itl: BucketCounts | None = None  # set by declare_metrics (in a gateway, or a test kit)
+
+    def declare_metrics(self, metrics: PluginMetrics) -> None:
+        self._itl = metrics.bucket_counts(
+            "sluice_inter_token_latency_seconds",
+            "Time between two consecutive streamed events after the first token "
+            "(measured by the latency plugin as events leave the chain).",
+            ["model"],
+            buckets=GAP_BUCKETS,
+        )
 
     async def on_request(self, ctx: RequestContext) -> None:
-        ctx.set(LATENCY, LatencyStats())
+        stats = LatencyStats()
+        ctx.set(LATENCY, stats)
+        ctx.set(STREAM_LATENCY, stats)
 
     def on_event(self, ctx: RequestContext, event: SSEEvent) -> list[SSEEvent] | None:
         return self.on_events(ctx, [event])
@@ -139,3 +156,8 @@ class LatencyMeter(Plugin):
             stats.time_per_output_token = span / (tokens - 1)
             if span > 0:
                 stats.tokens_per_second = (tokens - 1) / span
+        itl = self._itl
+        # Once per request, if the plugin is in the chain twice.
+        if itl is not None and ctx.stream and stats.gap_count and ctx.get(_MERGED) is not stats:
+            ctx.set(_MERGED, stats)
+            itl.merge(ctx, stats.gap_buckets, stats.gap_total)

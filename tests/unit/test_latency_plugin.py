@@ -13,8 +13,14 @@ import plugins.latency
 from gateway.chain import Chain, build_chain, discover_plugins
 from gateway.config import PluginConfig
 from gateway.context import Endpoint, RequestContext
+from gateway.plugin import NoOptions
 from gateway.sse import SSEEvent
+from gateway.testing import PluginRunner
 from plugins.latency import LATENCY, LatencyMeter, LatencyStats
+
+
+def _runner() -> PluginRunner[LatencyMeter]:
+    return PluginRunner(LatencyMeter(NoOptions()))
 
 
 def _chain() -> Chain:
@@ -68,18 +74,18 @@ def test_latency_is_the_registered_builtin() -> None:
 
 
 async def test_real_clock_figures_are_consistent() -> None:
-    chain = _chain()
+    runner = _runner()
     ctx = RequestContext("req_1", Endpoint.CHAT, stream=True)
-    await chain.run_request(ctx)
+    await runner.request(ctx=ctx)
     assert _stats(ctx).ttft is None
 
-    chain.run_events(ctx, [_chunk("Hello")])
+    runner.events([_chunk("Hello")])
     stats = _stats(ctx)
     assert stats.ttft is not None
     assert stats.ttft >= 0
     first_ttft = stats.ttft
-    chain.run_events(ctx, [_chunk(" wor"), _chunk("ld")])
-    chain.run_events(ctx, [_chunk("!")])
+    runner.events([_chunk(" wor"), _chunk("ld")])
+    runner.events([_chunk("!")])
 
     assert stats.ttft == first_ttft  # set once, by the first token
     assert stats.events == 4
@@ -89,25 +95,25 @@ async def test_real_clock_figures_are_consistent() -> None:
     assert _stats(ctx).duration is None
 
     ctx.timing.ended = time.perf_counter()
-    await chain.run_end(ctx)
+    await runner.end()
     assert stats.duration is not None
     assert stats.duration >= first_ttft
     assert "latency" in ctx.plugin_seconds
-    assert not chain.errors
+    assert not runner.chain.errors
 
 
 async def test_exact_figures_with_a_fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    chain = _chain()
+    runner = _runner()
     ctx = RequestContext("req_2", Endpoint.CHAT, stream=True)
     ctx.timing.received = 100.0
-    await chain.run_request(ctx)
+    await runner.request(ctx=ctx)
     # role-only chunk, then four tokens; one timestamp per batch (its events are written
     # together, so the gap between two events of one batch is 0)
     _use_clock(monkeypatch, 101.0, 101.3, 101.5)
     ping = SSEEvent(data=None, comments=(" ping",))
-    chain.run_events(ctx, [_chunk(role="assistant"), ping, _chunk("a")])
-    chain.run_events(ctx, [_chunk("b"), _chunk("c")])
-    chain.run_events(ctx, [ping, _chunk("d")])
+    runner.events([_chunk(role="assistant"), ping, _chunk("a")])
+    runner.events([_chunk("b"), _chunk("c")])
+    runner.events([ping, _chunk("d")])
 
     stats = _stats(ctx)
     assert stats.ttft == pytest.approx(1.0)  # the role-only chunk is not a token
@@ -120,7 +126,7 @@ async def test_exact_figures_with_a_fake_clock(monkeypatch: pytest.MonkeyPatch) 
     ctx.timing.ended = 102.0
     ctx.events_in = 6
     ctx.overhead_seconds = 0.012
-    await chain.run_end(ctx)
+    await runner.end()
     assert stats.duration == pytest.approx(2.0)
     assert stats.time_per_output_token == pytest.approx(0.5 / 3)
     assert stats.tokens_per_second == pytest.approx(6.0)
@@ -129,16 +135,16 @@ async def test_exact_figures_with_a_fake_clock(monkeypatch: pytest.MonkeyPatch) 
 
 
 async def test_upstream_usage_drives_per_token_figures(monkeypatch: pytest.MonkeyPatch) -> None:
-    chain = _chain()
+    runner = _runner()
     ctx = RequestContext("req_3", Endpoint.CHAT, stream=True)
     ctx.timing.received = 10.0
-    await chain.run_request(ctx)
+    await runner.request(ctx=ctx)
     _use_clock(monkeypatch, 11.0, 13.0)
-    chain.run_events(ctx, [_chunk("two tokens")])
-    chain.run_events(ctx, [_chunk("three more tokens")])
+    runner.events([_chunk("two tokens")])
+    runner.events([_chunk("three more tokens")])
     ctx.usage.set_from_upstream({"prompt_tokens": 5, "completion_tokens": 5})
     ctx.timing.ended = 13.5
-    await chain.run_end(ctx)
+    await runner.end()
 
     stats = _stats(ctx)
     assert stats.time_per_output_token == pytest.approx(0.5)
@@ -146,23 +152,23 @@ async def test_upstream_usage_drives_per_token_figures(monkeypatch: pytest.Monke
 
 
 async def test_completions_text_counts_as_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    chain = _chain()
+    runner = _runner()
     ctx = RequestContext("req_4", Endpoint.COMPLETIONS, stream=True)
     ctx.timing.received = 0.0
-    await chain.run_request(ctx)
+    await runner.request(ctx=ctx)
     _use_clock(monkeypatch, 0.25, 0.5)
-    chain.run_events(ctx, [_text("")])
-    chain.run_events(ctx, [_text("Once")])
+    runner.events([_text("")])
+    runner.events([_text("Once")])
     assert _stats(ctx).ttft == pytest.approx(0.5)
 
 
 async def test_stream_without_text_has_no_ttft() -> None:
-    chain = _chain()
+    runner = _runner()
     ctx = RequestContext("req_5", Endpoint.CHAT, stream=True)
-    await chain.run_request(ctx)
-    chain.run_events(ctx, [_chunk(role="assistant"), _chunk("")])
+    await runner.request(ctx=ctx)
+    runner.events([_chunk(role="assistant"), _chunk("")])
     ctx.timing.ended = time.perf_counter()
-    await chain.run_end(ctx)
+    await runner.end()
 
     stats = _stats(ctx)
     assert stats.ttft is None
@@ -193,10 +199,10 @@ async def test_no_state_without_on_request() -> None:
 
 
 async def test_events_pass_through_unchanged() -> None:
-    chain = _chain()
+    runner = _runner()
     ctx = RequestContext("req_8", Endpoint.CHAT)
-    await chain.run_request(ctx)
+    await runner.request(ctx=ctx)
     events = [_chunk("a"), _chunk("b")]
-    out = chain.run_events(ctx, events)
+    out = runner.events(events)
     assert len(out) == 2
     assert all(o is e for o, e in zip(out, events, strict=True))
