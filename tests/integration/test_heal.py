@@ -151,3 +151,152 @@ async def test_a_stream_broken_after_k_events_heals_into_the_same_answer(
         "content": "".join(TOKENS[: k - 1]),
     }
     assert 'sluice_stream_heals_total{result="ok",route="m"} 1.0' in metrics
+
+
+class Breaking(Healing):
+    """Every request breaks after `k` events: the heal fails too."""
+
+    def respond(self, exchange: Exchange) -> Script:
+        self.requests.append(exchange.body)
+        return Script(EVENTS[: self.k], then="reset")
+
+
+async def test_a_heal_that_fails_ends_with_one_final_error_event(
+    pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession
+) -> None:
+    healing = Breaking(3)
+    _use(pair, healing)
+    async with run_gateway(_config(pair)) as gw:
+        _, raw = await _stream(http, gw.url)
+        metrics = await (await http.get(gw.url + "/metrics")).text()
+    events = _events(raw)
+    errors = [p for kind, p in events if isinstance(p, dict) and "error" in p]
+    assert len(errors) == 1 and events[-1] == ("data", errors[0])
+    assert len(healing.requests) == 2  # max_attempts: 1
+    assert _text(events).startswith("".join(TOKENS[:2]))
+    assert 'sluice_stream_heals_total{result="failed",route="m"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("heal", [False, None])
+async def test_a_route_without_heal_ends_a_broken_stream_as_before(
+    pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession, heal: Any
+) -> None:
+    healing = Healing(4)
+    _use(pair, healing)
+    async with run_gateway(_config(pair, heal=heal)) as gw:
+        headers, raw = await _stream(http, gw.url)
+    events = _events(raw)
+    assert "X-Sluice-Heal" not in headers
+    assert len(healing.requests) == 1
+    assert _text(events) == "".join(TOKENS[:3])
+    assert "error" in events[-1][1]
+
+
+async def test_no_heal_after_a_length_stop(
+    pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession
+) -> None:
+    healing = Healing(0)
+    stopped = [*EVENTS[:4], sse(openai_chunk(None, finish_reason="length"))]
+    for fake in pair:
+        fake.responder = lambda exchange: (
+            healing.requests.append(exchange.body),
+            Script(stopped, then="reset"),
+        )[1]
+    async with run_gateway(_config(pair)) as gw:
+        _, raw = await _stream(http, gw.url)
+    assert len(healing.requests) == 1
+    assert "error" in _events(raw)[-1][1]
+
+
+async def test_no_heal_inside_a_tool_call(
+    pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession
+) -> None:
+    seen: list[Any] = []
+    tool = openai_tool_stream(text=["Let me look."], pieces=['{"q":', ' "x"}', "}"])
+    for fake in pair:
+        fake.responder = lambda exchange: (
+            seen.append(exchange.body),
+            Script(tool[:4], then="reset"),
+        )[1]
+    async with run_gateway(_config(pair)) as gw:
+        _, raw = await _stream(http, gw.url)
+    assert len(seen) == 1
+    assert "error" in _events(raw)[-1][1]
+
+
+async def test_the_openai_sdk_sees_one_answer(
+    pair: tuple[FakeUpstream, FakeUpstream],
+) -> None:
+    healing = Healing(5)
+    _use(pair, healing)
+    async with run_gateway(_config(pair)) as gw:
+        client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+        async with client:
+            stream = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            chunks = [chunk async for chunk in stream]
+    assert {chunk.id for chunk in chunks} == {"chatcmpl-test"}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+# ----- the native Anthropic lane --------------------------------------------------------
+
+BLOCKS = ["Once", " upon", " a", " time"]
+
+
+def _anthropic_events(k: int | None) -> list[bytes]:
+    events = [
+        anthropic_message_start(),
+        *anthropic_text_block(0, BLOCKS),
+        *anthropic_message_end("end_turn", 4),
+    ]
+    return events if k is None else events[:k]
+
+
+async def test_the_anthropic_sdk_sees_one_message_on_the_native_lane(
+    pair: tuple[FakeUpstream, FakeUpstream],
+) -> None:
+    sent: list[Any] = []
+
+    def respond(exchange: Exchange) -> Script:
+        sent.append(exchange.body)
+        if len(sent) == 1:
+            return Script(_anthropic_events(4), then="reset")  # start, block start, 2 deltas
+        prefix = exchange.body["messages"][-1]["content"]
+        assert "".join(BLOCKS).startswith(prefix)
+        rest = "".join(BLOCKS)[len(prefix) :]
+        return Script(
+            [
+                anthropic_message_start(),
+                *anthropic_text_block(0, [rest]),
+                *anthropic_message_end("end_turn", 2),
+            ]
+        )
+
+    one, two = pair
+    for fake in pair:
+        fake.responder = respond
+    config = {
+        "upstreams": {
+            name: {"kind": "anthropic", "base_url": f"http://127.0.0.1:{fake.port}"}
+            for name, fake in (("one", one), ("two", two))
+        },
+        "routes": [
+            {"model": "m", "deployments": [{"upstream": "one"}, {"upstream": "two"}], "heal": True}
+        ],
+    }
+    async with run_gateway(config) as gw:
+        client = anthropic.AsyncAnthropic(base_url=gw.url, api_key="x", max_retries=0)
+        async with client:
+            async with client.messages.stream(
+                model="m", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
+            ) as stream:
+                text = "".join([t async for t in stream.text_stream])
+                message = await stream.get_final_message()
+    assert text == "".join(BLOCKS)
+    assert len(message.content) == 1 and message.content[0].type == "text"
+    assert message.content[0].text == "".join(BLOCKS)
+    assert message.stop_reason == "end_turn"
+    assert sent[1]["messages"][-1] == {"role": "assistant", "content": "Once upon"}
