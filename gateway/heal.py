@@ -28,10 +28,9 @@ from gateway.heal_lanes import AnthropicTranscript, OpenAITranscript, Spent, Tra
 from gateway.protocols import ANTHROPIC, OPENAI
 from gateway.routing import Target, UpstreamHealth
 from gateway.sse import SSEEvent
+from gateway.stream import StreamFailed
 from gateway.upstreams.base import Batch, Upstream, UpstreamCall
 from gateway.watchdog import Watchdog
-
-from gateway.stream import StreamFailed
 
 if TYPE_CHECKING:
     from gateway.stream import StreamRelay

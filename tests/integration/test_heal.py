@@ -24,7 +24,6 @@ from gateway.testing.fake_upstream import (
 from gateway.testing.harness import run_gateway
 from tests.integration._support import BOUND, CHAT
 from tests.integration.provider_fakes import (
-    anthropic_event,
     anthropic_message_end,
     anthropic_message_start,
     anthropic_text_block,
@@ -142,7 +141,8 @@ async def test_a_stream_broken_after_k_events_heals_into_the_same_answer(
     assert {p["id"] for p in datas} == {"chatcmpl-test"}  # one answer for SDKs
     assert sum(1 for p in datas if p["choices"][0]["delta"].get("role")) == 1
     comments = [p for kind, p in events if kind == "comment" and "sluice-healed" in p]
-    assert len(comments) == 1 and comments[0].startswith("sluice-healed attempt=2 gap_ms=")
+    assert len(comments) == 1
+    assert comments[0].startswith("sluice-healed attempt=2 gap_ms=")
     continuation = healing.requests[1]
     assert continuation["continue_final_message"] is True
     assert continuation["add_generation_prompt"] is False
@@ -171,7 +171,8 @@ async def test_a_heal_that_fails_ends_with_one_final_error_event(
         metrics = await (await http.get(gw.url + "/metrics")).text()
     events = _events(raw)
     errors = [p for kind, p in events if isinstance(p, dict) and "error" in p]
-    assert len(errors) == 1 and events[-1] == ("data", errors[0])
+    assert len(errors) == 1
+    assert events[-1] == ("data", errors[0])
     assert len(healing.requests) == 2  # max_attempts: 1
     assert _text(events).startswith("".join(TOKENS[:2]))
     assert 'sluice_stream_heals_total{result="failed",route="m"} 1.0' in metrics
@@ -192,16 +193,24 @@ async def test_a_route_without_heal_ends_a_broken_stream_as_before(
     assert "error" in events[-1][1]
 
 
+class Recorder:
+    """Answers every request with one script, keeping the bodies."""
+
+    def __init__(self, seen: list[Any], script: Script) -> None:
+        self.seen, self.script = seen, script
+
+    def respond(self, exchange: Exchange) -> Script:
+        self.seen.append(exchange.body)
+        return self.script
+
+
 async def test_no_heal_after_a_length_stop(
     pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession
 ) -> None:
     healing = Healing(0)
     stopped = [*EVENTS[:4], sse(openai_chunk(None, finish_reason="length"))]
     for fake in pair:
-        fake.responder = lambda exchange: (
-            healing.requests.append(exchange.body),
-            Script(stopped, then="reset"),
-        )[1]
+        fake.responder = Recorder(healing.requests, Script(stopped, then="reset")).respond
     async with run_gateway(_config(pair)) as gw:
         _, raw = await _stream(http, gw.url)
     assert len(healing.requests) == 1
@@ -214,10 +223,7 @@ async def test_no_heal_inside_a_tool_call(
     seen: list[Any] = []
     tool = openai_tool_stream(text=["Let me look."], pieces=['{"q":', ' "x"}', "}"])
     for fake in pair:
-        fake.responder = lambda exchange: (
-            seen.append(exchange.body),
-            Script(tool[:4], then="reset"),
-        )[1]
+        fake.responder = Recorder(seen, Script(tool[:4], then="reset")).respond
     async with run_gateway(_config(pair)) as gw:
         _, raw = await _stream(http, gw.url)
     assert len(seen) == 1
@@ -289,14 +295,17 @@ async def test_the_anthropic_sdk_sees_one_message_on_the_native_lane(
     }
     async with run_gateway(config) as gw:
         client = anthropic.AsyncAnthropic(base_url=gw.url, api_key="x", max_retries=0)
-        async with client:
-            async with client.messages.stream(
+        async with (
+            client,
+            client.messages.stream(
                 model="m", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
-            ) as stream:
-                text = "".join([t async for t in stream.text_stream])
-                message = await stream.get_final_message()
+            ) as stream,
+        ):
+            text = "".join([t async for t in stream.text_stream])
+            message = await stream.get_final_message()
     assert text == "".join(BLOCKS)
-    assert len(message.content) == 1 and message.content[0].type == "text"
+    assert len(message.content) == 1
+    assert message.content[0].type == "text"
     assert message.content[0].text == "".join(BLOCKS)
     assert message.stop_reason == "end_turn"
     assert sent[1]["messages"][-1] == {"role": "assistant", "content": "Once upon"}
