@@ -114,6 +114,11 @@ class OpenAIUpstream(_UpstreamBase):
         True,
         description="ask for stream_options.include_usage (turn off for servers that reject it)",
     )
+    continuation: Literal["none", "vllm"] = Field(
+        "none",
+        description="how a healed stream asks this server to continue a final assistant "
+        "message: vllm (continue_final_message); none (OpenAI's API cannot)",
+    )
 
 
 class DemoUpstream(_UpstreamBase):
@@ -247,6 +252,15 @@ class DeploymentConfig(_Strict):
     weight: int = Field(1, ge=1, le=1000)
 
 
+class HealConfig(_Strict):
+    """Stream healing on a route: a stream broken mid-answer is continued by a deployment."""
+
+    max_attempts: int = Field(1, ge=1, le=5, description="continuations per stream")
+    max_gap_seconds: float = Field(
+        10.0, gt=0, description="longest time from the break to the continuation's first event"
+    )
+
+
 class RouteConfig(_Strict):
     """A client-facing model name (or name prefix) served by one or more deployments.
 
@@ -280,9 +294,19 @@ class RouteConfig(_Strict):
     skip_plugins: list[str] = Field(
         default_factory=list, description="global plugins not run on this route"
     )
+    heal: HealConfig | None = Field(
+        None, description="continue streams broken mid-answer (true: the defaults)"
+    )
     price: PriceConfig | None = Field(
         None, description="this route's price per million tokens, over `pricing.models`"
     )
+
+    @field_validator("heal", mode="before")
+    @classmethod
+    def _heal_shorthand(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        return None if value is False else value
 
     @model_validator(mode="after")
     def _one_of_each(self) -> RouteConfig:

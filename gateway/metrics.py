@@ -316,6 +316,20 @@ class GatewayMetrics:
             buckets=QUEUE_WAIT_BUCKETS,
             registry=registry,
         )
+        self.heals = Counter(
+            "sluice_stream_heals",
+            'Streams that broke mid-answer on a route with `heal:`, by result: "ok" a '
+            'continuation finished the answer, "failed" the stream ended in error anyway.',
+            ["route", "result"],
+            registry=registry,
+        )
+        self.heal_gap = Histogram(
+            "sluice_stream_heal_gap_seconds",
+            "Healed streams: from the break to the continuation's first event.",
+            ["route"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=registry,
+        )
         build = Gauge(
             "sluice_build_info", "Always 1; the running version.", ["version"], registry=registry
         )
@@ -404,6 +418,12 @@ class GatewayMetrics:
         """One failed attempt at `upstream`."""
         kind = kind if kind in UPSTREAM_ERROR_KINDS else OTHER
         self.upstream_errors.labels(self.labels.upstream(upstream), kind).inc()
+
+    def stream_heal(self, route: str, result: str, gap_seconds: float | None) -> None:
+        """A stream that broke mid-answer on a healing route ended (`gateway.heal`)."""
+        self.heals.labels(route, result).inc()
+        if gap_seconds is not None:
+            self.heal_gap.labels(route).observe(gap_seconds)
 
     def observe_queue_wait(self, upstream: str, seconds: float) -> None:
         """A slot was granted at `upstream` after `seconds` in its queue (0 if none)."""

@@ -39,6 +39,7 @@ from gateway.errors import (
     upstream_error,
 )
 from gateway.headers import upstream_headers
+from gateway.heal import HEAL_HEADER, HEALED, Shape, StreamHealer, transcript_for
 from gateway.metrics import GatewayMetrics
 from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, Overhead, overhead_ms, waiting
 from gateway.pricing import PRICING
@@ -405,7 +406,8 @@ class Proxy:
         try:
             response: Served = None
             if ctx.stream:
-                await self._stream(server, inbound, ctx, chain, upstream)
+                healer = self._healer(rt, inbound, ctx)
+                await self._stream(server, inbound, ctx, chain, upstream, healer)
             else:
                 response = await self._unary(server, inbound, ctx, chain, upstream)
         except GatewayError as err:
@@ -420,9 +422,34 @@ class Proxy:
                 slot.release()
         if trace is not None:
             trace.attempt_ended(ctx, None)
-        health.successes += 1
-        health.breaker.record_success()
+        if ctx.get(HEALED) is None:  # a healed stream's healer counted its upstreams
+            health.successes += 1
+            health.breaker.record_success()
         return response
+
+    def _healer(self, rt: Runtime, inbound: Inbound, ctx: RequestContext) -> StreamHealer | None:
+        """The stream's healer when its route heals and its lane and request allow."""
+        transcript = transcript_for(ctx)
+        if transcript is None or ctx.route is None or ctx.route.heal is None:
+            return None
+        ctx.response_headers[HEAL_HEADER] = "enabled"
+
+        async def send(upstream: Upstream, shape: Shape) -> UpstreamCall:
+            body, headers = self._outgoing(inbound, ctx, upstream)
+            return await waiting(ctx, self._send(ctx, upstream, shape(body), headers))
+
+        return StreamHealer(
+            ctx,
+            ctx.route.heal,
+            rt.config.server,
+            transcript,
+            rt.router.targets(ctx.model),
+            rt.health,
+            lambda name: rt.lanes.upstream(ctx, name),
+            send,
+            lambda health: _acquire(health, ctx),
+            self.metrics,
+        )
 
     @staticmethod
     def _record_error(ctx: RequestContext, err: GatewayError) -> GatewayError:
@@ -629,6 +656,7 @@ class Proxy:
         ctx: RequestContext,
         chain: Chain,
         upstream: Upstream,
+        healer: StreamHealer | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         watchdog = Watchdog(loop, upstream.timeouts, loop.time())
@@ -643,6 +671,7 @@ class Proxy:
                 server, ctx, chain, decoder, observer, call, watchdog, inbound.sink
             )
             stream.upstream_failed = lambda kind: self.metrics.upstream_error(upstream.name, kind)
+            stream.healer = healer
             self._streams.add(stream)
             if not await stream.start():  # the client left before the headers
                 return
@@ -655,7 +684,11 @@ class Proxy:
             if stream is not None:
                 self._streams.discard(stream)
             watchdog.cancel()
-            if observer is not None:
+            if stream is not None:
+                stream.observer.finish(ctx)  # a healed stream's: the continuation's
+            elif observer is not None:
                 observer.finish(ctx)
             if call is not None:
                 call.abort()
+            if healer is not None:
+                healer.close(ctx)

@@ -9,9 +9,11 @@ sockets' buffers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from gateway.chain import Chain
 from gateway.config import ServerConfig
@@ -35,6 +37,9 @@ from gateway.upstreams.base import (
     UpstreamCall,
 )
 from gateway.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from gateway.heal import StreamHealer
 
 log = logging.getLogger("sluice.stream")
 
@@ -98,6 +103,8 @@ class StreamRelay:
         self.upstream_failed: Callable[[str], None] = _ignore  # counts a failure by kind
         self.interrupted = False  # the gateway is shutting down: end with a retry hint
         self._failing = False  # the final error event is being (or was) written
+        self.healer: StreamHealer | None = None  # continues a stream broken mid-answer
+        self._rewrite: Callable[[list[SSEEvent]], list[SSEEvent]] | None = None  # the seam
 
     # -- reading ---------------------------------------------------------------------
 
@@ -251,15 +258,8 @@ class StreamRelay:
         """`run` minus its last resort: every foreseen ending is handled here."""
         ctx = self.ctx
         try:
-            try:
-                first = self._first
-                await self._deliver(first)
-                if first.error is not None:
-                    raise StreamFailed(first.error, Outcome.UPSTREAM_ERROR, "in_band")
-                if first.terminal is None:
-                    await self._pump()
-            except Ended:
-                pass
+            with contextlib.suppress(Ended):
+                await self._healing()
             ctx.outcome = ctx.outcome or Outcome.COMPLETED
             await self._finish()
         except StreamFailed as failed:
@@ -275,9 +275,65 @@ class StreamRelay:
         except ClientGone:
             ctx.outcome = Outcome.CLIENT_DISCONNECTED
 
+    async def _healing(self) -> None:
+        """The events to the end; a failure the healer mends continues the same stream."""
+        try:
+            await self._body()
+        except StreamFailed as failed:
+            while self.healer is not None and await self.healer.resume(self, failed):
+                try:
+                    await self._body()
+                    return
+                except StreamFailed as again:
+                    failed = again
+            raise failed from None
+
+    async def _body(self) -> None:
+        first = self._first
+        await self._deliver(first)
+        if first.error is not None:
+            raise StreamFailed(first.error, Outcome.UPSTREAM_ERROR, "in_band")
+        if first.terminal is None:
+            await self._pump()
+
+    # -- healing (gateway.heal) ------------------------------------------------------------
+
+    def restart(
+        self,
+        call: UpstreamCall,
+        decoder: StreamDecoder,
+        observer: StreamObserver,
+        watchdog: Watchdog,
+        rewrite: Callable[[list[SSEEvent]], list[SSEEvent]],
+    ) -> None:
+        """Read a continuation from here on; `rewrite` stitches its events in."""
+        self.call, self.decoder, self.observer, self.watchdog = call, decoder, observer, watchdog
+        self._rewrite = rewrite
+
+    async def first_batch(self) -> Batch:
+        """Read the current call up to its first data event (as `start` does)."""
+        held: list[SSEEvent] = []
+        batch = Batch([])
+        while not (batch.has_data or batch.terminal or batch.error):
+            events = self._decode(await self._read())
+            self.ctx.events_in += len(events)
+            batch = self.observer.classify(self.ctx, events)
+            held.extend(batch.events)
+        self._arrived = time.perf_counter()
+        return Batch(held, batch.terminal, batch.error, batch.has_data)
+
+    def set_first(self, batch: Batch) -> None:
+        """What `_body` delivers first (the continuation's opening events)."""
+        self._first = batch
+
+    async def seam_comment(self, text: str) -> None:
+        """An SSE comment into the client's stream (SDKs ignore comments)."""
+        await self._write([SSEEvent(comments=(text,))], translate=False)
+
     async def _pump(self) -> None:
-        observer, ctx = self.observer, self.ctx
+        ctx = self.ctx
         while True:
+            observer = self.observer
             chunk = await self._read()
             self._arrived = time.perf_counter()
             events = self._decode(chunk)
@@ -285,6 +341,8 @@ class StreamRelay:
                 continue
             ctx.events_in += len(events)
             batch = observer.classify(ctx, events)
+            if self._rewrite is not None:
+                batch.events = self._rewrite(batch.events)
             if batch.has_data and not self.watchdog.got_first:
                 self._mark_first()
             await self._deliver(batch)
@@ -302,6 +360,8 @@ class StreamRelay:
                 out = chain.run_events(self.ctx, batch.events)
             else:
                 out = batch.events
+            if self.healer is not None:
+                self.healer.delivered(out)
             if batch.terminal is not None:
                 out = [*out, *chain.run_flush(self.ctx), *self._usage(), batch.terminal]
         except EndStream as end:

@@ -11,7 +11,8 @@ UUID sent upstream in its request id header), ``team``, ``key_id`` (an id, never
 ``/v1/messages``), ``stream``, ``status``, ``outcome``, ``error_code``, ``error_message``
 (sanitised), ``prompt_tokens``, ``completion_tokens``, ``usage_source``, ``ttft_ms``
 (request received to first event written), ``duration_ms``, ``events``, ``bytes``,
-``retries``, ``overhead_ms`` (gateway time per stream; null when not measured), ``cost``
+``retries``, ``healed`` (continuations of a stream broken mid-answer, see `gateway.heal`),
+``heal_gap_ms``, ``overhead_ms`` (gateway time per stream; null when not measured), ``cost``
 (what the request cost in ``currency``, from its final usage and the price table; 0 for an
 unknown model; both null when no ``pricing:`` is configured; see docs/costs.md).
 
@@ -48,6 +49,7 @@ from gateway.config import ConfigError
 from gateway.context import Endpoint, RequestContext, StateKey
 from gateway.deltas import event_texts, prompt_texts
 from gateway.errors import sanitise_message
+from gateway.heal import HEALED
 from gateway.plugin import OnEvent, OnResponse, Plugin
 from gateway.pricing import cost_of
 from gateway.protocols import ANTHROPIC
@@ -279,6 +281,7 @@ class AccessLog(Plugin[AccessLogOptions]):
 
     def _fields(self, ctx: RequestContext) -> dict[str, Any]:
         timing, usage, error = ctx.timing, ctx.usage, ctx.error
+        healed = ctx.get(HEALED)
         ended = timing.ended if timing.ended is not None else time.perf_counter()
         fields = self._who(ctx)
         fields.update(
@@ -294,6 +297,8 @@ class AccessLog(Plugin[AccessLogOptions]):
             events=ctx.events_out,
             bytes=ctx.bytes_out,
             retries=ctx.retries,
+            healed=healed.heals if healed is not None else 0,
+            heal_gap_ms=round(healed.gap_seconds * 1000.0, 3) if healed is not None else None,
             overhead_ms=round(ctx.overhead_seconds * 1000.0, 3) if ctx.events_in else None,
         )
         cost = cost_of(ctx)

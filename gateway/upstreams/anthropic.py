@@ -8,14 +8,20 @@ from typing import Any
 from gateway.config import AnthropicUpstream, ServerConfig
 from gateway.context import Endpoint, RequestContext
 from gateway.protocols import ANTHROPIC
-from gateway.protocols.anthropic.upstream import NativeMessages
+from gateway.protocols.anthropic.upstream import NativeMessages, prefill
 from gateway.sse import SSEDecoder, SSEEvent
 from gateway.translate.anthropic_openai import (
     MessagesStreamToChat,
     chat_request_to_messages,
     messages_response_to_chat,
 )
-from gateway.upstreams.base import StreamDecoder, StreamObserver, Upstream, UpstreamCall
+from gateway.upstreams.base import (
+    Continuation,
+    StreamDecoder,
+    StreamObserver,
+    Upstream,
+    UpstreamCall,
+)
 from gateway.upstreams.http import HttpUpstream
 from gateway.upstreams.openai import client_wants_usage
 from gateway.upstreams.translated import TranslatedObserver
@@ -87,6 +93,10 @@ class Anthropic(HttpUpstream):
     ) -> UpstreamCall:
         request = chat_request_to_messages(body, body["model"], self.config.default_max_tokens)
         return await self.post(self._url, request, headers)
+
+    def continuation(self, body: dict[str, Any], text: str) -> Continuation | None:
+        """A trailing assistant message becomes the Messages API's prefill."""
+        return prefill(body, text)
 
     def stream_parts(
         self, ctx: RequestContext, server: ServerConfig

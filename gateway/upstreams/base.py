@@ -76,6 +76,24 @@ class Batch:
     has_data: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Continuation:
+    """A request asking an upstream to continue an answer it began (stream healing).
+
+    `withheld`: trailing text of the answer the upstream was not sent (Anthropic refuses a
+    prefill ending in whitespace); the continuation's repeat of it is dropped.
+    """
+
+    body: dict[str, Any]
+    withheld: str = ""
+
+
+def with_assistant_prefix(body: dict[str, Any], text: str, **extra: Any) -> dict[str, Any]:
+    """`body` with `text` as a trailing assistant message (plus `extra` keys)."""
+    messages = [*body.get("messages", ()), {"role": "assistant", "content": text}]
+    return {**body, "messages": messages, **extra}
+
+
 class StreamObserver(abc.ABC):
     """Per-request view of an upstream's SSE stream, in the client's wire format.
 
@@ -193,6 +211,11 @@ class Upstream(abc.ABC):
     def supports(self, endpoint: Endpoint) -> bool:
         """Whether this upstream serves `endpoint`."""
         return True
+
+    def continuation(self, body: dict[str, Any], text: str) -> Continuation | None:
+        """`body` (as sent to this upstream) asking it to continue an answer that starts with
+        `text`, or None if this upstream cannot continue a final assistant message."""
+        return None
 
     def native(self, wire: str) -> Upstream | None:
         """This upstream speaking `wire` (a `gateway.protocols` name) natively, or None if

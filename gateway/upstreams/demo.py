@@ -20,7 +20,14 @@ from multidict import CIMultiDict
 
 from gateway.config import DemoUpstream, ServerConfig
 from gateway.context import Endpoint, RequestContext
-from gateway.upstreams.base import StreamDecoder, StreamObserver, Upstream, UpstreamCall
+from gateway.upstreams.base import (
+    Continuation,
+    StreamDecoder,
+    StreamObserver,
+    Upstream,
+    UpstreamCall,
+    with_assistant_prefix,
+)
 from gateway.upstreams.openai import OpenAIObserver, sse_decoder
 
 _ANSWER = (
@@ -49,9 +56,22 @@ def _last_user_text(body: Mapping[str, Any]) -> str:
     return ""
 
 
+def _prefix(body: Mapping[str, Any]) -> str:
+    """A trailing assistant message's text: the answer to continue (see `continuation`)."""
+    messages = body.get("messages") or []
+    last = messages[-1] if messages else None
+    if isinstance(last, dict) and last.get("role") == "assistant":
+        content = last.get("content")
+        return content if isinstance(content, str) else ""
+    return ""
+
+
 def _tokens(body: Mapping[str, Any], cap: int) -> tuple[list[str], str]:
     topic = " ".join(_last_user_text(body).split()[:12]) or "nothing in particular"
-    words = _TOKEN.findall(_ANSWER.format(topic=topic))
+    answer, prefix = _ANSWER.format(topic=topic), _prefix(body)
+    if prefix and answer.startswith(prefix):
+        answer = answer[len(prefix) :]  # the rest, as if the answer had never stopped
+    words = _TOKEN.findall(answer)
     limit = body.get("max_completion_tokens") or body.get("max_tokens") or cap
     limit = min(int(limit), cap)
     if len(words) > limit:
@@ -118,6 +138,10 @@ class Demo(Upstream):
         return DemoCall(
             [orjson.dumps(payload)], [start + ttft + len(tokens) * itl], "application/json"
         )
+
+    def continuation(self, body: dict[str, Any], text: str) -> Continuation | None:
+        """The demo continues its canned answer from a trailing assistant message."""
+        return Continuation(with_assistant_prefix(body, text))
 
     def stream_parts(
         self, ctx: RequestContext, server: ServerConfig

@@ -10,7 +10,14 @@ from gateway.context import Endpoint, RequestContext
 from gateway.errors import GatewayError
 from gateway.local_usage import local_usage_event
 from gateway.sse import SSEDecoder, SSEEvent
-from gateway.upstreams.base import Batch, StreamDecoder, StreamObserver, UpstreamCall
+from gateway.upstreams.base import (
+    Batch,
+    Continuation,
+    StreamDecoder,
+    StreamObserver,
+    UpstreamCall,
+    with_assistant_prefix,
+)
 from gateway.upstreams.errors import error_from_event
 from gateway.upstreams.http import HttpUpstream
 
@@ -172,6 +179,13 @@ class OpenAICompatible(HttpUpstream):
         self, ctx: RequestContext, body: dict[str, Any], headers: Mapping[str, str]
     ) -> UpstreamCall:
         return await self.post(self.url(ctx, body), self.shape(ctx, body), headers)
+
+    def continuation(self, body: dict[str, Any], text: str) -> Continuation | None:
+        """vLLM's `continue_final_message` (OpenAI's own API has no way to continue)."""
+        if self.config.continuation != "vllm":
+            return None
+        extra = {"continue_final_message": True, "add_generation_prompt": False}
+        return Continuation(with_assistant_prefix(body, text, **extra))
 
     def stream_parts(
         self, ctx: RequestContext, server: ServerConfig

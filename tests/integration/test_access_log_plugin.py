@@ -64,6 +64,8 @@ REQUEST_FIELDS = {
     "events",
     "bytes",
     "retries",
+    "healed",
+    "heal_gap_ms",
     "overhead_ms",
     "cost",
     "currency",

@@ -50,6 +50,8 @@ REQUEST_FIELDS = {
     "events",
     "bytes",
     "retries",
+    "healed",
+    "heal_gap_ms",
     "overhead_ms",
     "cost",
     "currency",
@@ -181,6 +183,8 @@ async def test_completed_line_has_every_documented_field() -> None:
         "events": 6,
         "bytes": 321,
         "retries": 0,
+        "healed": 0,
+        "heal_gap_ms": None,
         "overhead_ms": 2.0,
         "cost": None,  # no price table
         "currency": None,

@@ -42,6 +42,8 @@ FAMILIES = {
     "sluice_inflight_streams": "gauge",
     "sluice_upstream_errors": "counter",
     "sluice_retries": "counter",
+    "sluice_stream_heals": "counter",
+    "sluice_stream_heal_gap_seconds": "histogram",
     "sluice_upstream_breaker_state": "gauge",
     "sluice_upstream_ejections": "counter",
     "sluice_upstream_queue_depth": "gauge",

@@ -22,10 +22,24 @@ from gateway.protocols.anthropic.events import (
 from gateway.protocols.anthropic.request import VERSION_HEADERS
 from gateway.sse import SSEDecoder
 from gateway.translate.anthropic_openai import error_from_anthropic
-from gateway.upstreams.base import StreamDecoder, StreamObserver, Upstream, UpstreamCall
+from gateway.upstreams.base import (
+    Continuation,
+    StreamDecoder,
+    StreamObserver,
+    Upstream,
+    UpstreamCall,
+    with_assistant_prefix,
+)
 from gateway.upstreams.http import HttpUpstream
 
-__all__ = ["NativeMessages"]
+__all__ = ["NativeMessages", "prefill"]
+
+
+def prefill(body: dict[str, Any], text: str) -> Continuation:
+    """`body` (Messages or chat) with `text` as the assistant's prefill, minus trailing
+    whitespace (which the Messages API refuses)."""
+    kept = text.rstrip()
+    return Continuation(with_assistant_prefix(body, kept), withheld=text[len(kept) :])
 
 
 class NativeMessages(Upstream):
@@ -48,6 +62,10 @@ class NativeMessages(Upstream):
         self, ctx: RequestContext, body: dict[str, Any], headers: Mapping[str, str]
     ) -> UpstreamCall:
         return await self._adapter.post(self._url, body, headers, client_wins=VERSION_HEADERS)
+
+    def continuation(self, body: dict[str, Any], text: str) -> Continuation | None:
+        """A trailing assistant turn is a prefill; it may not end in whitespace."""
+        return prefill(body, text)
 
     async def count_tokens(self, body: dict[str, Any], headers: Mapping[str, str]) -> UpstreamCall:
         """`POST /v1/messages/count_tokens`, the body as given."""
