@@ -29,6 +29,7 @@ from gateway.config_yaml import (
 from gateway.headers import REQUEST_ID_HEADER, gateway_owned
 from gateway.pricing_config import PriceConfig, PricingConfig
 from gateway.protocols.responses.config import ResponsesConfig
+from gateway.replay.config import ReplayConfig, RouteReplay
 from gateway.teams import AuthMode, TeamConfig, check_auth, first_cost_limits, infer_auth_mode
 from gateway.tracing_config import TracingConfig
 
@@ -283,6 +284,9 @@ class RouteConfig(_Strict):
     price: PriceConfig | None = Field(
         None, description="this route's price per million tokens, over `pricing.models`"
     )
+    replay: bool | RouteReplay = Field(
+        False, description="replay deterministic answers from the cache (see `replay:`)"
+    )
 
     @model_validator(mode="after")
     def _one_of_each(self) -> RouteConfig:
@@ -305,6 +309,13 @@ class RouteConfig(_Strict):
         if self.upstream is not None:
             return [DeploymentConfig(upstream=self.upstream, upstream_model=self.upstream_model)]
         return self.deployments
+
+    @property
+    def replay_settings(self) -> RouteReplay | None:
+        """The route's replay opt-in (None: off)."""
+        if isinstance(self.replay, RouteReplay):
+            return self.replay
+        return RouteReplay() if self.replay else None
 
     @property
     def target_model(self) -> str:
@@ -489,6 +500,7 @@ class GatewayConfig(_Strict):
         None, description="the price table (see docs/costs.md); unset: costs are not computed"
     )
     responses: ResponsesConfig = ResponsesConfig()
+    replay: ReplayConfig = ReplayConfig()
 
     @model_validator(mode="before")
     @classmethod
