@@ -237,8 +237,6 @@ class Pricing:
     def cost(self, ctx: RequestContext) -> Cost:
         """What `ctx`'s request cost, from its usage as it stands (final after `on_end`)."""
         usage = ctx.usage
-        if usage.source == "cache":
-            return Cost(_ZERO, self.currency)  # replayed: no upstream tokens were spent
         if usage.prompt_tokens is None and usage.completion_tokens is None:
             return Cost(_ZERO, self.currency)  # nothing was used (or nothing is known)
         price = self.price_of(ctx.route, ctx.upstream_model)

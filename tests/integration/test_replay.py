@@ -459,3 +459,29 @@ async def test_a_redis_outage_is_a_miss_not_an_error(
     assert (status, status2) == (200, 200)
     assert (head["X-Sluice-Cache"], head2["X-Sluice-Cache"]) == ("miss", "miss")
     assert b"[DONE]" in raw
+
+
+async def test_a_websocket_request_is_replayed_too(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    config, registry, _ = replay_config(fake)
+    fake.queue(*streams())
+    runs: list[list[dict[str, Any]]] = []
+    async with (
+        run_gateway(config, registry=registry) as gw,
+        asyncio.timeout(BOUND),
+        http.ws_connect(gw.url + "/v1/ws") as ws,
+    ):
+        for rid in ("a", "b"):
+            await ws.send_json({"type": "request", "id": rid, "body": cold()})
+            messages: list[dict[str, Any]] = []
+            while not messages or messages[-1]["type"] not in ("done", "error"):
+                messages.append(orjson.loads((await ws.receive()).data))
+            runs.append(messages)
+    first, second = runs
+    assert first[0]["headers"]["X-Sluice-Cache"] == "miss"
+    assert second[0]["headers"]["X-Sluice-Cache"] == "hit"
+    chunks = [[m["data"] for m in run if m["type"] == "chunk"] for run in runs]
+    assert chunks[1][-1].pop("x_sluice") == MARK  # the usage chunk
+    assert chunks[1] == chunks[0]
+    assert len(fake.exchanges) == 1
