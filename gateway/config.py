@@ -284,9 +284,17 @@ class RouteConfig(_Strict):
     price: PriceConfig | None = Field(
         None, description="this route's price per million tokens, over `pricing.models`"
     )
-    replay: bool | RouteReplay = Field(
-        False, description="replay deterministic answers from the cache (see `replay:`)"
+    replay: RouteReplay | None = Field(
+        None, description="true: replay deterministic answers from the cache (see `replay:`)"
     )
+
+    @field_validator("replay", mode="before")
+    @classmethod
+    def _replay_switch(cls, value: Any) -> Any:
+        """`replay: true` is every default; `false` is off."""
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
 
     @model_validator(mode="after")
     def _one_of_each(self) -> RouteConfig:
@@ -309,13 +317,6 @@ class RouteConfig(_Strict):
         if self.upstream is not None:
             return [DeploymentConfig(upstream=self.upstream, upstream_model=self.upstream_model)]
         return self.deployments
-
-    @property
-    def replay_settings(self) -> RouteReplay | None:
-        """The route's replay opt-in (None: off)."""
-        if isinstance(self.replay, RouteReplay):
-            return self.replay
-        return RouteReplay() if self.replay else None
 
     @property
     def target_model(self) -> str:

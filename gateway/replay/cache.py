@@ -128,7 +128,7 @@ class ReplayCache:
     ) -> Served:
         """Answer from the cache, or run `attempts` and keep the answer when it may be."""
         assert ctx.route is not None
-        settings = ctx.route.replay_settings
+        settings = ctx.route.replay
         if settings is None:
             return await attempts(inbound)
         key = request_key(ctx, shared=settings.shared) if cacheable(ctx) else None

@@ -235,5 +235,5 @@ async def test_the_replay_store_is_restart_only_but_route_opt_ins_reload(tmp_pat
     assert outcome is not None
     assert outcome.needs_restart == ("replay",)
     assert state.config.replay.max_entries == 1000  # the store built at start-up
-    assert state.runtime.config.routes[0].replay_settings is not None
+    assert state.runtime.config.routes[0].replay is not None
     await state.generations.close()

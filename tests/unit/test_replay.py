@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.config import RouteConfig
+from gateway.config import ConfigError, RouteConfig, parse_config
 from gateway.context import Endpoint, RequestContext
 from gateway.replay.cache import cache_directives
 from gateway.replay.config import ReplayConfig
@@ -129,3 +129,35 @@ async def test_the_memory_store_forgets_after_the_ttl() -> None:
     assert await store.get("a") is None
     assert len(store) == 0
     assert store.bytes == 0
+
+
+@pytest.mark.parametrize(
+    ("replay", "message"),
+    [
+        ({"pacing": "fast"}, "routes[0].replay.pacing: Input should be 'instant' or 'original'"),
+        ({"nope": 1}, "routes[0].replay.nope: unknown key"),
+        ("yes", "routes[0].replay: Input should be a valid dictionary"),
+    ],
+)
+def test_a_bad_route_opt_in_names_its_key(replay: Any, message: str) -> None:
+    config = {
+        "upstreams": {"d": {"kind": "demo"}},
+        "routes": [{"model": "m", "upstream": "d", "replay": replay}],
+    }
+    with pytest.raises(ConfigError) as raised:
+        parse_config(config, {})
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(("replay", "on"), [(True, True), (False, False), ({}, True)])
+def test_replay_true_is_every_default(replay: Any, on: bool) -> None:
+    route = RouteConfig.model_validate({"model": "m", "upstream": "d", "replay": replay})
+    assert (route.replay is not None) is on
+    if route.replay is not None:
+        assert (route.replay.pacing, route.replay.shared) == ("instant", False)
+
+
+def test_the_store_block_rejects_unknown_keys() -> None:
+    config = {"upstreams": {"d": {"kind": "demo"}}, "routes": [{"model": "m", "upstream": "d"}]}
+    with pytest.raises(ConfigError, match=r"replay\.nope: unknown key"):
+        parse_config({**config, "replay": {"nope": 1}}, {})
