@@ -23,6 +23,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.playground import add_routes as add_playground_routes
 from gateway.protocols.responses.http import add_routes as add_responses_routes
 from gateway.proxy import Proxy
+from gateway.replay.cache import ReplayCache
 from gateway.resume import Resumer
 from gateway.routing import Router, UpstreamHealth
 from gateway.runtime import (
@@ -316,6 +317,8 @@ async def _lifecycle(app: web.Application) -> Any:
     await state.generations.close()
     if state.resumer is not None:
         await state.resumer.close()
+    if state.proxy is not None and state.proxy.replay is not None:
+        await state.proxy.replay.close()
 
 
 async def _not_ready_on_shutdown(app: web.Application) -> None:
@@ -342,6 +345,7 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
     state.resumer = resumer
     proxy = Proxy(state.generations, metrics=state.metrics, resumer=resumer)
     state.proxy = proxy
+    proxy.replay = ReplayCache(state.config.replay, state.metrics)
     app.router.add_post("/v1/chat/completions", proxy.chat)
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/embeddings", proxy.embeddings)

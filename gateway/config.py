@@ -29,6 +29,7 @@ from gateway.config_yaml import (
 from gateway.headers import REQUEST_ID_HEADER, gateway_owned
 from gateway.pricing_config import PriceConfig, PricingConfig
 from gateway.protocols.responses.config import ResponsesConfig
+from gateway.replay.config import ReplayConfig, RouteReplay
 from gateway.teams import AuthMode, TeamConfig, check_auth, first_cost_limits, infer_auth_mode
 from gateway.tracing_config import TracingConfig
 
@@ -300,6 +301,17 @@ class RouteConfig(_Strict):
     price: PriceConfig | None = Field(
         None, description="this route's price per million tokens, over `pricing.models`"
     )
+    replay: RouteReplay | None = Field(
+        None, description="true: replay deterministic answers from the cache (see `replay:`)"
+    )
+
+    @field_validator("replay", mode="before")
+    @classmethod
+    def _replay_switch(cls, value: Any) -> Any:
+        """`replay: true` is every default; `false` is off."""
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
 
     @field_validator("heal", mode="before")
     @classmethod
@@ -513,6 +525,7 @@ class GatewayConfig(_Strict):
         None, description="the price table (see docs/costs.md); unset: costs are not computed"
     )
     responses: ResponsesConfig = ResponsesConfig()
+    replay: ReplayConfig = ReplayConfig()
 
     @model_validator(mode="before")
     @classmethod

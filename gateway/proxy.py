@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -63,6 +64,7 @@ from gateway.validation import read_json_body
 from gateway.watchdog import Watchdog
 
 if TYPE_CHECKING:
+    from gateway.replay.cache import ReplayCache
     from gateway.tracing import RequestTrace, Tracing
 
 log = logging.getLogger("sluice.proxy")
@@ -162,6 +164,7 @@ class Proxy:
         self._detached: set[asyncio.Task[Served]] = set()  # resumable streams' producers
         self.metrics = metrics
         self.tracing: Tracing | None = None  # set at start-up when tracing is on
+        self.replay: ReplayCache | None = None  # set at start-up (gateway.replay)
         self.draining = False  # set by `drain`: new requests get 503
         self._inflight = 0
         self._streams: set[StreamRelay] = set()
@@ -267,6 +270,9 @@ class Proxy:
                 assert ctx.route is not None
                 chain = rt.chains[ctx.route.name]
                 await chain.run_request(ctx)
+                if self.replay is not None and ctx.route.replay:  # see gateway.replay
+                    run = functools.partial(self._attempts, rt, ctx=ctx, chain=chain)
+                    return await self.replay.serve(ctx, inbound, chain, run)
                 return await self._attempts(rt, inbound, ctx, chain)
             except GatewayError as err:
                 if inbound.sink.committed:  # after headers: the relay sent its final event

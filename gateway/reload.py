@@ -51,9 +51,10 @@ RESTART_ONLY: Final = (
     "resumable",
     "tracing",
     "responses",
+    "replay",
 )
-"""Keys a reload cannot apply (listeners, app middleware, the resumable-stream and
-Responses stores, the log handlers and the tracer provider set up at start)."""
+"""Keys a reload cannot apply (listeners, app middleware, the resumable-stream, Responses
+and replay stores, the log handlers and the tracer provider set up at start)."""
 
 _READ_ATTEMPTS: Final = 3
 
@@ -117,6 +118,7 @@ def keep_running(running: GatewayConfig, new: GatewayConfig) -> GatewayConfig:
             "resumable": running.resumable,
             "tracing": running.tracing,
             "responses": running.responses,
+            "replay": running.replay,
         }
     )
 

@@ -27,6 +27,7 @@ from gateway.errors import (
 from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, overhead_ms, waiting
 from gateway.plugin import EndStream, Reject
 from gateway.protocols.lanes import dialect_of
+from gateway.replay.state import ENDED_EARLY
 from gateway.sinks import ClientGone, StreamSink
 from gateway.sse import SSEError, SSEEvent
 from gateway.upstreams.base import (
@@ -394,6 +395,7 @@ class StreamRelay:
     async def _end_early(self, events: list[SSEEvent], outcome: Outcome) -> None:
         self.call.abort()
         self.ctx.outcome = outcome
+        self.ctx.set(ENDED_EARLY, True)  # never replayed (gateway.replay)
         terminal = self.observer.terminal_event()
         await self._write([*events, *self._usage(), *([terminal] if terminal else [])])
 

@@ -30,7 +30,7 @@ from gateway.stream import draining_error
 MAX_IN_FLIGHT = 8  # concurrent requests on one socket
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 _ENDPOINTS = {"chat.completions": Endpoint.CHAT, "completions": Endpoint.COMPLETIONS}
-_START_HEADERS = ("x-request-id", "x-sluice-overhead-ms")
+_START_HEADERS = ("x-request-id", "x-sluice-overhead-ms", "x-sluice-cache")
 
 
 def _message(kind: str, rid: str | None, **fields: Any) -> str:

@@ -14,7 +14,9 @@ UUID sent upstream in its request id header), ``team``, ``key_id`` (an id, never
 ``retries``, ``healed`` (continuations of a stream broken mid-answer, see `gateway.heal`),
 ``heal_gap_ms``, ``overhead_ms`` (gateway time per stream; null when not measured), ``cost``
 (what the request cost in ``currency``, from its final usage and the price table; 0 for an
-unknown model; both null when no ``pricing:`` is configured; see docs/costs.md).
+unknown model; both null when no ``pricing:`` is configured; see docs/costs.md), ``cache``
+(the replay cache's ``hit``, ``miss`` or ``bypass``; null when the request was not cacheable;
+a hit has ``usage_source`` ``cache``, 0 tokens and cost 0; see docs/replay.md).
 
 With ``log_prompts`` / ``log_completions`` the line also carries ``prompt`` (the prompt's
 text pieces) / ``completion`` (the generated text per choice index), each capped at
@@ -53,6 +55,7 @@ from gateway.heal import HEALED
 from gateway.plugin import OnEvent, OnResponse, Plugin
 from gateway.pricing import cost_of
 from gateway.protocols import ANTHROPIC
+from gateway.replay.state import REPLAY
 from gateway.sse import SSEEvent
 
 _MAX_MODEL_CHARS = 200  # the client's model string is logged even when it matched no route
@@ -304,6 +307,7 @@ class AccessLog(Plugin[AccessLogOptions]):
         cost = cost_of(ctx)
         fields["cost"] = float(cost.amount) if cost is not None else None
         fields["currency"] = cost.currency if cost is not None else None
+        fields["cache"] = ctx.get(REPLAY)
         prompt, completion = ctx.get(_PROMPT), ctx.get(_COMPLETION)
         if self.options.log_prompts:
             fields["prompt"] = prompt.joined() if prompt is not None else None

@@ -69,6 +69,7 @@ REQUEST_FIELDS = {
     "overhead_ms",
     "cost",
     "currency",
+    "cache",
 }
 TEXT_FIELDS = {"prompt", "prompt_truncated", "completion", "completion_truncated"}
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}

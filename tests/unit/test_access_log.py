@@ -55,6 +55,7 @@ REQUEST_FIELDS = {
     "overhead_ms",
     "cost",
     "currency",
+    "cache",
 }
 
 
@@ -188,6 +189,7 @@ async def test_completed_line_has_every_documented_field() -> None:
         "overhead_ms": 2.0,
         "cost": None,  # no price table
         "currency": None,
+        "cache": None,  # not a replay route
     }
 
 

@@ -222,3 +222,18 @@ async def test_the_embedded_default_has_nothing_to_reload() -> None:
     assert await reloader.reload() is None
     assert _reloads(state, "ok") == 0
     assert state.runtime.source.name == "<embedded default>"
+
+
+async def test_the_replay_store_is_restart_only_but_route_opt_ins_reload(tmp_path: Path) -> None:
+    path = _write(tmp_path / "sluice.yaml", _config())
+    state, reloader = _state(path)
+    changed = _config()
+    changed["replay"] = {"max_entries": 5}
+    changed["routes"][0]["replay"] = True
+    _write(path, changed)
+    outcome = await reloader.reload()
+    assert outcome is not None
+    assert outcome.needs_restart == ("replay",)
+    assert state.config.replay.max_entries == 1000  # the store built at start-up
+    assert state.runtime.config.routes[0].replay is not None
+    await state.generations.close()
