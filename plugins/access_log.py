@@ -50,7 +50,8 @@ from gateway.deltas import event_texts, prompt_texts
 from gateway.errors import sanitise_message
 from gateway.plugin import OnEvent, OnResponse, Plugin
 from gateway.pricing import cost_of
-from gateway.protocols import ANTHROPIC
+from gateway.protocols import ANTHROPIC, RESPONSES
+from gateway.protocols.responses import views as responses_views
 from gateway.sse import SSEEvent
 
 _MAX_MODEL_CHARS = 200  # the client's model string is logged even when it matched no route
@@ -229,6 +230,10 @@ class AccessLog(Plugin[AccessLogOptions]):
     ) -> dict[str, Any] | None:
         text = ctx.get(_COMPLETION)
         if text is None:
+            return None
+        if ctx.wire == RESPONSES:  # a Response: its output items' text
+            for index, piece in responses_views.response_texts(body).items():
+                text.add(index, piece)
             return None
         if ctx.wire == ANTHROPIC:  # a Message: its text blocks
             for block in body.get("content") or ():
