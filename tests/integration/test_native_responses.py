@@ -454,8 +454,9 @@ async def test_token_count_and_access_log_read_the_native_lane(
         (ctx,) = await log.wait_ends(1)
     tokens = ctx.require(TOKENS)
     assert tokens.prompt_tokens > 0
-    # text, reasoning summary and arguments were counted: more than the text alone
-    assert tokens.completion_tokens > 12
+    # the text (12 by the heuristic), the reasoning summary (25 in two deltas) and the
+    # function call (name and arguments) were counted
+    assert tokens.completion_tokens >= 12 + 25 + 2 + 5 - 2
     assert tokens.diff_completion == tokens.completion_tokens - 91
     # latency: the first token is the first text delta (reasoning before it is not)
     names = [name for name, _ in named_events(FULL)]
@@ -517,3 +518,42 @@ async def test_azure_native_url_and_deployment(
     assert exchange.path == path
     assert exchange.body["model"] == "my-gpt5"
     assert {k.lower(): v for k, v in exchange.headers.items()}["api-key"] == KEY
+
+
+async def test_previous_response_id_the_gateway_does_not_know_is_passed_on(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    """Made elsewhere (straight at OpenAI, or before a restart): the upstream judges it."""
+    fake.queue(Script([FULL]))
+    async with run_gateway(_config(fake)) as gw:
+        status, raw = await _post(http, gw.url + RESPONSES, _body(previous_response_id="resp_x"))
+    assert (status, raw) == (200, FULL)
+    assert fake.exchanges[0].body["previous_response_id"] == "resp_x"
+
+
+async def test_previous_response_held_elsewhere_is_refused_before_any_upstream(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    fake.queue(Script([FULL]))
+    other = {"kind": "openai", "base_url": fake.base_url, "responses_api": "native"}
+    chat = {"kind": "openai", "base_url": fake.base_url}  # translated
+    routes = [
+        {"model": "m", "upstream": "gpt", "retries": 0},
+        {"model": "n", "upstream": "other", "retries": 0},
+        {"model": "t", "upstream": "chat", "retries": 0},
+    ]
+    config = _config(fake, upstreams={"other": other, "chat": chat}, routes=routes)
+    async with run_gateway(config) as gw:
+        await _post(http, gw.url + RESPONSES, _body())
+        native = await _post(http, gw.url + RESPONSES, _body(model="n", previous_response_id=RID))
+        translated = await _post(
+            http, gw.url + RESPONSES, _body(model="t", previous_response_id=RID)
+        )
+    for status, raw in (native, translated):
+        assert status == 400
+        error = orjson.loads(raw)["error"]
+        assert (error["code"], error["param"]) == (
+            "previous_response_elsewhere",
+            "previous_response_id",
+        )
+    assert len(fake.exchanges) == 1
