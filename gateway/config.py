@@ -120,6 +120,11 @@ class OpenAIUpstream(_UpstreamBase):
         description="how a healed stream asks this server to continue a final assistant "
         "message: vllm (continue_final_message); none (OpenAI's API cannot)",
     )
+    responses_api: Literal["native", "translate"] | None = Field(
+        None,
+        description="POST /v1/responses: native (sent to <base_url>/responses) or translate "
+        "(to chat completions); default native for api.openai.com, translate otherwise",
+    )
 
 
 class DemoUpstream(_UpstreamBase):
@@ -133,6 +138,7 @@ class DemoUpstream(_UpstreamBase):
 
 
 DEFAULT_AZURE_API_VERSION: Final = "2024-10-21"  # the latest GA data-plane version
+AZURE_RESPONSES_API_VERSION: Final = "2025-03-01-preview"  # the first with /openai/responses
 
 _AZURE_DEPLOYMENT_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -173,6 +179,11 @@ class AzureUpstream(_UpstreamBase):
     include_usage: bool = Field(
         True, description="ask for stream_options.include_usage (needs api-version 2024-09-01+)"
     )
+    responses_api: Literal["native", "translate"] | None = Field(
+        None,
+        description="POST /v1/responses: native (Azure's /openai/responses) or translate (to "
+        "chat completions); default native with use_v1_api or api_version 2025-03-01+",
+    )
     timeouts: Timeouts = Timeouts()
     max_connections: int = Field(256, ge=1)
     verify_tls: bool = True
@@ -186,7 +197,17 @@ class AzureUpstream(_UpstreamBase):
             problem = azure_deployment_problem(name)
             if problem is not None:
                 raise ValueError(f"{where}: invalid Azure deployment name {name!r}: {problem}")
+        if self.responses_api == "native" and not self.serves_responses:
+            raise ValueError(
+                "responses_api: native needs use_v1_api: true or an api_version of "
+                f"{AZURE_RESPONSES_API_VERSION} or later (got {self.api_version})"
+            )
         return self
+
+    @property
+    def serves_responses(self) -> bool:
+        """Whether this resource's configured surface has the Responses API."""
+        return self.use_v1_api or self.api_version[:10] >= AZURE_RESPONSES_API_VERSION[:10]
 
 
 class AnthropicUpstream(_UpstreamBase):

@@ -5,7 +5,10 @@ the generated text in an event (per choice index), rebuild an event with replace
 build the events that stop an answer, so a plugin works the same on every lane: OpenAI chat
 completions and completions, and Anthropic Messages on its native lane, where a "choice" is
 a content block (text deltas keyed by the block's index; ``content_block_stop`` finishes
-it; see `gateway.protocols.anthropic.views`).
+it; see `gateway.protocols.anthropic.views`), and OpenAI Responses on its native lane, where
+a "choice" is an output item (``response.output_text.delta`` keyed by its
+``output_index``; see `gateway.protocols.responses.views`). Each view pays one string
+compare on the OpenAI lane for the others.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import orjson
 from gateway.context import LOCAL_COUNT, Endpoint, RequestContext, StateKey
 from gateway.protocols import ANTHROPIC, OPENAI
 from gateway.protocols.anthropic import views as anthropic
+from gateway.protocols.responses import views as responses
 from gateway.sse import _UNSET, SSEEvent
 from gateway.translate.openai_anthropic import STOP_REASONS
 
@@ -66,8 +70,8 @@ def event_texts(ctx: RequestContext, event: SSEEvent) -> dict[int, str]:
     obj = _parsed(event)
     if obj is None:
         return {}
-    if ctx.wire == ANTHROPIC:
-        return anthropic.block_texts(obj)
+    if ctx.wire != OPENAI:
+        return anthropic.block_texts(obj) if ctx.wire == ANTHROPIC else responses.item_texts(obj)
     out: dict[int, str] = {}
     for choice in obj.get("choices") or ():
         if isinstance(choice, dict):
@@ -120,8 +124,10 @@ def _plain_text(ctx: RequestContext, data: bytes | None) -> _Plain | None:
     """
     if data is None:
         return None
-    if ctx.wire == ANTHROPIC:
-        return anthropic.text_view(ctx.endpoint, data)
+    if ctx.wire != OPENAI:
+        if ctx.wire == ANTHROPIC:
+            return anthropic.text_view(ctx.endpoint, data)
+        return responses.text_view(ctx.endpoint, data)
     shape = ctx.get(_SHAPE)
     if shape is not None and data.startswith(shape[2]):
         view = _by_shape(shape, data)
@@ -193,8 +199,8 @@ def finish_reasons(ctx: RequestContext, event: SSEEvent) -> dict[int, str]:
     obj = _parsed(event)
     if obj is None:
         return {}
-    if ctx.wire == ANTHROPIC:
-        return anthropic.block_stops(obj)
+    if ctx.wire != OPENAI:
+        return anthropic.block_stops(obj) if ctx.wire == ANTHROPIC else responses.item_stops(obj)
     return {
         int(c.get("index", 0)): c["finish_reason"]
         for c in obj.get("choices") or ()
@@ -213,8 +219,10 @@ def with_texts(ctx: RequestContext, event: SSEEvent, texts: Mapping[int, str]) -
     obj = _parsed(event)
     if obj is None:
         return event
-    if ctx.wire == ANTHROPIC:
-        return anthropic.with_block_texts(event, obj, texts)
+    if ctx.wire != OPENAI:
+        if ctx.wire == ANTHROPIC:
+            return anthropic.with_block_texts(event, obj, texts)
+        return responses.with_item_texts(event, obj, texts)
     # Copy only the path that changes: the event's cached JSON must stay as it was.
     choices: list[Any] = []
     for choice in obj.get("choices") or ():
@@ -302,8 +310,8 @@ def without_choices(ctx: RequestContext, event: SSEEvent, drop: set[int]) -> SSE
 def prompt_texts(endpoint: Endpoint, body: Mapping[str, Any], wire: str = OPENAI) -> list[str]:
     """Every piece of prompt text in a request body (messages' text parts, or the prompt;
     on the Anthropic lane the system prompt too)."""
-    if wire == ANTHROPIC:
-        return anthropic.prompt_texts(body)
+    if wire != OPENAI:
+        return anthropic.prompt_texts(body) if wire == ANTHROPIC else responses.prompt_texts(body)
     if endpoint is Endpoint.CHAT:
         out: list[str] = []
         for message in body.get("messages") or ():

@@ -118,8 +118,14 @@ class ResponsesDialect(Dialect):
     name = "responses"
 
     async def prepare(self, ctx: RequestContext, body: dict[str, Any]) -> dict[str, Any]:
-        turn = await responses_lane.prepare(ctx, body)
-        return responses_request_to_chat(body, body["model"], turn.conversation)
+        await responses_lane.prepare(ctx, body)
+        return body  # translated at `admit`, once the lane is known
+
+    def admit(self, ctx: RequestContext, body: dict[str, Any]) -> dict[str, Any]:
+        turn = responses_lane.translated_turn(ctx, body)
+        chat = responses_request_to_chat(body, body["model"], turn.conversation)
+        validate_body(Endpoint.CHAT, chat)
+        return chat
 
     def egress(self, ctx: RequestContext) -> StreamEgress | None:
         return responses_lane.egress(ctx)

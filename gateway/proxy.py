@@ -46,6 +46,7 @@ from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, Overhead, overhead_ms, w
 from gateway.pricing import PRICING
 from gateway.protocols.lanes import check_client_body, dialect_of
 from gateway.protocols.responses.lane import STORE as RESPONSES_STORE
+from gateway.protocols.responses.native import pinned
 from gateway.protocols.responses.store import ResponseStore
 from gateway.resume import ResumableSink, Resumer, wants_resume
 from gateway.routing import Target, UpstreamHealth
@@ -354,7 +355,8 @@ class Proxy:
         streaming started, never (no duplicated tokens). See `gateway.attempts`.
         """
         assert ctx.route is not None
-        attempts = Attempts(rt.router.targets(ctx.model), ctx.route.retries)
+        targets = pinned(ctx, rt.router.targets(ctx.model))  # where a previous response is
+        attempts = Attempts(targets, ctx.route.retries)
         while (target := attempts.next()) is not None:
             health = rt.health[target.upstream]
             breaker = health.breaker

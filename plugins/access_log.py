@@ -54,7 +54,8 @@ from gateway.errors import sanitise_message
 from gateway.heal import HEALED
 from gateway.plugin import OnEvent, OnResponse, Plugin
 from gateway.pricing import cost_of
-from gateway.protocols import ANTHROPIC
+from gateway.protocols import ANTHROPIC, RESPONSES
+from gateway.protocols.responses import views as responses_views
 from gateway.replay.state import REPLAY
 from gateway.sse import SSEEvent
 
@@ -234,6 +235,10 @@ class AccessLog(Plugin[AccessLogOptions]):
     ) -> dict[str, Any] | None:
         text = ctx.get(_COMPLETION)
         if text is None:
+            return None
+        if ctx.wire == RESPONSES:  # a Response: its output items' text
+            for index, piece in responses_views.response_texts(body).items():
+                text.add(index, piece)
             return None
         if ctx.wire == ANTHROPIC:  # a Message: its text blocks
             for block in body.get("content") or ():

@@ -125,7 +125,7 @@ from gateway.deltas import (
     without_choices,
 )
 from gateway.plugin import EndStream, Instrument, Plugin, PluginMetrics, Reject
-from gateway.protocols import ANTHROPIC
+from gateway.protocols import ANTHROPIC, RESPONSES
 from gateway.sse import SSEEvent
 
 __all__ = [
@@ -759,6 +759,15 @@ class ContentFilter(Plugin[ContentFilterOptions]):
     # -- prompts -----------------------------------------------------------------------------
 
     async def on_request(self, ctx: RequestContext) -> None:
+        if ctx.wire == RESPONSES:
+            raise Reject(
+                501,
+                "The content_filter plugin does not run on the native Responses lane (its "
+                "events repeat the whole text where a filter cannot follow); set "
+                "`responses_api: translate` on this route's upstreams to filter /v1/responses.",
+                code="plugin_unsupported_lane",
+                type="server_error",
+            )
         stats = FilterStats()
         ctx.set(FILTER, stats)
         if ctx.endpoint is Endpoint.EMBEDDINGS:

@@ -132,8 +132,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gateway.context import LOCAL_COUNT, Endpoint, Outcome, RequestContext, StateKey
 from gateway.deltas import event_texts, text_delta
 from gateway.plugin import AddCommand, Instrument, Plugin, PluginMetrics
-from gateway.protocols import ANTHROPIC, OPENAI
+from gateway.protocols import ANTHROPIC, OPENAI, RESPONSES
 from gateway.protocols.anthropic import views as anthropic_views
+from gateway.protocols.responses import views as responses_views
 from gateway.sse import SSEEvent
 
 __all__ = [
@@ -843,6 +844,7 @@ class _Run:
     count: Count
     chat: bool
     anthropic: bool = False  # the native Anthropic lane: Messages bodies and events
+    responses: bool = False  # the native Responses lane: Responses bodies and events
 
 
 _RUN: StateKey[_Run] = StateKey("token_count.run")
@@ -1030,6 +1032,11 @@ class TokenCounter(Plugin[TokenCountOptions]):
         prompt = _Prompt()
         if wire == ANTHROPIC:
             self._messages_prompt(prompt, body)
+        elif wire == RESPONSES:
+            prompt.estimate("responses_format")
+            prompt.texts += responses_views.prompt_texts(body)
+            if body.get("tools"):
+                prompt.add_json("tools", body["tools"])
         elif endpoint is Endpoint.CHAT:
             self._chat_prompt(prompt, body)
         elif endpoint is Endpoint.COMPLETIONS:
@@ -1127,7 +1134,8 @@ class TokenCounter(Plugin[TokenCountOptions]):
         ctx.set(TOKENS, tokens)
         ctx.set(LOCAL_COUNT, tokens)  # what the core reports when the upstream sends no usage
         chat = ctx.endpoint is Endpoint.CHAT
-        ctx.set(_RUN, _Run(tokens, counter.count, chat, ctx.wire == ANTHROPIC))
+        wire = ctx.wire
+        ctx.set(_RUN, _Run(tokens, counter.count, chat, wire == ANTHROPIC, wire == RESPONSES))
 
     def on_event(self, ctx: RequestContext, event: SSEEvent) -> list[SSEEvent] | None:
         run = ctx.get(_RUN)
@@ -1172,6 +1180,11 @@ class TokenCounter(Plugin[TokenCountOptions]):
         if run.anthropic:
             if b'_delta"' in data or b'"tool_use"' in data:  # thinking, tool input, names
                 texts = anthropic_views.generated_texts(_json_of(event))
+                run.tokens.completion_tokens += _sum_counts(run.count, texts)
+            return
+        if run.responses:
+            if b'.delta"' in data or b'output_item.added"' in data:  # reasoning, arguments
+                texts = responses_views.generated_texts(_json_of(event))
                 run.tokens.completion_tokens += _sum_counts(run.count, texts)
             return
         if run.chat:
@@ -1223,6 +1236,8 @@ class TokenCounter(Plugin[TokenCountOptions]):
         texts: list[str] = []
         if run.anthropic:
             texts = anthropic_views.response_texts(body)
+        elif run.responses:
+            texts = list(responses_views.response_texts(body).values())
         for choice in body.get("choices") or ():
             if not isinstance(choice, dict):
                 continue

@@ -17,6 +17,7 @@ ANTHROPIC: Final = "anthropic"
 """Anthropic Messages (``POST /v1/messages``)."""
 
 RESPONSES: Final = "responses"
-"""OpenAI's Responses API (``POST /v1/responses``); translated to chat completions for now."""
+"""OpenAI's Responses API (``POST /v1/responses``): native to upstreams that speak it,
+translated to chat completions for the rest."""
 
 __all__ = ["ANTHROPIC", "OPENAI", "RESPONSES"]

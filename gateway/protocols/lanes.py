@@ -11,8 +11,11 @@ openai (chat, ...)    anything           the core: the body as sent; adapters th
 anthropic (messages)  anthropic          native: body and events pass through
 anthropic (messages)  anything else      translated: Messages -> chat at admission,
                                          chat chunks -> Messages events after the chain
-responses             anything           translated: Responses -> chat (the dialect's
-                                         `prepare`, with the stored conversation),
+responses             responses          native: body and events pass through (openai
+                                         and azure upstreams with `responses_api:
+                                         native`); the upstream keeps the state
+responses             anything else      translated: Responses -> chat (the dialect's
+                                         `admit`, with the stored conversation),
                                          chat chunks -> Responses events
 ====================  =================  ==========================================
 
@@ -21,7 +24,7 @@ route speaks the client's protocol (`Upstream.native`), so every attempt (retrie
 deployments) runs on the same lane and the chain sees one format throughout
 (`RequestContext.wire`). A route mixing kinds runs translated.
 
-Adding a protocol (the OpenAI Responses API next): a wire name in `gateway.protocols`, a
+Adding a protocol: a wire name in `gateway.protocols`, a
 package beside `gateway.protocols.anthropic` (request checks, observer, errors, views), a
 native `Dialect`, `native()` on the adapters that speak it, and one row per pair here.
 """
@@ -38,6 +41,7 @@ from gateway.dialects import DIALECTS, Dialect
 from gateway.protocols import ANTHROPIC, OPENAI, RESPONSES
 from gateway.protocols.anthropic.dialect import NativeAnthropic
 from gateway.protocols.anthropic.request import check_request
+from gateway.protocols.responses.native import NativeResponsesDialect
 from gateway.upstreams.base import Upstream
 from gateway.validation import validate_body
 
@@ -67,6 +71,7 @@ _LANES: dict[tuple[str, str], Lane] = {
     (OPENAI, OPENAI): Lane(OPENAI, OPENAI, DIALECTS["openai"]),
     (ANTHROPIC, ANTHROPIC): Lane(ANTHROPIC, ANTHROPIC, NativeAnthropic()),
     (ANTHROPIC, OPENAI): Lane(ANTHROPIC, OPENAI, DIALECTS["anthropic"]),
+    (RESPONSES, RESPONSES): Lane(RESPONSES, RESPONSES, NativeResponsesDialect()),
     (RESPONSES, OPENAI): Lane(RESPONSES, OPENAI, DIALECTS["responses"]),
 }
 
@@ -80,6 +85,8 @@ def check_client_body(ctx: RequestContext, body: dict[str, Any]) -> None:
     """What every lane of the client's protocol needs before routing (model, types)."""
     if ctx.client_format == ANTHROPIC:
         check_request(body)
+    elif ctx.client_format == RESPONSES:
+        return  # `validate_request` ran in the dialect's `prepare`
     else:
         validate_body(ctx.endpoint, body)
 

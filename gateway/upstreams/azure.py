@@ -6,6 +6,7 @@ from typing import Any
 
 from gateway.config import AzureUpstream, OpenAIUpstream
 from gateway.context import RequestContext
+from gateway.protocols.responses.upstream import azure_responses, speaks_responses
 from gateway.translate.azure import azure_headers, azure_request_body, azure_url, resolve_deployment
 from gateway.upstreams.openai import OpenAICompatible
 
@@ -27,6 +28,11 @@ class AzureOpenAI(OpenAICompatible):
         )
         super().__init__(name, as_openai)
         self.azure = config
+        self._responses = (
+            azure_responses(self, config, lambda model: resolve_deployment(config, model))
+            if speaks_responses(config)
+            else None
+        )
 
     def url(self, ctx: RequestContext, body: dict[str, Any]) -> str:
         deployment = resolve_deployment(self.azure, body["model"])

@@ -231,14 +231,27 @@ class HttpUpstream(Upstream):
         The configured headers replace the client's, except those named (lower case) in
         `client_wins` (a native lane's API version header).
         """
+        return await self.request("POST", url, body, headers, client_wins=client_wins)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        body: dict[str, Any] | None,
+        headers: Mapping[str, str],
+        *,
+        client_wins: frozenset[str] = frozenset(),
+    ) -> UpstreamCall:
+        """`post` for any method; no body when `body` is None (GET, DELETE)."""
         if self._session is None:
             raise RuntimeError(f"upstream {self.name} used before start()")
         if client_wins:
             sent = merge_headers(headers, self._static_headers, client_wins)
         else:
             sent = {**headers, **self._static_headers}
+        data = orjson.dumps(body) if body is not None else None
         try:
-            response = await self._session.post(url, data=orjson.dumps(body), headers=sent)
+            response = await self._session.request(method, url, data=data, headers=sent)
         except aiohttp.ServerTimeoutError:
             raise timeout_error("connect") from None
         except aiohttp.ClientConnectorCertificateError as err:

@@ -9,12 +9,15 @@ from gateway.config import OpenAIUpstream, ServerConfig
 from gateway.context import Endpoint, RequestContext
 from gateway.errors import GatewayError
 from gateway.local_usage import local_usage_event
+from gateway.protocols import RESPONSES
+from gateway.protocols.responses.upstream import openai_responses, speaks_responses
 from gateway.sse import SSEDecoder, SSEEvent
 from gateway.upstreams.base import (
     Batch,
     Continuation,
     StreamDecoder,
     StreamObserver,
+    Upstream,
     UpstreamCall,
     with_assistant_prefix,
 )
@@ -162,6 +165,10 @@ class OpenAICompatible(HttpUpstream):
         self._base = config.base_url.rstrip("/")
         if config.api_key is not None and config.api_key.get_secret_value():
             self._static_headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+        self._responses = openai_responses(self, config) if speaks_responses(config) else None
+
+    def native(self, wire: str) -> Upstream | None:
+        return self._responses if wire == RESPONSES else None
 
     def url(self, ctx: RequestContext, body: dict[str, Any]) -> str:
         """Where this request goes."""

@@ -9,4 +9,7 @@
 - :mod:`.lane`: the translated lane's per-request state.
 - :mod:`.store`: the conversation state the gateway keeps for translated lanes.
 - :mod:`.http`: ``GET`` / ``DELETE /v1/responses/{id}`` and its input items.
+- :mod:`.native`, :mod:`.upstream`, :mod:`.events`, :mod:`.forward`, :mod:`.views`: the
+  native lane (its dialect and pinning, the adapters' view, the stream observer, GET and
+  DELETE at the upstream, plugin views).
 """

@@ -8,7 +8,7 @@ scoped to the caller's team: another team's id is 404, as an unknown id is.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -17,8 +17,10 @@ from aiohttp import web
 from gateway.auth import KeyStore, key_from_headers
 from gateway.errors import GatewayError
 from gateway.protocols.responses.config import ResponsesConfig
+from gateway.protocols.responses.forward import forward, gone, native_view, relayed
 from gateway.protocols.responses.lane import load
-from gateway.protocols.responses.store import ResponseStore, build_store
+from gateway.protocols.responses.store import ResponseStore, StoredResponse, build_store
+from gateway.upstreams.base import Upstream
 
 if TYPE_CHECKING:
     from gateway.proxy import Proxy
@@ -44,9 +46,30 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 class ResponsesEndpoints:
     """GET and DELETE on stored Responses; `keys` gives the current key store (None: no auth)."""
 
-    def __init__(self, store: ResponseStore, keys: Callable[[], KeyStore | None]) -> None:
+    def __init__(
+        self,
+        store: ResponseStore,
+        keys: Callable[[], KeyStore | None],
+        adapters: Callable[[], Mapping[str, Upstream]] = dict,
+    ) -> None:
         self.store = store
         self._keys = keys
+        self._adapters = adapters
+
+    async def _held(
+        self,
+        request: web.Request,
+        record: StoredResponse,
+        method: str,
+        path: str = "",
+        params: Mapping[str, str] | None = None,
+    ) -> web.Response:
+        """`method` on the native upstream holding `record`'s Response."""
+        assert record.upstream is not None
+        view = native_view(self._adapters(), record.upstream)
+        if view is None:
+            raise gone(record.upstream)
+        return relayed(*await forward(request, view, method, record.id, path, params))
 
     def _scope(self, request: web.Request) -> str:
         keys = self._keys()
@@ -61,6 +84,8 @@ class ResponsesEndpoints:
             record = await load(self.store, self._scope(request), response_id)
             if record is None:
                 raise _not_found(response_id)
+            if record.upstream is not None:
+                return await self._held(request, record, "GET", params=request.query)
         except GatewayError as err:
             return err.to_response()
         return _json(record.response)
@@ -72,6 +97,10 @@ class ResponsesEndpoints:
             record = await load(self.store, self._scope(request), response_id)
             if record is None:
                 raise _not_found(response_id)
+            if record.upstream is not None:
+                return await self._held(
+                    request, record, "GET", "/input_items", params=request.query
+                )
         except GatewayError as err:
             return err.to_response()
         items = [
@@ -104,6 +133,11 @@ class ResponsesEndpoints:
         response_id = request.match_info["response_id"]
         try:
             scope = self._scope(request)
+            record = await load(self.store, scope, response_id)
+            if record is not None and record.upstream is not None:
+                answer = await self._held(request, record, "DELETE")
+                await self.store.delete(scope, response_id)
+                return answer
             if not await self.store.delete(scope, response_id):
                 raise _not_found(response_id)
         except GatewayError as err:
@@ -122,7 +156,7 @@ def add_routes(
 
     store = build_store(config)
     proxy.responses_store = store
-    endpoints = ResponsesEndpoints(store, keys)
+    endpoints = ResponsesEndpoints(store, keys, lambda: proxy.runtime.upstreams)
 
     async def _store_lifetime(_app: web.Application) -> AsyncIterator[None]:
         yield

@@ -9,6 +9,7 @@ translate the request, the stream and the non-streaming answer, and stores the r
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.context import RequestContext, StateKey
@@ -54,17 +55,52 @@ async def load(store: ResponseStore, scope: str, response_id: str) -> StoredResp
         raise store_unavailable() from None
 
 
-async def prepare(ctx: RequestContext, body: dict[str, Any]) -> Turn:
-    """Check the request, load the conversation it continues, record its Turn."""
+@dataclass(frozen=True, slots=True)
+class Previous:
+    """The `previous_response_id` a request continues, as the store knows it: `record` is
+    None for an id it does not hold (for this team)."""
+
+    id: str
+    record: StoredResponse | None
+
+    @property
+    def upstream(self) -> str | None:
+        """The native upstream that holds it, if one does."""
+        return self.record.upstream if self.record is not None else None
+
+
+PREVIOUS: StateKey[Previous] = StateKey("responses.previous")
+"""The request's `previous_response_id`, looked up by `prepare` (absent: none given)."""
+
+
+async def prepare(ctx: RequestContext, body: dict[str, Any]) -> None:
+    """Check what every Responses lane reads and look up `previous_response_id` for the
+    caller's team (before routing: a native upstream holding it pins the request there)."""
     validate_request(body)
-    conversation = []
     previous = body.get("previous_response_id")
     if isinstance(previous, str) and previous:
         store = ctx.get(STORE)
         record = await load(store, scope_of(ctx), previous) if store is not None else None
-        if record is None:
-            raise missing_previous(previous)
-        conversation = record.conversation()
+        ctx.set(PREVIOUS, Previous(previous, record))
+
+
+def translated_turn(ctx: RequestContext, body: dict[str, Any]) -> Turn:
+    """The translated lane's Turn: the stored conversation it continues plus its input."""
+    conversation = []
+    previous = ctx.get(PREVIOUS)
+    if previous is not None:
+        if previous.record is None:
+            raise missing_previous(previous.id)
+        if previous.record.upstream is not None:
+            raise GatewayError(
+                400,
+                f"Previous response '{previous.id[:100]}' is held by upstream "
+                f"'{previous.record.upstream}', which this model's route does not reach "
+                "natively; continue it with a model routed there.",
+                param="previous_response_id",
+                code="previous_response_elsewhere",
+            )
+        conversation = previous.record.conversation()
     conversation += input_items(body)
     turn = Turn(model=body["model"], request=body, conversation=conversation)
     ctx.set(TURN, turn)

@@ -36,11 +36,16 @@ __all__ = ["MemoryStore", "RedisStore", "ResponseStore", "StoredResponse", "buil
 
 @dataclass(frozen=True, slots=True)
 class StoredResponse:
-    """One kept Response: whose it is, the Response, and the conversation before it."""
+    """One kept Response: whose it is, the Response, and the conversation before it.
+
+    A Response a native upstream holds is kept as a pointer: `upstream` names the adapter
+    that answered it, `response` holds only its id, `input` is empty (the upstream keeps
+    the conversation; follow-ups, GET and DELETE go there)."""
 
     scope: str
     response: Response
     input: list[Item]
+    upstream: str | None = None
 
     @property
     def id(self) -> str:
@@ -53,7 +58,10 @@ class StoredResponse:
 
     def encode(self) -> bytes:
         """The record as JSON."""
-        return orjson.dumps({"scope": self.scope, "response": self.response, "input": self.input})
+        obj: dict[str, Any] = {"scope": self.scope, "response": self.response, "input": self.input}
+        if self.upstream is not None:
+            obj["upstream"] = self.upstream
+        return orjson.dumps(obj)
 
     @classmethod
     def decode(cls, raw: bytes) -> StoredResponse | None:
@@ -67,7 +75,13 @@ class StoredResponse:
         scope, items = obj.get("scope"), obj.get("input")
         if not isinstance(scope, str) or not isinstance(items, list):
             return None
-        return cls(scope, cast(Response, obj["response"]), cast("list[Item]", items))
+        upstream = obj.get("upstream")
+        return cls(
+            scope,
+            cast(Response, obj["response"]),
+            cast("list[Item]", items),
+            upstream if isinstance(upstream, str) else None,
+        )
 
 
 class ResponseStore(Protocol):
