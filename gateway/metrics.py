@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
@@ -37,6 +37,8 @@ from gateway.genai_metrics import GenAIMetrics
 from gateway.plugin_metrics import PluginMetricsStore
 from gateway.pricing import cost_of
 from gateway.routing import UpstreamHealth
+
+_M = TypeVar("_M", Counter, Gauge, Histogram)
 
 log = logging.getLogger("sluice.metrics")
 
@@ -228,6 +230,9 @@ class GatewayMetrics:
         self.chains: list[Chain] = []
         self.health: Mapping[str, UpstreamHealth] = {}
         self.labels = LabelValues(*(frozenset[str]() for _ in range(4)))
+        # (metric, label values) -> its child: a dict hit instead of `.labels()` per request.
+        # Bounded: every label value is a configured name, "other", a status or an outcome.
+        self._children: dict[tuple[object, ...], object] = {}
         self._config_sha256: str | None = None
         self.registry = registry = CollectorRegistry()
         self.plugin_metrics = PluginMetricsStore(registry, lambda: self.labels)
@@ -406,13 +411,21 @@ class GatewayMetrics:
 
     # ----- called by the proxy --------------------------------------------------------------
 
+    def _child(self, metric: _M, *values: str) -> _M:
+        """`metric.labels(*values)`, looked up once per distinct set of values."""
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child  # type: ignore[return-value]
+
     def stream_started(self, ctx: RequestContext) -> None:
         """A stream's headers went out."""
-        self.inflight.labels(self.labels.team(ctx), self.labels.model(ctx)).inc()
+        self._child(self.inflight, self.labels.team(ctx), self.labels.model(ctx)).inc()
 
     def stream_ended(self, ctx: RequestContext) -> None:
         """A stream counted by `stream_started` ended, however it ended."""
-        self.inflight.labels(self.labels.team(ctx), self.labels.model(ctx)).dec()
+        self._child(self.inflight, self.labels.team(ctx), self.labels.model(ctx)).dec()
 
     def upstream_error(self, upstream: str | None, kind: str) -> None:
         """One failed attempt at `upstream`."""
@@ -444,17 +457,17 @@ class GatewayMetrics:
         team, model = self.labels.team(ctx), self.labels.model(ctx)
         outcome = ctx.outcome.value if ctx.outcome is not None else "error"
         upstream = self.labels.upstream(ctx.upstream_name)
-        self.requests.labels(team, model, upstream, str(ctx.status), outcome).inc()
+        self._child(self.requests, team, model, upstream, str(ctx.status), outcome).inc()
         timing = ctx.timing
         if timing.ended is not None:
-            self.duration.labels(team, model).observe(timing.ended - timing.received)
+            self._child(self.duration, team, model).observe(timing.ended - timing.received)
         if ctx.retries:
             self.retries.labels(model).inc(ctx.retries)
         usage = ctx.usage
         if usage.prompt_tokens:
-            self.prompt_tokens.labels(team, model).inc(usage.prompt_tokens)
+            self._child(self.prompt_tokens, team, model).inc(usage.prompt_tokens)
         if usage.completion_tokens:
-            self.completion_tokens.labels(team, model).inc(usage.completion_tokens)
+            self._child(self.completion_tokens, team, model).inc(usage.completion_tokens)
         cost = cost_of(ctx)
         if cost is not None and cost.amount > 0:
             self.cost.labels(team, model).inc(float(cost.amount))
@@ -477,10 +490,10 @@ class GatewayMetrics:
             first = ctx.timing.first_event_written
             ttft = None if first is None else first - ctx.timing.received
         if ttft is not None:
-            self.ttft.labels(team, model).observe(ttft)
+            self._child(self.ttft, team, model).observe(ttft)
 
     def _observe_overhead(self, ctx: RequestContext, answered: float) -> None:
-        self.overhead.labels("request").observe(ctx.overhead_seconds)
+        self._child(self.overhead, "request").observe(ctx.overhead_seconds)
         if ctx.stream and ctx.events_in:
             per_event = max(0.0, ctx.overhead_seconds - answered) / ctx.events_in
-            self.overhead.labels("event").observe(per_event)
+            self._child(self.overhead, "event").observe(per_event)

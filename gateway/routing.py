@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.balancer import Balancer, CircuitBreaker, ConcurrencyGate
-from gateway.config import GatewayConfig, RouteConfig, UpstreamConfig
+from gateway.config import DeploymentConfig, GatewayConfig, RouteConfig, UpstreamConfig
 from gateway.errors import GatewayError
 
 
@@ -52,6 +52,8 @@ class _RouteState:
     route: RouteConfig
     balancer: Balancer
     names: list[str] = field(default_factory=list)
+    # name -> deployment, built once: `RouteConfig.all_deployments` builds models per call
+    deployments: dict[str, DeploymentConfig] = field(default_factory=dict)
 
 
 class Router:
@@ -83,7 +85,7 @@ class Router:
             healthy=lambda name: self._health[by_name[name]].breaker.available,
             outstanding=lambda name: self._health[by_name[name]].outstanding,
         )
-        return _RouteState(route, balancer, names)
+        return _RouteState(route, balancer, names, dict(zip(names, deployments, strict=True)))
 
     @property
     def models(self) -> list[str]:
@@ -112,7 +114,7 @@ class Router:
         """Deployments to try for `model`, in order (the balancer's pick first)."""
         state = self._find(model)
         route = state.route
-        deployments = dict(zip(state.names, route.all_deployments, strict=True))
+        deployments = state.deployments
         fallback = model
         if route.model_prefix is not None and model.startswith(route.model_prefix):
             fallback = model[len(route.model_prefix) :]

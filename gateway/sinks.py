@@ -84,8 +84,13 @@ class HttpSink:
         return True
 
     async def send(self, events: list[SSEEvent]) -> int:
-        data = encode_events(events)
-        await self.send_bytes(data)
+        # `send_bytes` inlined: one coroutine fewer per write on the hot path.
+        data = events[0].encode() if len(events) == 1 else encode_events(events)
+        assert self.response is not None
+        try:
+            await self.response.write(data)
+        except (ConnectionError, aiohttp.ClientConnectionResetError) as err:
+            raise ClientGone() from err
         return len(data)
 
     async def send_bytes(self, data: bytes) -> None:

@@ -74,10 +74,12 @@ class OpenAIObserver(StreamObserver):
         last = before_last = None
         drop_usage = self._drop_usage
         for event in events:
-            data = event.data_bytes
-            if data is None:
-                out.append(event)
-                continue
+            data = event._data  # bytes from the decoder: skip the property on the hot path
+            if type(data) is not bytes:
+                data = event.data_bytes
+                if data is None:
+                    out.append(event)
+                    continue
             if data[:3] in _ODD_HEADS:  # rarely: not the usual `{"id":...` chunk
                 batch.has_data = True
                 if data == b"[DONE]":

@@ -183,3 +183,36 @@ def test_metrics_config_errors_name_the_key(server: dict[str, Any], message: str
 def test_each_gateway_has_its_own_registry() -> None:
     first, second = _metrics(), _metrics()
     assert first.registry is not second.registry
+
+
+def test_requests_are_counted_per_label_set_across_repeats() -> None:
+    """Each label set keeps its own series, however often it is seen (children are reused)."""
+    state = build_state(parse_config(_config(), {}))
+    metrics = state.metrics
+    for team, status, times in (("ml", 200, 3), (None, 200, 2), ("ml", 429, 1)):
+        for _ in range(times):
+            ctx = RequestContext("r", Endpoint.CHAT, model="m", stream=True)
+            ctx.route = state.router.resolve("m")
+            if team is not None:
+                ctx.identity = Identity(team=team)
+            ctx.status, ctx.outcome = status, Outcome.COMPLETED
+            metrics.stream_started(ctx)
+            metrics.stream_ended(ctx)
+            metrics.observe_request(ctx, 0.001)
+    text = generate_latest(metrics.registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    counts = {
+        (s.labels["team"], s.labels["status"]): s.value
+        for s in families["sluice_requests"].samples
+        if s.name == "sluice_requests_total"
+    }
+    assert counts == {("ml", "200"): 3, ("anonymous", "200"): 2, ("ml", "429"): 1}
+    inflight = [s.value for s in families["sluice_inflight_streams"].samples]
+    assert inflight
+    assert all(v == 0 for v in inflight)
+    (requests,) = [
+        s.value
+        for s in families["sluice_gateway_overhead_seconds"].samples
+        if s.name.endswith("_count") and s.labels["kind"] == "request"
+    ]
+    assert requests == 6
