@@ -20,15 +20,16 @@ from gateway.deltas import event_texts, finish_reasons
 from gateway.plugin import EndStream, Reject
 from gateway.sse import SSEEvent
 from gateway.testing.fake_upstream import openai_chunk, openai_completion
-from plugins import content_filter
 from plugins.content_filter import (
     DETECTOR_MAX_CHARS,
     FILTER,
     ContentFilter,
     ContentFilterOptions,
     FilterStats,
+    detectors,
     luhn_valid,
 )
+from plugins.content_filter import scanner as scanner_module
 
 CARD = "4111 1111 1111 1111"
 EMAIL = "jane.doe+x@mail.example.co.uk"
@@ -976,16 +977,16 @@ def test_leaving_out_rules_whose_needs_are_absent_changes_nothing(
         for final, stop in ((True, False), (False, False), (True, True)):
             gated = scanner.scan(text, start, final, stop)
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(content_filter, "GATE_CHARS", 1 << 30)
+                patch.setattr(scanner_module, "GATE_CHARS", 1 << 30)
                 assert scanner.scan(text, start, final, stop) == gated
 
 
 def test_needs_are_met_by_every_detectors_examples() -> None:
-    for name, needs in content_filter._NEEDS.items():
+    for name, needs in detectors._NEEDS.items():
         examples = {"email": EMAIL, "phone": PHONE, "credit_card": CARD, "api_key": KEY}
         assert needs(examples[name])
-    assert content_filter._NEEDS["phone"]("+44 20 7946 0958")
-    assert content_filter._NEEDS["api_key"]("-----BEGIN RSA PRIVATE KEY-----")
+    assert detectors._NEEDS["phone"]("+44 20 7946 0958")
+    assert detectors._NEEDS["api_key"]("-----BEGIN RSA PRIVATE KEY-----")
 
 
 # ----- non-streaming responses --------------------------------------------------------------------
