@@ -84,7 +84,9 @@ action are public under ``FILTER`` (a :class:`FilterStats`) for metrics.
 **Limits.** Only text content is filtered: tool-call arguments, logprobs and refusals are
 not. A regex's ``max_match_chars`` is trusted and must include any lookahead past the first
 character after the match; anchors, backreferences and rules that can match empty text are
-config errors (the filter matches inside a sliding window). Matches are bounded: e-mail local
+config errors (the filter matches inside a sliding window); they are found in the parse tree
+of CPython's regex parser, and when that analysis cannot run the rule is refused, never
+accepted unchecked (``regex.RegexAnalysisError``). Matches are bounded: e-mail local
 parts up to 64 characters, ``sk-`` keys up to 203 characters (a longer key is redacted up to
 there), and for private keys only the ``-----BEGIN ... PRIVATE KEY-----`` header is detected
 (use ``stop`` to cut the key off). Run the plugin with ``fail: closed``: a filter that fails

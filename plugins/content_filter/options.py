@@ -76,19 +76,18 @@ class Rule(BaseModel):
         assert self.regex is not None
         source = _scoped(self.regex)
         info = _analyse(source)
-        if info is not None and info.problem:
+        if info.problem:
             raise ValueError(info.problem)
-        if (info is not None and info.min_chars == 0) or re.match(source, "") is not None:
+        if info.min_chars == 0 or re.match(source, "") is not None:
             raise ValueError("the regex can match empty text")
-        derived = info.max_chars if info is not None else None
-        longest = self.max_match_chars or derived
+        longest = self.max_match_chars or info.max_chars
         if longest is None:
             raise ValueError(
                 "max_match_chars is required: the longest match of this regex cannot be "
                 "derived (it has an unbounded repeat such as + or *)"
             )
         wrapped = f"(?i:{source})" if self.ignore_case else f"(?:{source})"
-        lookbehind = max(1, info.lookbehind if info is not None else longest)
+        lookbehind = max(1, info.lookbehind)
         return _Spec(name, wrapped, None, longest, lookbehind)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import timeit
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -363,6 +364,33 @@ def test_bad_options_are_config_errors_naming_the_key(
         build_plugin(spec, discover_plugins(), "plugins[0]")
     assert str(info.value).startswith(f"plugins[0].{where}:"), str(info.value)
     assert message in str(info.value)
+
+
+class _ChangedParser:
+    """A regex parser module as a future Python might ship it: `parse` exists, the names
+    the analysis relies on do not."""
+
+    @staticmethod
+    def parse(source: str) -> Any:
+        return object()
+
+
+@pytest.mark.parametrize("parser", [None, _ChangedParser()], ids=["missing", "changed"])
+def test_a_regex_rule_is_refused_when_its_analysis_cannot_run(
+    parser: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a usable regex parser the anchor/backreference checks cannot run: the rule
+    is a config error naming it (fail closed), never accepted unchecked. Other rules load."""
+    monkeypatch.setitem(sys.modules, "re._parser", parser)  # None: importing it fails
+    spec = PluginConfig(
+        name="content_filter",
+        options={"rules": [{"name": "x", "regex": "^a", "max_match_chars": 1}]},
+    )
+    with pytest.raises(ConfigError) as info:
+        build_plugin(spec, discover_plugins(), "plugins[0]")
+    assert str(info.value).startswith("plugins[0].options.rules[0]:"), str(info.value)
+    assert "regex rules cannot be checked" in str(info.value)
+    assert redact(f"mail {EMAIL}", rules=[{"detector": "email"}]) == "mail [REDACTED:email]"
 
 
 def test_the_entry_point_builds_the_plugin() -> None:
