@@ -40,7 +40,14 @@ from gateway.errors import (
 )
 from gateway.headers import upstream_headers
 from gateway.metrics import GatewayMetrics
-from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, Overhead, overhead_ms, waiting
+from gateway.overhead import (
+    OVERHEAD,
+    OVERHEAD_HEADER,
+    Overhead,
+    answer_headers,
+    overhead_ms,
+    waiting,
+)
 from gateway.pricing import PRICING
 from gateway.protocols.lanes import check_client_body, dialect_of
 from gateway.protocols.responses.lane import STORE as RESPONSES_STORE
@@ -608,17 +615,7 @@ class Proxy:
         ctx.outcome = Outcome.COMPLETED
         out = orjson.dumps(dialect_of(ctx).unary(ctx, payload))
         ctx.bytes_out = len(out)
-        overhead = ctx.require(OVERHEAD)
-        ctx.overhead_seconds = overhead.answered = overhead.now(ctx)
-        return web.Response(
-            body=out,
-            content_type="application/json",
-            headers={
-                "X-Request-Id": ctx.request_id,
-                **ctx.response_headers,
-                OVERHEAD_HEADER: overhead_ms(ctx.overhead_seconds),
-            },
-        )
+        return web.Response(body=out, content_type="application/json", headers=answer_headers(ctx))
 
     # ----- streaming -------------------------------------------------------------------
 
