@@ -207,16 +207,18 @@ class Lease:
     renewed_at: float = 0.0
 
     @property
-    def _reconciled(self) -> tuple[_Check, ...]:
+    def reconciled(self) -> tuple[_Check, ...]:
         """The checks finish() touches: TPM, concurrency and budgets (not RPM)."""
         return tuple(c for c in self.checks if c.kind != "requests")
 
     @property
-    def _budgets(self) -> tuple[_Check, ...]:
+    def budgets(self) -> tuple[_Check, ...]:
+        """The daily and monthly budget checks."""
         return tuple(c for c in self.checks if c.code == _BUDGET)
 
     @property
-    def _slots(self) -> tuple[_Check, ...]:
+    def slots(self) -> tuple[_Check, ...]:
+        """The concurrency checks (slots the lease holds)."""
         return tuple(c for c in self.checks if c.code == _CONC)
 
 
@@ -390,5 +392,5 @@ def _debit_due(lease: Lease, extra: int, now: float, lease_ttl: float) -> bool:
     a concurrency lease due for renewal (a third of its TTL since the last one)."""
     if lease.degraded or lease.finished:
         return False
-    renew = bool(lease._slots) and now - lease.renewed_at >= lease_ttl / 3
-    return bool(extra or lease._budgets or renew)
+    renew = bool(lease.slots) and now - lease.renewed_at >= lease_ttl / 3
+    return bool(extra or lease.budgets or renew)

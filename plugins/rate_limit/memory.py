@@ -179,7 +179,7 @@ class MemoryRateLimiter:
         if lease.id in self._leases:
             self._leases[lease.id] = now_us + ttl
         ok = True
-        for c in lease._reconciled:
+        for c in lease.reconciled:
             if c.code == _GCRA:
                 self._charge_tat(c.key, extra, c.limit, now_us)
             elif c.code == _CONC:
@@ -203,7 +203,7 @@ class MemoryRateLimiter:
         delta = actual - lease.charged
         if lease.degraded and not landed:
             delta = actual
-        for c in lease._reconciled:
+        for c in lease.reconciled:
             if c.code == _GCRA:
                 self._charge_tat(c.key, delta, c.limit, now_us)
             elif c.code == _CONC:

@@ -230,7 +230,7 @@ class RedisRateLimiter:
         extra, t = _take_debit(lease, tokens), self.clock()
         if not _debit_due(lease, extra, t, self.lease_ttl):
             return True
-        checks = lease._reconciled
+        checks = lease.reconciled
         keys = [self._lease_key(lease.id)] + [self.prefix + c.key for c in checks]
         args: list[Any] = [_to_us(t), lease.id, _to_us(self.lease_ttl), extra, len(checks)]
         for c in checks:
@@ -258,7 +258,7 @@ class RedisRateLimiter:
         if lease.finished:
             return None
         lease.finished = True
-        checks = lease._reconciled
+        checks = lease.reconciled
         if not checks:
             return None
         keys = [self._lease_key(lease.id)] + [self.prefix + c.key for c in checks]
