@@ -89,8 +89,12 @@ of CPython's regex parser, and when that analysis cannot run the rule is refused
 accepted unchecked (``regex.RegexAnalysisError``). Matches are bounded: e-mail local
 parts up to 64 characters, ``sk-`` keys up to 203 characters (a longer key is redacted up to
 there), and for private keys only the ``-----BEGIN ... PRIVATE KEY-----`` header is detected
-(use ``stop`` to cut the key off). Run the plugin with ``fail: closed``: a filter that fails
-open lets the event through unfiltered.
+(use ``stop`` to cut the key off). ``phone`` knows international numbers written with a
+``+`` country code (``+49 30 1234567``, ``+33 6 12 34 56 78``) and the North-American forms
+(``(555) 123-4567``, ``555-123-4567``, ``+1 555 123 4567``); national formats of other
+countries (``030 1234567``, ``06 12 34 56 78``) are not detected (any digit run could be
+one): add a ``regex`` rule for the national formats you need. Run the plugin with
+``fail: closed``: a filter that fails open lets the event through unfiltered.
 """
 
 from __future__ import annotations

@@ -393,6 +393,25 @@ def test_a_regex_rule_is_refused_when_its_analysis_cannot_run(
     assert redact(f"mail {EMAIL}", rules=[{"detector": "email"}]) == "mail [REDACTED:email]"
 
 
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("+49 30 1234567", True),
+        ("+33 6 12 34 56 78", True),
+        ("(555) 123-4567", True),
+        ("555-123-4567", True),
+        ("030 1234567", False),  # national formats: the documented limit
+        ("06 12 34 56 78", False),
+    ],
+)
+def test_the_phone_detector_knows_international_and_north_american_forms(
+    text: str, found: bool
+) -> None:
+    redacted = redact(f"call {text} now", rules=[{"detector": "phone"}])
+    assert (redacted == "call [REDACTED:phone] now") is found, redacted
+    assert (redacted == f"call {text} now") is not found, redacted
+
+
 def test_the_entry_point_builds_the_plugin() -> None:
     spec = PluginConfig(name="content_filter", options={"rules": WORD_RULES})
     plugin = build_plugin(spec, discover_plugins(), "plugins[0]")
