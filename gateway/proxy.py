@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from aiohttp import web
 
 from gateway.attempts import Attempts, Retry, ejected, queue_failure, retry_or
 from gateway.auth import PRINCIPAL, KeyStore, key_from_headers
-from gateway.balancer import QueueFull, QueueTimeout, Slot
 from gateway.chain import Chain
 from gateway.config import ServerConfig
 from gateway.context import (
@@ -52,6 +50,12 @@ from gateway.pricing import PRICING
 from gateway.protocols.lanes import check_client_body, dialect_of
 from gateway.protocols.responses.lane import STORE as RESPONSES_STORE
 from gateway.protocols.responses.store import ResponseStore
+from gateway.proxy_support import acquire as _acquire
+from gateway.proxy_support import end_trace as _end_trace
+from gateway.proxy_support import is_json as _is_json
+from gateway.proxy_support import log_broken as _log_broken
+from gateway.proxy_support import parse_unary as _parse_unary
+from gateway.proxy_support import status_kind as _status_kind
 from gateway.resume import ResumableSink, Resumer, wants_resume
 from gateway.routing import Target, UpstreamHealth
 from gateway.runtime import Generations, Runtime
@@ -69,72 +73,9 @@ from gateway.validation import read_json_body
 from gateway.watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from gateway.tracing import RequestTrace, Tracing
+    from gateway.tracing import Tracing
 
 log = logging.getLogger("sluice.proxy")
-
-
-async def _acquire(health: UpstreamHealth, ctx: RequestContext) -> Slot | None:
-    """A concurrency slot at the upstream, waiting in its fair-share queue if needed."""
-    if health.gate is None:
-        return None
-    try:
-        principal = ctx.get(PRINCIPAL)
-        weight = principal.weight if principal is not None else 1.0
-        return await health.gate.acquire(ctx.identity.team, weight)
-    except QueueFull as full:
-        status, message, wait = 429, "The upstream's queue is full", full.retry_after
-    except QueueTimeout as late:
-        status, message, wait = 503, "Timed out waiting in the upstream's queue", late.retry_after
-    ctx.outcome = Outcome.UPSTREAM_ERROR
-    seconds = str(max(1, math.ceil(wait)))
-    raise GatewayError(
-        status,
-        f"{message}; retry in {seconds} s.",
-        type="upstream_error",
-        code="upstream_queue_full" if status == 429 else "upstream_queue_timeout",
-        headers={"Retry-After": seconds},
-    )
-
-
-def _status_kind(status: int) -> str:
-    """The `kind` of an upstream's error status in sluice_upstream_errors_total."""
-    if status == 429:
-        return "status_429"
-    return "status_5xx" if status >= 500 else "status_4xx"
-
-
-def _is_json(content_type: str) -> bool:
-    """`application/json` (any parameters), not `application/x-ndjson` and the like."""
-    return content_type.partition(";")[0].strip().lower() == "application/json"
-
-
-def _log_broken(ctx: RequestContext, upstream: str, when: str, err: UpstreamBroken) -> None:
-    log.warning(
-        "upstream %s broke %s (request %s): %s (%s)",
-        upstream,
-        when,
-        ctx.request_id,
-        err.reason,
-        err.cause,
-    )
-
-
-def _parse_unary(raw: bytes) -> Any:
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise upstream_error("The upstream answered with a body that is not JSON.") from None
-    if not isinstance(payload, dict):
-        raise upstream_error("The upstream answered with JSON that is not an object.")
-    return payload
-
-
-def _end_trace(trace: RequestTrace, ctx: RequestContext) -> None:
-    try:
-        trace.end(ctx)
-    except Exception:
-        log.exception("ending the request's trace failed (request %s)", ctx.request_id)
 
 
 @dataclass(slots=True)
