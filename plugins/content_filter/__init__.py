@@ -59,13 +59,25 @@ token late, as before events could wait); only events with no released text at a
 
 **Window and latency** (characters held per choice at most = longest possible match):
 ``email`` 153, ``phone`` 36, ``credit_card`` 19, ``api_key`` 203, ``words`` the longest word,
-``regex`` its ``max_match_chars``; the default rule set's window is 203 characters. With the
-default rules the held text is in practice the trailing run of word characters (any word may
-be the local part of an e-mail address, any digits a phone or card number), so a token is
-typically delayed until the next token arrives: about one token of added latency (one
-upstream inter-token gap), at most the window (~50 tokens) while a real candidate
-(``sk-...``) is pending. Rule sets without ``email``/``phone``/``credit_card`` hold nothing
-for most words and pass events unchanged at once.
+``regex`` its ``max_match_chars``; the default rule set's window is 203 characters. Only text
+that can still become a match of an enabled rule is held (each detector's exact set of match
+prefixes, built by ``prefixes``), so per detector the held tail of a choice's text is:
+
+- ``email``: the trailing run of local-part characters (letters, digits, ``._%+-``), then the
+  address so far once an ``@`` follows: in practice the last word (any word may begin an
+  address, so with ``email`` on a stream's first token waits for the next one when it ends
+  in a word character: one upstream inter-token gap, the price of the guarantee);
+- ``phone``: a trailing ``+``, ``(`` or digit group only while it can still become one of the
+  forms above (``"555-123"`` is held, ``"42 "`` and ``"2026 "`` are not);
+- ``credit_card``: trailing digits (with spaces or dashes) that can still become 4-4-4-4,
+  4-6-5 or 13-19 digits (``"2026 "`` is held, ``"42 "`` is not);
+- ``api_key``: a trailing prefix of a key marker after a non-alphanumeric (``s``, ``sk-...``,
+  ``A``, ``AKIA...``, ``gh...``, ``x``, ``xox...``, ``AIza...``, ``-----BEGIN ...``);
+- ``words``: a trailing prefix of a word; ``regex``: always its last ``max_match_chars``.
+
+The worst case is the window, while a real candidate (``sk-...``, a long number) is pending
+(~50 tokens for ``api_key``). Rule sets without ``email`` hold nothing for most words and
+pass events unchanged at once.
 
 **Cost** (CPython 3.11, ``python -m benchmarks.plugin_cost``: CPU per event of one-word chat
 deltas such as ``" world"`` through the chain, the filter alone, default rules): about 4.9 µs

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from plugins.content_filter.prefixes import alt, char, full, opt, prefix, rep, seq
+
 DetectorName = Literal["email", "phone", "credit_card", "api_key"]
 
 
@@ -32,8 +34,8 @@ def luhn_valid(candidate: str) -> bool:
 def _prefixes(literal: str, rest: str = "") -> str:
     """A regex for every non-empty prefix of `literal` followed by an optional `rest`."""
     out = f"(?:{rest})?" if rest else ""
-    for char in reversed(literal):
-        out = re.escape(char) + (f"(?:{out})?" if out else "")
+    for c in reversed(literal):
+        out = re.escape(c) + (f"(?:{out})?" if out else "")
     return out
 
 
@@ -52,6 +54,33 @@ class _Spec:
 
 _LOCAL = r"[\w.%+-]"
 _KEY_START = r"(?<![A-Za-z0-9])"
+_DIGIT, _SEP = char("[0-9]"), char("[ .-]")
+_PHONE_BEFORE = r"(?<![\w+.-])"
+_PHONE = alt(
+    seq(
+        char(r"\+"),
+        char("[1-9]"),
+        rep(_DIGIT, 0, 2),
+        opt(seq(opt(_SEP), char(r"\("), rep(_DIGIT, 1, 4), char(r"\)"))),
+        rep(seq(opt(_SEP), _DIGIT), 6, 12),
+    ),
+    seq(
+        opt(seq(opt(char(r"\+")), char("1"), opt(_SEP))),
+        alt(
+            seq(char(r"\("), rep(_DIGIT, 3, 3), char(r"\)"), opt(_SEP)),
+            seq(rep(_DIGIT, 3, 3), _SEP),
+        ),
+        rep(_DIGIT, 3, 3),
+        _SEP,
+        rep(_DIGIT, 4, 4),
+    ),
+)
+_CARD_SEP = opt(char("[ -]"))
+_CARD = alt(
+    seq(*[rep(_DIGIT, 4, 4), _CARD_SEP] * 3, rep(_DIGIT, 4, 4)),
+    seq(rep(_DIGIT, 4, 4), _CARD_SEP, rep(_DIGIT, 6, 6), _CARD_SEP, rep(_DIGIT, 5, 5)),
+    rep(_DIGIT, 13, 19),
+)
 
 _DETECTORS: Final[dict[str, tuple[str, str, int, Callable[[str], bool] | None]]] = {
     # local part (RFC 5321: at most 64) @ domain with a letter-only top-level label
@@ -64,18 +93,15 @@ _DETECTORS: Final[dict[str, tuple[str, str, int, Callable[[str], bool] | None]]]
     # +CC [(area)] 6-12 more digits, or North American (555) 555-5555 / 555-555-5555 forms,
     # not inside longer runs of digits, dots and dashes (versions, IP addresses)
     "phone": (
-        r"(?<![\w+.-])(?:\+[1-9][0-9]{0,2}(?:[ .-]?\([0-9]{1,4}\))?(?:[ .-]?[0-9]){6,12}"
-        r"|(?:\+?1[ .-]?)?(?:\([0-9]{3}\)[ .-]?|[0-9]{3}[ .-])[0-9]{3}[ .-][0-9]{4})"
-        r"(?!\w|[.-][0-9])",  # looks two characters ahead: counted in the longest match
-        r"(?<![\w+.-])[+(0-9][0-9 ().-]{0,35}",
+        rf"{_PHONE_BEFORE}{full(_PHONE)}(?!\w|[.-][0-9])",  # looks two characters ahead
+        rf"{_PHONE_BEFORE}(?:{prefix(_PHONE)}|{full(_PHONE)}[.-])",  # [.-]: still undecided
         1 + 3 + 7 + 24 + 1,
         None,
     ),
     # 4-4-4-4 or 4-6-5 groups (space or dash) or 13-19 digits in a row; then Luhn
     "credit_card": (
-        r"(?<!\w)(?:[0-9]{4}[ -]?[0-9]{4}[ -]?[0-9]{4}[ -]?[0-9]{4}"
-        r"|[0-9]{4}[ -]?[0-9]{6}[ -]?[0-9]{5}|[0-9]{13,19})(?!\w)",
-        r"(?<!\w)[0-9][0-9 -]{0,18}",
+        rf"(?<!\w){full(_CARD)}(?!\w)",
+        rf"(?<!\w){prefix(_CARD)}",
         19,
         luhn_valid,
     ),
@@ -128,9 +154,9 @@ def _words_spec(name: str, words: Sequence[str]) -> _Spec:
     trie: dict[str, Any] = {}
     for word in words:
         node = trie
-        for char in word:
-            low = char.lower()
-            node = node.setdefault(low if len(low) == 1 else char, {})
+        for c in word:
+            low = c.lower()
+            node = node.setdefault(low if len(low) == 1 else c, {})
         node[""] = {}  # end of a word
 
     def full(node: dict[str, Any]) -> str:

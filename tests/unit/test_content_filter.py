@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 import sys
 import timeit
 from collections.abc import Callable, Sequence
@@ -29,6 +31,7 @@ from plugins.content_filter import (
     FilterStats,
     detectors,
     luhn_valid,
+    prefixes,
 )
 from plugins.content_filter import scanner as scanner_module
 
@@ -410,6 +413,50 @@ def test_the_phone_detector_knows_international_and_north_american_forms(
     redacted = redact(f"call {text} now", rules=[{"detector": "phone"}])
     assert (redacted == "call [REDACTED:phone] now") is found, redacted
     assert (redacted == f"call {text} now") is not found, redacted
+
+
+def test_prefix_regexes_match_exactly_the_prefixes_of_matches() -> None:
+    """`prefixes.prefix` against brute force on a small finite pattern: every string over the
+    alphabet up to 6 characters is a prefix of a match iff the prefix regex matches it."""
+    d = prefixes.char("[ab]")
+    pattern = prefixes.alt(
+        prefixes.seq(prefixes.rep(d, 1, 2), prefixes.opt(prefixes.char("-")), d),
+        prefixes.seq(prefixes.char("c"), prefixes.rep(prefixes.seq(prefixes.opt(d), d), 1, 2)),
+    )
+    alphabet = "abc-"
+    strings = [""]
+    for _ in range(6):
+        strings += ["".join(p) for p in itertools.product(alphabet, repeat=len(strings[-1]) + 1)]
+    full_re = re.compile(prefixes.full(pattern))
+    language = {t for t in strings if full_re.fullmatch(t)}
+    expected = {t[:i] for t in language for i in range(1, len(t) + 1)}
+    prefix_re = re.compile(prefixes.prefix(pattern))
+    assert {t for t in strings if t and prefix_re.fullmatch(t)} == expected
+
+
+@pytest.mark.parametrize(
+    ("detector", "text", "held"),
+    [
+        ("phone", "The answer is 42 ", ""),  # was held: any digits could start a number
+        ("phone", "In 2026 ", ""),
+        ("phone", "v1.2.3 ", ""),
+        ("phone", "call 555-123", "555-123"),
+        ("phone", "call 555-123-4567", "555-123-4567"),  # complete: the next char decides
+        ("phone", "ring +49 30", "+49 30"),
+        ("credit_card", "The answer is 42 ", ""),
+        ("credit_card", "In 2026 ", "2026 "),
+        ("credit_card", "pay 4111 1111 ", "4111 1111 "),
+        ("credit_card", "room 12-", ""),
+        ("email", "Hello", "Hello"),
+        ("email", "Hello ", ""),
+        ("api_key", "Hello", ""),
+        ("api_key", "key sk-ab", "sk-ab"),
+    ],
+)
+def test_only_what_can_still_become_a_match_is_held(detector: str, text: str, held: str) -> None:
+    scanner = make(rules=[{"detector": detector}]).scanner
+    out, frontier, _, _ = scanner.scan(text, 0, False, False)
+    assert (out, text[frontier:]) == (text[: len(text) - len(held)], held)
 
 
 def test_the_entry_point_builds_the_plugin() -> None:
