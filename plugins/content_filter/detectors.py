@@ -94,14 +94,16 @@ _DETECTORS: Final[dict[str, tuple[str, str, int, Callable[[str], bool] | None]]]
     # not inside longer runs of digits, dots and dashes (versions, IP addresses)
     "phone": (
         rf"{_PHONE_BEFORE}{full(_PHONE)}(?!\w|[.-][0-9])",  # looks two characters ahead
-        rf"{_PHONE_BEFORE}(?:{prefix(_PHONE)}|{full(_PHONE)}[.-])",  # [.-]: still undecided
+        # exactly the prefixes of a match, and a match with a still undecided [.-] after it
+        # (the lookahead (?=...) only makes other text fail fast)
+        rf"{_PHONE_BEFORE}(?=[+(0-9])(?:{prefix(_PHONE)}|{full(_PHONE)}[.-])",
         1 + 3 + 7 + 24 + 1,
         None,
     ),
     # 4-4-4-4 or 4-6-5 groups (space or dash) or 13-19 digits in a row; then Luhn
     "credit_card": (
         rf"(?<!\w){full(_CARD)}(?!\w)",
-        rf"(?<!\w){prefix(_CARD)}",
+        rf"(?<!\w)(?=[0-9]){prefix(_CARD)}",  # exactly the prefixes of a match
         19,
         luhn_valid,
     ),
