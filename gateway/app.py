@@ -51,9 +51,9 @@ class GatewayState:
 
     generations: Generations
     metrics: GatewayMetrics
+    proxy: Proxy
+    resumer: Resumer
     ready: bool = False
-    proxy: Proxy | None = None  # set by build_app
-    resumer: Resumer | None = None  # set by build_app
     metrics_port: int | None = None  # the separate metrics listener's bound port, once started
     tracing: TracingSettings | None = None  # None: tracing off (OpenTelemetry never imported)
     last_reload: ReloadOutcome | None = None  # set by gateway.reload
@@ -123,7 +123,11 @@ def build_state(
     runtime = build_runtime(config, registry, source)
     metrics = GatewayMetrics(config, runtime.all_chains, runtime.health)
     metrics.config_loaded(source.sha256)
-    return GatewayState(Generations(runtime, metrics.detach), metrics, tracing=tracing)
+    generations = Generations(runtime, metrics.detach)
+    resumer = Resumer(config.resumable, runtime.keys, routes_opt_in=runtime.resumable_routes)
+    proxy = Proxy(generations, metrics=metrics, resumer=resumer)
+    proxy.replay = ReplayCache(config.replay, metrics)
+    return GatewayState(generations, metrics, proxy, resumer, tracing=tracing)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -291,7 +295,7 @@ async def _metrics_listener(app: web.Application) -> Any:
 async def _tracing(app: web.Application) -> Any:
     """Tracing on: the tracer provider for the app's lifetime, flushed at shutdown."""
     state = app[STATE]
-    if state.tracing is None or state.proxy is None:
+    if state.tracing is None:
         yield
         return
     from gateway.tracing import Tracing  # only now: tracing off never loads OpenTelemetry
@@ -315,9 +319,8 @@ async def _lifecycle(app: web.Application) -> Any:
     yield
     state.ready = False
     await state.generations.close()
-    if state.resumer is not None:
-        await state.resumer.close()
-    if state.proxy is not None and state.proxy.replay is not None:
+    await state.resumer.close()
+    if state.proxy.replay is not None:
         await state.proxy.replay.close()
 
 
@@ -340,12 +343,7 @@ def build_app(state: GatewayState, *, host: str | None = None) -> web.Applicatio
         app.on_response_prepare.append(cors.on_response_prepare)
     app[STATE] = state
     app[_LISTEN_HOST] = state.config.server.host if host is None else host
-    opt_in = state.runtime.resumable_routes
-    resumer = Resumer(state.config.resumable, state.keys, routes_opt_in=opt_in)
-    state.resumer = resumer
-    proxy = Proxy(state.generations, metrics=state.metrics, resumer=resumer)
-    state.proxy = proxy
-    proxy.replay = ReplayCache(state.config.replay, state.metrics)
+    proxy, resumer = state.proxy, state.resumer
     app.router.add_post("/v1/chat/completions", proxy.chat)
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/embeddings", proxy.embeddings)

@@ -113,10 +113,9 @@ async def serve(
         log.info("draining: up to %.0f s for in-flight requests", drain_seconds)
         for listener in list(runner.sites):
             await listener.stop()
-        if state.proxy is not None:
-            cut = await state.proxy.drain(drain_seconds)
-            if cut:
-                log.warning("drain deadline reached: %d streams ended with a retry event", cut)
+        cut = await state.proxy.drain(drain_seconds)
+        if cut:
+            log.warning("drain deadline reached: %d streams ended with a retry event", cut)
     finally:
         log.info("shutting down")
         await reloader.close()

@@ -40,3 +40,16 @@ async def waiting(ctx: RequestContext, awaitable: Awaitable[T]) -> T:
 
 def overhead_ms(seconds: float) -> str:
     return f"{seconds * 1000.0:.3f}"
+
+
+def answer_headers(ctx: RequestContext) -> dict[str, str]:
+    """The headers an answer (a JSON response or a stream's opening) goes out with: the
+    request id, the plugins' `ctx.response_headers` and the gateway's own time so far,
+    which this records (`ctx.overhead_seconds`, `Overhead.answered`)."""
+    overhead = ctx.require(OVERHEAD)
+    ctx.overhead_seconds = overhead.answered = overhead.now(ctx)
+    return {
+        "X-Request-Id": ctx.request_id,
+        **ctx.response_headers,
+        OVERHEAD_HEADER: overhead_ms(ctx.overhead_seconds),
+    }

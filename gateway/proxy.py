@@ -11,18 +11,16 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
 from gateway.attempts import Attempts, Retry, ejected, queue_failure, retry_or
 from gateway.auth import PRINCIPAL, KeyStore, key_from_headers
-from gateway.balancer import QueueFull, QueueTimeout, Slot
 from gateway.chain import Chain
 from gateway.config import ServerConfig
 from gateway.context import (
@@ -42,18 +40,30 @@ from gateway.errors import (
 from gateway.headers import upstream_headers
 from gateway.heal import HEAL_HEADER, HEALED, Shape, StreamHealer, transcript_for
 from gateway.metrics import GatewayMetrics
-from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, Overhead, overhead_ms, waiting
+from gateway.overhead import (
+    OVERHEAD,
+    OVERHEAD_HEADER,
+    Overhead,
+    answer_headers,
+    overhead_ms,
+    waiting,
+)
 from gateway.pricing import PRICING
 from gateway.protocols.lanes import check_client_body, dialect_of
 from gateway.protocols.responses.lane import STORE as RESPONSES_STORE
 from gateway.protocols.responses.native import pinned
 from gateway.protocols.responses.store import ResponseStore
+from gateway.proxy_support import acquire as _acquire
+from gateway.proxy_support import end_trace as _end_trace
+from gateway.proxy_support import log_broken as _log_broken
+from gateway.proxy_support import parse_unary as _parse_unary
 from gateway.resume import ResumableSink, Resumer, wants_resume
 from gateway.routing import Target, UpstreamHealth
 from gateway.runtime import Generations, Runtime
 from gateway.sinks import HttpSink, StreamSink
 from gateway.stream import StreamRelay, draining_error
 from gateway.tracing_config import TRACE
+from gateway.upstream_answer import check_answer
 from gateway.upstreams.base import (
     StreamObserver,
     Upstream,
@@ -66,72 +76,9 @@ from gateway.watchdog import Watchdog
 
 if TYPE_CHECKING:
     from gateway.replay.cache import ReplayCache
-    from gateway.tracing import RequestTrace, Tracing
+    from gateway.tracing import Tracing
 
 log = logging.getLogger("sluice.proxy")
-
-
-async def _acquire(health: UpstreamHealth, ctx: RequestContext) -> Slot | None:
-    """A concurrency slot at the upstream, waiting in its fair-share queue if needed."""
-    if health.gate is None:
-        return None
-    try:
-        principal = ctx.get(PRINCIPAL)
-        weight = principal.weight if principal is not None else 1.0
-        return await health.gate.acquire(ctx.identity.team, weight)
-    except QueueFull as full:
-        status, message, wait = 429, "The upstream's queue is full", full.retry_after
-    except QueueTimeout as late:
-        status, message, wait = 503, "Timed out waiting in the upstream's queue", late.retry_after
-    ctx.outcome = Outcome.UPSTREAM_ERROR
-    seconds = str(max(1, math.ceil(wait)))
-    raise GatewayError(
-        status,
-        f"{message}; retry in {seconds} s.",
-        type="upstream_error",
-        code="upstream_queue_full" if status == 429 else "upstream_queue_timeout",
-        headers={"Retry-After": seconds},
-    )
-
-
-def _status_kind(status: int) -> str:
-    """The `kind` of an upstream's error status in sluice_upstream_errors_total."""
-    if status == 429:
-        return "status_429"
-    return "status_5xx" if status >= 500 else "status_4xx"
-
-
-def _is_json(content_type: str) -> bool:
-    """`application/json` (any parameters), not `application/x-ndjson` and the like."""
-    return content_type.partition(";")[0].strip().lower() == "application/json"
-
-
-def _log_broken(ctx: RequestContext, upstream: str, when: str, err: UpstreamBroken) -> None:
-    log.warning(
-        "upstream %s broke %s (request %s): %s (%s)",
-        upstream,
-        when,
-        ctx.request_id,
-        err.reason,
-        err.cause,
-    )
-
-
-def _parse_unary(raw: bytes) -> Any:
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise upstream_error("The upstream answered with a body that is not JSON.") from None
-    if not isinstance(payload, dict):
-        raise upstream_error("The upstream answered with JSON that is not an object.")
-    return payload
-
-
-def _end_trace(trace: RequestTrace, ctx: RequestContext) -> None:
-    try:
-        trace.end(ctx)
-    except Exception:
-        log.exception("ending the request's trace failed (request %s)", ctx.request_id)
 
 
 @dataclass(slots=True)
@@ -527,63 +474,8 @@ class Proxy:
         ctx.timing.upstream_headers = time.perf_counter()
         if self.tracing is not None:
             ctx.require(TRACE).upstream_answered(call.status)
-        if call.status >= 400:
-            self.metrics.upstream_error(upstream.name, _status_kind(call.status))
-            try:
-                async with asyncio.timeout(limit):
-                    raw = await call.read_body(64 << 10)
-            except (TimeoutError, GatewayError, UpstreamBroken):
-                raw = b""
-            finally:
-                call.abort()
-            ctx.outcome = Outcome.UPSTREAM_ERROR
-            error = upstream.map_status_error(call.status, raw)
-            retry_after = call.headers.get("Retry-After")  # a 503's too, though it becomes 502
-            if retry_after and call.status in (429, 503) and len(retry_after) < 64:
-                error.headers["Retry-After"] = retry_after
-            raise error
-        content_type = call.headers.get("Content-Type", "")
-        if "text/html" in content_type:
-            # A captive portal, a login page or a base_url that points at a web server.
-            call.abort()
-            ctx.outcome = Outcome.UPSTREAM_ERROR
-            self.metrics.upstream_error(upstream.name, "malformed")
-            raise upstream_error(
-                f"Upstream {upstream.name!r} answered {call.status} with an HTML page, not an "
-                "API response (check its base_url, or a proxy or login page in the way).",
-                code="upstream_not_an_api",
-            )
-        if ctx.stream and not upstream.json_streams and _is_json(content_type):
-            await self._not_streaming(ctx, upstream, call, limit)
+        await check_answer(ctx, upstream, call, limit, self.metrics)
         return call
-
-    async def _not_streaming(
-        self, ctx: RequestContext, upstream: Upstream, call: UpstreamCall, limit: float
-    ) -> NoReturn:
-        """A streaming request answered with one JSON body: an error object is the error
-        it says (as if it came with its status); anything else is no stream at all."""
-        try:
-            async with asyncio.timeout(limit):
-                raw = await call.read_body(64 << 10)
-        except (TimeoutError, GatewayError, UpstreamBroken):
-            raw = b""
-        finally:
-            call.abort()
-        ctx.outcome = Outcome.UPSTREAM_ERROR
-        try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            payload = None
-        in_band = error_from_event(payload)
-        if in_band is not None:
-            self.metrics.upstream_error(upstream.name, "in_band")
-            raise upstream.map_status_error(in_band.status, raw)
-        self.metrics.upstream_error(upstream.name, "malformed")
-        raise upstream_error(
-            "The upstream answered a streaming request with a JSON body instead of an event "
-            "stream.",
-            code="upstream_not_streaming",
-        )
 
     async def _unary(
         self,
@@ -643,17 +535,7 @@ class Proxy:
         ctx.outcome = Outcome.COMPLETED
         out = orjson.dumps(dialect_of(ctx).unary(ctx, payload))
         ctx.bytes_out = len(out)
-        overhead = ctx.require(OVERHEAD)
-        ctx.overhead_seconds = overhead.answered = overhead.now(ctx)
-        return web.Response(
-            body=out,
-            content_type="application/json",
-            headers={
-                "X-Request-Id": ctx.request_id,
-                **ctx.response_headers,
-                OVERHEAD_HEADER: overhead_ms(ctx.overhead_seconds),
-            },
-        )
+        return web.Response(body=out, content_type="application/json", headers=answer_headers(ctx))
 
     # ----- streaming -------------------------------------------------------------------
 

@@ -219,9 +219,8 @@ class Reloader:
             return ReloadOutcome("invalid", f"sluice: {err}")
         state.generations.swap(runtime)
         state.metrics.config_loaded(source.sha256)
-        if state.resumer is not None:
-            state.resumer.keys = runtime.keys
-            state.resumer.routes_opt_in = runtime.resumable_routes
+        state.resumer.keys = runtime.keys
+        state.resumer.routes_opt_in = runtime.resumable_routes
         if (notice := starter_notice(runtime.pricing)) is not None:
             log.warning("%s", notice)
         log.info(

@@ -23,6 +23,7 @@ from gateway.auth import KeyStore, key_from_headers
 from gateway.config import ResumableConfig
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
+from gateway.resume_errors import abandoned, error_event, expired, not_found
 from gateway.sinks import ClientGone, HttpSink, sse_response
 from gateway.sse import SSEEvent
 from gateway.streamlog import (
@@ -43,33 +44,6 @@ log = logging.getLogger("sluice.resume")
 STREAM_ID_HEADER = "X-Sluice-Stream-Id"
 RESUMABLE_HEADER = "X-Sluice-Resumable"
 READER_WINDOW = 64  # events a resumed reader may fall behind before generation waits for it
-
-
-def not_found() -> GatewayError:
-    """The same answer for an unknown stream and for another key's stream."""
-    return GatewayError(
-        404,
-        "No resumable stream with this id (it ended long ago, or never existed).",
-        code="stream_not_found",
-    )
-
-
-def abandoned() -> GatewayError:
-    return GatewayError(
-        410,
-        "Nobody came back for this stream within the grace period, so its generation was "
-        "cancelled; send the request again.",
-        code="stream_abandoned",
-    )
-
-
-def expired() -> GatewayError:
-    return GatewayError(
-        410,
-        "The events after this id are no longer kept (grace period or size bound passed); "
-        "send the request again.",
-        code="resume_point_expired",
-    )
 
 
 def wants_resume(headers: Mapping[str, str]) -> bool:
@@ -305,8 +279,3 @@ async def _pump_local(response: web.StreamResponse, log_: StreamLog, reader: Rea
                 await response.write(error_event(abandoned()))
             return
         await log_.changed()
-
-
-def error_event(err: GatewayError) -> bytes:
-    """A final SSE error event, as after headers everywhere else."""
-    return SSEEvent.from_json(err.body()).encode()

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway.config import ResumableConfig
 from gateway.errors import GatewayError
-from gateway.resume import abandoned, error_event, expired, not_found
+from gateway.resume_errors import abandoned, error_event, expired, not_found
 from gateway.sinks import sse_response
 from gateway.streamlog import ResumeExpired, StreamLog
 

@@ -24,7 +24,7 @@ from gateway.errors import (
     timeout_error,
     upstream_error,
 )
-from gateway.overhead import OVERHEAD, OVERHEAD_HEADER, overhead_ms, waiting
+from gateway.overhead import answer_headers, waiting
 from gateway.plugin import EndStream, Reject
 from gateway.protocols.lanes import dialect_of
 from gateway.replay.state import ENDED_EARLY
@@ -210,14 +210,7 @@ class StreamRelay:
         self._first = Batch(held, batch.terminal, batch.error)
         await self.chain.run_response_start(ctx)
         # The gateway's own time so far; the rest of a stream's is added as events go out.
-        overhead = ctx.require(OVERHEAD)
-        ctx.overhead_seconds = overhead.answered = overhead.now(ctx)
-        headers = {
-            "X-Request-Id": ctx.request_id,
-            **ctx.response_headers,
-            OVERHEAD_HEADER: overhead_ms(ctx.overhead_seconds),
-        }
-        if not await self.sink.open(headers):
+        if not await self.sink.open(answer_headers(ctx)):
             ctx.outcome = Outcome.CLIENT_DISCONNECTED
             self.finished = True
             return False

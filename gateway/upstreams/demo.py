@@ -58,8 +58,8 @@ def _last_user_text(body: Mapping[str, Any]) -> str:
 
 def _prefix(body: Mapping[str, Any]) -> str:
     """A trailing assistant message's text: the answer to continue (see `continuation`)."""
-    messages = body.get("messages") or []
-    last = messages[-1] if messages else None
+    messages = body.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
     if isinstance(last, dict) and last.get("role") == "assistant":
         content = last.get("content")
         return content if isinstance(content, str) else ""

@@ -30,7 +30,7 @@ import orjson
 
 from gateway import cli
 from gateway.config import GatewayConfig
-from gateway.ratelimit import MemoryRateLimiter
+from plugins.rate_limit import MemoryRateLimiter
 
 
 def _task_name(task: asyncio.Task[Any]) -> str:

@@ -22,7 +22,6 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from gateway.testing.fake_upstream import (
     FakeUpstream,
     json_script,
@@ -32,7 +31,7 @@ from gateway.testing.fake_upstream import (
 from gateway.testing.harness import RunningGateway, run_gateway
 from gateway.testing.redis_server import RedisServer
 from plugins.access_log import AccessLog
-from plugins.rate_limit import RateLimit
+from plugins.rate_limit import MemoryRateLimiter, RateLimit, RedisRateLimiter
 from tests.integration._support import (
     BOUND,
     DONE,

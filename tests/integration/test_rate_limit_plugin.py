@@ -28,7 +28,6 @@ import pytest
 from gateway.auth import hash_key
 from gateway.context import Outcome, RequestContext
 from gateway.plugin import Plugin
-from gateway.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from gateway.testing.fake_upstream import (
     Script,
     json_script,
@@ -37,7 +36,7 @@ from gateway.testing.fake_upstream import (
 )
 from gateway.testing.harness import RunningGateway, run_gateway
 from gateway.testing.redis_server import RedisServer
-from plugins.rate_limit import RateLimit
+from plugins.rate_limit import MemoryRateLimiter, RateLimit, RedisRateLimiter
 from plugins.token_count import TOKENS, TokenCounter
 from tests.integration._support import (
     BOUND,

@@ -17,12 +17,11 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.context import RequestContext
-from gateway.ratelimit import RedisRateLimiter
 from gateway.testing.fake_upstream import openai_stream
 from gateway.testing.harness import run_gateway
 from gateway.testing.redis_server import RedisServer
 from gateway.testing.slow_link import SlowLink
-from plugins.rate_limit import _HELD, RateLimitOptions
+from plugins.rate_limit import _HELD, RateLimitOptions, RedisRateLimiter
 from tests.integration._support import BOUND, DONE, chat_body, gated_script
 from tests.integration.test_rate_limit_plugin import (
     ML_KEY,

@@ -18,7 +18,9 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 
-from gateway.ratelimit import (
+from gateway.testing.redis_server import RedisServer
+from gateway.testing.slow_link import SlowLink
+from plugins.rate_limit import (
     Decision,
     Lease,
     Limits,
@@ -29,8 +31,6 @@ from gateway.ratelimit import (
     team_model_scope,
     team_scope,
 )
-from gateway.testing.redis_server import RedisServer
-from gateway.testing.slow_link import SlowLink
 from tests.unit.test_ratelimit import FakeClock, running_redis
 
 BOUND = 1.0  # no call may take longer than this, whatever Redis does

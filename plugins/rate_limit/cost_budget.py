@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Final
 from gateway.context import RequestContext
 from gateway.plugin import Reject
 from gateway.pricing import Price, Pricing, reservation_micros, to_micros, tokens_cost
-from gateway.ratelimit import Decision, Lease, Limits, Scope
 from gateway.teams import LimitsConfig
+from plugins.rate_limit.limiter import Decision, Lease, Limits, Scope
 
 if TYPE_CHECKING:
     from gateway.auth import Principal

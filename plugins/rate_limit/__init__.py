@@ -11,10 +11,10 @@ ignores `max_tokens`. With `hard_budget`, a stream whose daily/monthly budget ru
 cut with a final error event. Limits come from the authenticated key's team and key
 (`auth: keys`); with `auth: none` nothing is limited. Budgets in currency
 (`cost_per_day`, `cost_per_month`) are reserved, debited and reconciled the same way in
-micro-units of the pricing currency (see `gateway.cost_budget`).
+micro-units of the pricing currency (see `plugins.rate_limit.cost_budget`).
 
 Backends: `memory` for one replica, `redis` to share limits across replicas (one atomic
-Lua script per check). See `gateway.ratelimit` for the algorithms (GCRA for per-minute
+Lua script per check). See `plugins.rate_limit.limiter` for the algorithms (GCRA for per-minute
 limits, calendar windows for budgets, leased slots for concurrency).
 """
 
@@ -36,7 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.auth import PRINCIPAL, Principal
 from gateway.config import RouteConfig
 from gateway.context import LOCAL_COUNT, RequestContext, StateKey
-from gateway.cost_budget import (
+from gateway.plugin import ConfigError, Instrument, Plugin, PluginMetrics, Reject
+from gateway.pricing import PRICING, Pricing
+from gateway.sse import SSEEvent
+from gateway.teams import LimitsConfig
+from plugins.rate_limit.cost_budget import (
     CostHold,
     actual_micros,
     cost_scopes_for,
@@ -44,24 +48,38 @@ from gateway.cost_budget import (
     refusal,
     reserve,
 )
-from gateway.plugin import ConfigError, Instrument, Plugin, PluginMetrics, Reject
-from gateway.pricing import PRICING, Pricing
-from gateway.ratelimit import (
-    DEFAULT_TIMEOUT,
+from plugins.rate_limit.limiter import (
     Decision,
     Lease,
     Limits,
-    MemoryRateLimiter,
     RateLimiter,
-    RedisRateLimiter,
     Scope,
     key_scope,
+    openai_reset,
     reservation,
     team_model_scope,
     team_scope,
 )
-from gateway.sse import SSEEvent
-from gateway.teams import LimitsConfig
+from plugins.rate_limit.memory import MemoryRateLimiter
+from plugins.rate_limit.redis_backend import DEFAULT_TIMEOUT, RedisRateLimiter
+
+__all__ = [
+    "Decision",
+    "Lease",
+    "Limits",
+    "MemoryRateLimiter",
+    "RateLimit",
+    "RateLimitOptions",
+    "RateLimiter",
+    "RedisRateLimiter",
+    "Scope",
+    "key_scope",
+    "openai_reset",
+    "reservation",
+    "scopes_for",
+    "team_model_scope",
+    "team_scope",
+]
 
 log = logging.getLogger("sluice.plugins.rate_limit")
 
