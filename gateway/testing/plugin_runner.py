@@ -12,23 +12,27 @@ its own, and drives one request at a time::
     out += runner.flush()
     await runner.end()
     assert runner.sample("sluice_footer_added_total", team="anonymous") == 1
+
+`PluginRunner.configured(Footer, {"text": "..."})` builds the plugin from raw options the way
+the gateway does (validated, `ConfigError` naming the key).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from gateway.chain import Chain, _Entry
-from gateway.config import RouteConfig
+from gateway.chain import Chain, _Entry, build_plugin
+from gateway.config import PluginConfig, RouteConfig
 from gateway.context import Endpoint, Identity, Outcome, RequestContext
 from gateway.plugin_metrics import PluginMetricsStore
 from gateway.sse import SSEDecoder, SSEEvent
 
 P = TypeVar("P")
+Q = TypeVar("Q")
 
 
 def request_context(
@@ -56,13 +60,21 @@ def request_context(
     return ctx
 
 
-def chat_context(text: str = "hi", **kwargs: Any) -> RequestContext:
-    """A streaming chat request with one user message `text` (see `request_context`)."""
+def chat_context(
+    text: str = "hi",
+    *,
+    messages: list[dict[str, Any]] | None = None,
+    fields: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> RequestContext:
+    """A streaming chat request with one user message `text`, or these `messages`; `fields`
+    are further body fields (`tools`, `n`, `"stream": False`). See `request_context`."""
     model = kwargs.pop("model", "m")
     body = {
         "model": model,
         "stream": True,
-        "messages": [{"role": "user", "content": text}],
+        "messages": [{"role": "user", "content": text}] if messages is None else messages,
+        **(fields or {}),
     }
     return request_context(body, **kwargs)
 
@@ -93,6 +105,21 @@ class PluginRunner(Generic[P]):
         self._ended = True
         self._decoder = SSEDecoder()
 
+    @staticmethod
+    def configured(
+        plugin_class: type[Q],
+        options: Mapping[str, Any] | None = None,
+        *,
+        name: str | None = None,
+        fail_closed: bool = False,
+    ) -> PluginRunner[Q]:
+        """A runner for `plugin_class` built from raw `options` as the gateway builds it (the
+        options model validates them; a `ConfigError` names the offending key)."""
+        name = name or str(getattr(plugin_class, "name", plugin_class.__name__))
+        spec = PluginConfig(name=name, options=dict(options or {}))
+        plugin: Q = build_plugin(spec, {name: plugin_class}, "plugins[0]")
+        return PluginRunner(plugin, name=name, fail_closed=fail_closed)
+
     async def request(
         self, body: dict[str, Any] | None = None, *, ctx: RequestContext | None = None
     ) -> RequestContext:
@@ -117,9 +144,10 @@ class PluginRunner(Generic[P]):
         self.ctx.events_out += len(out)
         return out
 
-    def feed(self, data: bytes) -> list[SSEEvent]:
-        """Raw upstream bytes (split anywhere): the complete events in them, as one read."""
-        return self.events(self._decoder.feed(data))
+    def feed(self, *data: bytes) -> list[SSEEvent]:
+        """Raw upstream bytes (one or more pieces, split anywhere): the complete events in
+        them, as one read."""
+        return self.events(self._decoder.feed(b"".join(data)))
 
     def each(self, events: Sequence[SSEEvent | dict[str, Any]]) -> list[SSEEvent]:
         """Each event as a read of its own (a paced stream); everything written."""

