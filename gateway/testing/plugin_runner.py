@@ -161,9 +161,16 @@ class PluginRunner(Generic[P]):
         """A non-streaming answer through `on_response`."""
         return await self.chain.run_response(self.ctx, body)
 
-    async def end(self, outcome: Outcome = Outcome.COMPLETED) -> RequestContext:
-        """End the request with `outcome`: `on_end`, exactly once (a second call raises)."""
-        if self._ended:
+    async def end(
+        self, outcome: Outcome = Outcome.COMPLETED, *, ctx: RequestContext | None = None
+    ) -> RequestContext:
+        """End the request with `outcome` (unless the context has one): `on_end`, exactly
+        once (a second call raises). With `ctx`, end that context instead, one `request()`
+        never saw: a request rejected before routing, where only `on_end` runs."""
+        if ctx is not None:
+            self.ctx = ctx
+            self._decoder = SSEDecoder()
+        elif self._ended:
             raise RuntimeError("the request already ended (or never started)")
         self._ended = True
         if self.ctx.outcome is None:

@@ -15,13 +15,13 @@ from pydantic import ValidationError
 
 from gateway.chain import build_chain
 from gateway.config import ConfigError, PluginConfig, RouteConfig
-from gateway.context import Endpoint, Identity, Outcome, RequestContext, Timing, Usage
+from gateway.context import Endpoint, Outcome, RequestContext, Timing, Usage
 from gateway.errors import GatewayError
 from gateway.plugin import Plugin
 from gateway.pricing import PRICING, Pricing
 from gateway.pricing_config import PriceConfig, PricingConfig
 from gateway.sse import SSEEvent
-from gateway.testing.fake_upstream import openai_chunk, openai_completion
+from gateway.testing import PluginRunner, openai_chunk, openai_completion, request_context
 from plugins.access_log import AccessLog, AccessLogOptions
 
 REQUEST_FIELDS = {
@@ -59,9 +59,10 @@ REQUEST_FIELDS = {
 }
 
 
-def make(**options: Any) -> tuple[AccessLog, io.StringIO]:
+def make(**options: Any) -> tuple[PluginRunner[AccessLog], io.StringIO]:
+    """The plugin alone in a runner, writing into the returned in-memory stream."""
     buf = io.StringIO()
-    return AccessLog(AccessLogOptions(**options), file=buf), buf
+    return PluginRunner(AccessLog(AccessLogOptions(**options), file=buf)), buf
 
 
 def lines(buf: io.StringIO) -> list[dict[str, Any]]:
@@ -76,20 +77,18 @@ def lines(buf: io.StringIO) -> list[dict[str, Any]]:
 def routed_ctx(
     *, body: dict[str, Any] | None = None, endpoint: Endpoint = Endpoint.CHAT
 ) -> RequestContext:
-    """A context as the proxy leaves it once a streaming request to `m` was routed."""
-    return RequestContext(
-        "req_unit",
-        endpoint,
-        body=body if body is not None else {"messages": [{"role": "user", "content": "hi"}]},
-        model="m",
-        stream=True,
-        route=RouteConfig(model="m", upstream="fake", upstream_model="gpt-test"),
-        upstream_name="fake",
-        upstream_model="gpt-test",
-        upstream_request_id="6f1c1b0e-9d7a-4c1e-8f00-000000000001",
-        identity=Identity(team="blue", key_id="key_42"),
-        timing=Timing(received=100.0),
+    """A context as the proxy leaves it once a streaming request to `m` was routed (to the
+    deployment `gpt-test` on `fake`, received at t=100)."""
+    body = body if body is not None else {"messages": [{"role": "user", "content": "hi"}]}
+    ctx = request_context(
+        body, endpoint=endpoint, stream=True, team="blue", key_id="key_42", request_id="req_unit"
     )
+    ctx.route = RouteConfig(model="m", upstream="fake", upstream_model="gpt-test")
+    ctx.upstream_name = "fake"
+    ctx.upstream_model = "gpt-test"
+    ctx.upstream_request_id = "6f1c1b0e-9d7a-4c1e-8f00-000000000001"
+    ctx.timing = Timing(received=100.0)
+    return ctx
 
 
 def finish(ctx: RequestContext, outcome: Outcome = Outcome.COMPLETED) -> None:
@@ -139,20 +138,19 @@ def test_bad_options_are_refused(bad: dict[str, Any]) -> None:
 
 
 def test_bad_option_names_its_key_at_build_time() -> None:
-    spec = PluginConfig(name="access_log", options={"stream": "/no/such/dir/x.log"})
     with pytest.raises(ConfigError, match=r"plugins\[0\]\.options\.stream"):
-        build_chain([("plugins[0]", spec)], {"access_log": AccessLog})
+        PluginRunner.configured(AccessLog, {"stream": "/no/such/dir/x.log"})
 
 
 # ----- the request line -------------------------------------------------------------------
 
 
 async def test_completed_line_has_every_documented_field() -> None:
-    plugin, buf = make()
+    runner, buf = make()
     ctx = routed_ctx()
-    await plugin.on_request(ctx)
+    await runner.request(ctx=ctx)
     finish(ctx)
-    await plugin.on_end(ctx)
+    await runner.end()
     (line,) = lines(buf)
     assert set(line) == REQUEST_FIELDS
     ts = datetime.fromisoformat(line["ts"].replace("Z", "+00:00"))
@@ -194,26 +192,25 @@ async def test_completed_line_has_every_documented_field() -> None:
 
 
 async def test_the_line_carries_the_request_cost_from_the_price_table() -> None:
-    plugin, buf = make()
+    runner, buf = make()
     ctx = routed_ctx()
     table = {"gpt-test": PriceConfig(input=Decimal("2.5"), output=Decimal("10"))}
     ctx.set(PRICING, Pricing(PricingConfig(currency="EUR", models=table)))
-    await plugin.on_request(ctx)
+    await runner.request(ctx=ctx)
     finish(ctx)  # 3 prompt tokens, 4 completion tokens
-    await plugin.on_end(ctx)
+    await runner.end()
     (line,) = lines(buf)
     assert (line["cost"], line["currency"]) == (0.0000475, "EUR")
 
 
 async def test_request_rejected_before_routing() -> None:
     """Only `on_end` runs (on the default chain): no route, no upstream, the error's code."""
-    plugin, buf = make()
+    runner, buf = make()
     ctx = RequestContext("req_404", Endpoint.CHAT, model="nope", timing=Timing(received=5.0))
     ctx.error = GatewayError(404, "The model `nope` does not exist.", code="model_not_found")
     ctx.status = 404
-    ctx.outcome = Outcome.REJECTED
     ctx.timing.ended = 5.001
-    await plugin.on_end(ctx)
+    await runner.end(Outcome.REJECTED, ctx=ctx)
     (line,) = lines(buf)
     assert set(line) == REQUEST_FIELDS
     assert line["status"] == 404
@@ -230,9 +227,9 @@ async def test_request_rejected_before_routing() -> None:
 
 
 async def test_empty_model_and_long_model() -> None:
-    plugin, buf = make()
-    await plugin.on_end(RequestContext("req_a", Endpoint.CHAT))
-    await plugin.on_end(RequestContext("req_b", Endpoint.CHAT, model="x" * 10_000))
+    runner, buf = make()
+    await runner.end(ctx=RequestContext("req_a", Endpoint.CHAT))
+    await runner.end(ctx=RequestContext("req_b", Endpoint.CHAT, model="x" * 10_000))
     first, second = lines(buf)
     assert first["model"] is None
     assert first["duration_ms"] >= 0
@@ -241,26 +238,26 @@ async def test_empty_model_and_long_model() -> None:
 
 @pytest.mark.parametrize("level", ["info", "warning"])
 async def test_line_level_follows_the_option(level: str) -> None:
-    plugin, buf = make(level=level)
+    runner, buf = make(level=level)
     ctx = routed_ctx()
-    await plugin.on_request(ctx)
+    await runner.request(ctx=ctx)
     ctx.error = GatewayError(502, "boom", code="upstream_error")
     finish(ctx, Outcome.UPSTREAM_ERROR)
-    await plugin.on_end(ctx)
+    await runner.end()
     (line,) = lines(buf)  # no start line, no error details
     assert line["level"] == level
     assert line["error_code"] == "upstream_error"
 
 
 async def test_start_line_and_error_details_at_debug() -> None:
-    plugin, buf = make(level="debug")
+    runner, buf = make(level="debug")
     ctx = routed_ctx()
-    await plugin.on_request(ctx)
+    await runner.request(ctx=ctx)
     ctx.error = GatewayError(502, "The upstream closed the stream.", code="upstream_truncated")
     ctx.status = 502
     finish(ctx, Outcome.UPSTREAM_ERROR)
     ctx.timing.upstream_headers = 100.1
-    await plugin.on_end(ctx)
+    await runner.end()
     start, request, error = lines(buf)
     assert [start["event"], request["event"], error["event"]] == [
         "request.start",
@@ -278,11 +275,11 @@ async def test_start_line_and_error_details_at_debug() -> None:
 
 
 async def test_no_error_details_line_without_an_error() -> None:
-    plugin, buf = make(level="debug")
+    runner, buf = make(level="debug")
     ctx = routed_ctx()
-    await plugin.on_request(ctx)
+    await runner.request(ctx=ctx)
     finish(ctx)
-    await plugin.on_end(ctx)
+    await runner.end()
     assert [line["event"] for line in lines(buf)] == ["request.start", "request"]
 
 
@@ -290,13 +287,13 @@ async def test_no_error_details_line_without_an_error() -> None:
 
 
 async def test_text_is_not_logged_by_default() -> None:
-    plugin, buf = make(level="debug")
-    assert getattr(plugin, "on_event", None) is None
-    assert getattr(plugin, "on_response", None) is None
+    runner, buf = make(level="debug")
+    assert getattr(runner.plugin, "on_event", None) is None
+    assert getattr(runner.plugin, "on_response", None) is None
     ctx = routed_ctx(body={"messages": [{"role": "user", "content": "my private question"}]})
-    await plugin.on_request(ctx)
+    await runner.request(ctx=ctx)
     finish(ctx)
-    await plugin.on_end(ctx)
+    await runner.end()
     out = buf.getvalue()
     assert "private question" not in out
     for line in lines(buf):
@@ -304,19 +301,17 @@ async def test_text_is_not_logged_by_default() -> None:
 
 
 def test_event_hooks_exist_only_when_completions_are_logged() -> None:
-    registry: dict[str, type[Any]] = {"access_log": AccessLog}
-    plain = build_chain([("plugins[0]", PluginConfig(name="access_log"))], registry)
-    assert not plain.has_event_hooks
-    spec = PluginConfig(name="access_log", options={"log_completions": True})
-    collecting = build_chain([("plugins[0]", spec)], registry)  # sync/async checks pass
-    assert collecting.has_event_hooks
+    plain = PluginRunner.configured(AccessLog)
+    assert not plain.chain.has_event_hooks
+    collecting = PluginRunner.configured(AccessLog, {"log_completions": True})  # checks pass
+    assert collecting.chain.has_event_hooks
     # The class itself stays hook-free for events: one instance never affects another.
     assert not hasattr(AccessLog, "on_event")
     assert not hasattr(AccessLog, "on_response")
 
 
 async def test_prompt_and_completion_are_logged_when_enabled() -> None:
-    plugin, buf = make(log_prompts=True, log_completions=True)
+    runner, buf = make(log_prompts=True, log_completions=True)
     body = {
         "messages": [
             {"role": "system", "content": "Be brief."},
@@ -324,12 +319,12 @@ async def test_prompt_and_completion_are_logged_when_enabled() -> None:
         ]
     }
     ctx = routed_ctx(body=body)
-    await plugin.on_request(ctx)
+    await runner.request(ctx=ctx)
     role = SSEEvent.from_json(openai_chunk("", role=True))
     for event in (role, chunk("Hello"), chunk(" world"), SSEEvent(data="[DONE]")):
-        assert plugin.on_event(ctx, event) is None
+        assert runner.events([event]) == [event]
     finish(ctx)
-    await plugin.on_end(ctx)
+    await runner.end()
     (line,) = lines(buf)
     assert set(line) == REQUEST_FIELDS | {
         "prompt",
@@ -344,44 +339,45 @@ async def test_prompt_and_completion_are_logged_when_enabled() -> None:
 
 
 async def test_completion_of_each_choice() -> None:
-    plugin, buf = make(log_completions=True)
+    runner, buf = make(log_completions=True)
     ctx = routed_ctx()
-    await plugin.on_request(ctx)
+    await runner.request(ctx=ctx)
     for event in (chunk("a", 0), chunk("c", 1), chunk("b", 0), chunk("d", 1)):
-        plugin.on_event(ctx, event)
+        runner.events([event])
     finish(ctx)
-    await plugin.on_end(ctx)
+    await runner.end()
     assert lines(buf)[0]["completion"] == ["ab", "cd"]
 
 
 async def test_completion_text_is_bounded() -> None:
-    plugin, buf = make(log_completions=True, max_text_chars=10)
+    runner, buf = make(log_completions=True, max_text_chars=10)
     ctx = routed_ctx()
-    await plugin.on_request(ctx)
+    await runner.request(ctx=ctx)
     for _ in range(10_000):
-        assert plugin.on_event(ctx, chunk("Hello ")) is None
+        event = chunk("Hello ")
+        assert runner.events([event]) == [event]
     finish(ctx)
-    await plugin.on_end(ctx)
+    await runner.end()
     (line,) = lines(buf)
     assert line["completion"] == ["Hello Hell"]
     assert line["completion_truncated"] is True
 
 
 async def test_completion_exactly_at_the_limit_is_not_truncated() -> None:
-    plugin, buf = make(log_completions=True, max_text_chars=5)
+    runner, buf = make(log_completions=True, max_text_chars=5)
     ctx = routed_ctx()
-    await plugin.on_request(ctx)
-    plugin.on_event(ctx, chunk("Hello"))
-    plugin.on_event(ctx, SSEEvent.from_json(openai_chunk(None, finish_reason="stop")))
+    await runner.request(ctx=ctx)
+    runner.events([chunk("Hello")])
+    runner.events([SSEEvent.from_json(openai_chunk(None, finish_reason="stop"))])
     finish(ctx)
-    await plugin.on_end(ctx)
+    await runner.end()
     (line,) = lines(buf)
     assert line["completion"] == ["Hello"]
     assert line["completion_truncated"] is False
 
 
 async def test_prompt_text_is_bounded() -> None:
-    plugin, buf = make(log_prompts=True, max_text_chars=5)
+    runner, buf = make(log_prompts=True, max_text_chars=5)
     body = {
         "messages": [
             {"role": "user", "content": "abc"},
@@ -390,22 +386,22 @@ async def test_prompt_text_is_bounded() -> None:
         ]
     }
     ctx = routed_ctx(body=body)
-    await plugin.on_request(ctx)
+    await runner.request(ctx=ctx)
     finish(ctx)
-    await plugin.on_end(ctx)
+    await runner.end()
     (line,) = lines(buf)
     assert line["prompt"] == ["abc", "de"]
     assert line["prompt_truncated"] is True
 
 
 async def test_legacy_completions_prompt_and_text() -> None:
-    plugin, buf = make(log_prompts=True, log_completions=True)
+    runner, buf = make(log_prompts=True, log_completions=True)
     ctx = routed_ctx(body={"prompt": "Say hi"}, endpoint=Endpoint.COMPLETIONS)
-    await plugin.on_request(ctx)
+    await runner.request(ctx=ctx)
     event = SSEEvent.from_json({"choices": [{"index": 0, "text": "hi!", "finish_reason": None}]})
-    plugin.on_event(ctx, event)
+    runner.events([event])
     finish(ctx)
-    await plugin.on_end(ctx)
+    await runner.end()
     (line,) = lines(buf)
     assert line["endpoint"] == "completions"
     assert line["prompt"] == ["Say hi"]
@@ -413,14 +409,14 @@ async def test_legacy_completions_prompt_and_text() -> None:
 
 
 async def test_non_streaming_completion_is_logged_when_enabled() -> None:
-    plugin, buf = make(log_completions=True)
+    runner, buf = make(log_completions=True)
     ctx = routed_ctx()
     ctx.stream = False
-    await plugin.on_request(ctx)
-    assert await plugin.on_response(ctx, openai_completion("Hi there")) is None
+    await runner.request(ctx=ctx)
+    answer = openai_completion("Hi there")
+    assert await runner.response(answer) is answer
     ctx.timing.ended = 100.5
-    ctx.outcome = Outcome.COMPLETED
-    await plugin.on_end(ctx)
+    await runner.end(Outcome.COMPLETED)
     (line,) = lines(buf)
     assert line["completion"] == ["Hi there"]
     assert line["stream"] is False
@@ -428,8 +424,8 @@ async def test_non_streaming_completion_is_logged_when_enabled() -> None:
 
 
 async def test_text_enabled_but_request_never_routed() -> None:
-    plugin, buf = make(log_prompts=True, log_completions=True)
-    await plugin.on_end(RequestContext("req_x", Endpoint.CHAT))
+    runner, buf = make(log_prompts=True, log_completions=True)
+    await runner.end(ctx=RequestContext("req_x", Endpoint.CHAT))
     (line,) = lines(buf)
     assert line["prompt"] is None
     assert line["completion"] is None
@@ -473,14 +469,14 @@ async def test_prompt_is_taken_after_earlier_plugins_ran() -> None:
 
 
 async def test_credentials_in_error_messages_are_masked() -> None:
-    plugin, buf = make(level="debug")
+    runner, buf = make(level="debug")
     ctx = routed_ctx()
-    await plugin.on_request(ctx)
+    await runner.request(ctx=ctx)
     ctx.error = GatewayError(
         502, "upstream said: bad key sk-live-0123456789abcdef (Bearer abcdefghijklmnop)"
     )
     finish(ctx, Outcome.UPSTREAM_ERROR)
-    await plugin.on_end(ctx)
+    await runner.end()
     out = buf.getvalue()
     assert "sk-live-0123456789abcdef" not in out
     assert "abcdefghijklmnop" not in out
@@ -488,11 +484,11 @@ async def test_credentials_in_error_messages_are_masked() -> None:
 
 
 async def test_console_format_is_one_readable_line() -> None:
-    plugin, buf = make(format="console", log_prompts=True)
+    runner, buf = make(format="console", log_prompts=True)
     ctx = routed_ctx(body={"messages": [{"role": "user", "content": "two\nlines"}]})
-    await plugin.on_request(ctx)
+    await runner.request(ctx=ctx)
     finish(ctx)
-    await plugin.on_end(ctx)
+    await runner.end()
     text = buf.getvalue()
     (line,) = text.splitlines()
     with pytest.raises(json.JSONDecodeError):
@@ -511,11 +507,11 @@ async def test_no_global_structlog_configuration() -> None:
     configured = structlog.is_configured()
     json_log, json_buf = make()
     console_log, console_buf = make(format="console", level="debug")
-    for plugin in (json_log, console_log):
+    for runner in (json_log, console_log):
         ctx = routed_ctx()
-        await plugin.on_request(ctx)
+        await runner.request(ctx=ctx)
         finish(ctx)
-        await plugin.on_end(ctx)
+        await runner.end()
     assert structlog.get_config() == before
     assert structlog.is_configured() == configured
     assert len(lines(json_buf)) == 1  # each instance keeps its own format and level
@@ -524,10 +520,10 @@ async def test_no_global_structlog_configuration() -> None:
 
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])
 async def test_standard_streams(stream: str, capsys: pytest.CaptureFixture[str]) -> None:
-    plugin = AccessLog(AccessLogOptions(stream=stream))
+    runner = PluginRunner(AccessLog(AccessLogOptions(stream=stream)))
     ctx = routed_ctx()
     finish(ctx)
-    await plugin.on_end(ctx)
+    await runner.end(ctx=ctx)
     captured = capsys.readouterr()
     written, other = (
         (captured.out, captured.err) if stream == "stdout" else (captured.err, captured.out)
@@ -543,11 +539,12 @@ async def test_file_stream_is_appended_to(tmp_path: Path) -> None:
     # One instance per chain (each route and the default chain) may share one file.
     first = AccessLog(AccessLogOptions(stream=path))
     second = AccessLog(AccessLogOptions(stream=path))
+    runners = {first: PluginRunner(first), second: PluginRunner(second)}
     try:
         for plugin in (first, second, first):
             ctx = routed_ctx()
             finish(ctx)
-            await plugin.on_end(ctx)
+            await runners[plugin].end(ctx=ctx)
     finally:
         first.close()
         second.close()
