@@ -60,9 +60,10 @@ REQUEST_FIELDS = {
 
 
 def make(**options: Any) -> tuple[PluginRunner[AccessLog], io.StringIO]:
-    """The plugin alone in a runner, writing into the returned in-memory stream."""
+    """The plugin alone in a runner (fail closed: a hook's exception fails the test), writing
+    into the returned in-memory stream."""
     buf = io.StringIO()
-    return PluginRunner(AccessLog(AccessLogOptions(**options), file=buf)), buf
+    return PluginRunner(AccessLog(AccessLogOptions(**options), file=buf), fail_closed=True), buf
 
 
 def lines(buf: io.StringIO) -> list[dict[str, Any]]:
@@ -520,7 +521,7 @@ async def test_no_global_structlog_configuration() -> None:
 
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])
 async def test_standard_streams(stream: str, capsys: pytest.CaptureFixture[str]) -> None:
-    runner = PluginRunner(AccessLog(AccessLogOptions(stream=stream)))
+    runner = PluginRunner(AccessLog(AccessLogOptions(stream=stream)), fail_closed=True)
     ctx = routed_ctx()
     finish(ctx)
     await runner.end(ctx=ctx)
@@ -539,7 +540,7 @@ async def test_file_stream_is_appended_to(tmp_path: Path) -> None:
     # One instance per chain (each route and the default chain) may share one file.
     first = AccessLog(AccessLogOptions(stream=path))
     second = AccessLog(AccessLogOptions(stream=path))
-    runners = {first: PluginRunner(first), second: PluginRunner(second)}
+    runners = {plugin: PluginRunner(plugin, fail_closed=True) for plugin in (first, second)}
     try:
         for plugin in (first, second, first):
             ctx = routed_ctx()
