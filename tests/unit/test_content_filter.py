@@ -22,7 +22,7 @@ from gateway.context import Endpoint, RequestContext
 from gateway.deltas import event_texts, finish_reasons
 from gateway.plugin import EndStream, Reject
 from gateway.sse import SSEEvent
-from gateway.testing.fake_upstream import openai_chunk, openai_completion
+from gateway.testing import PluginRunner, openai_chunk, openai_completion, request_context
 from plugins.content_filter import (
     DETECTOR_MAX_CHARS,
     FILTER,
@@ -56,10 +56,13 @@ async def start(
     endpoint: Endpoint = Endpoint.CHAT,
     body: dict[str, Any] | None = None,
     stream: bool = True,
-) -> RequestContext:
-    ctx = RequestContext("req-1", endpoint, body=body or {"stream": stream}, stream=stream)
-    await plugin.on_request(ctx)
-    return ctx
+) -> PluginRunner[ContentFilter]:
+    """`plugin` in a runner of its own, its request started (a runner per request; fail
+    closed, so an exception in a hook fails the test instead of passing the event)."""
+    runner = PluginRunner(plugin, fail_closed=True)
+    body = body or {"stream": stream}
+    await runner.request(ctx=request_context(body, endpoint=endpoint, stream=stream))
+    return runner
 
 
 def chunk(
@@ -107,31 +110,20 @@ class Run:
 
 
 def feed(
-    plugin: ContentFilter, ctx: RequestContext, events: Sequence[SSEEvent], *, flush: bool = True
+    runner: PluginRunner[ContentFilter], events: Sequence[SSEEvent], *, flush: bool = True
 ) -> Run:
-    out: list[SSEEvent] = []
-    held: list[int] = []
-    try:
-        for event in events:
-            result = plugin.on_event(ctx, event)
-            out.extend([event] if result is None else result)
-            held.append(ctx.require(FILTER).held_max)
-    except EndStream as end:
-        return Run([*out, *end.events], True, ctx, held)
-    if flush:
-        out.extend(plugin.on_flush(ctx) or [])
-    return Run(out, False, ctx, held)
+    """Each event as a read of its own through the runner, then (with `flush`) its flush."""
+    return feed_batches(runner, events, [1], flush=flush)
 
 
 async def stream(
     plugin: ContentFilter, tokens: Sequence[str], *, finish: bool = True, role: bool = True
 ) -> Run:
-    ctx = await start(plugin)
     events = [chunk("", role=True)] if role else []
     events += [chunk(t) for t in tokens]
     if finish:
         events.append(chunk(None, finish="stop"))
-    return feed(plugin, ctx, events)
+    return feed(await start(plugin), events)
 
 
 def pieces(text: str, size: int) -> list[str]:
@@ -482,7 +474,7 @@ async def test_prompt_reject_names_the_rule() -> None:
         },
     )
     with pytest.raises(Reject) as info:
-        await plugin.on_request(ctx)
+        await PluginRunner(plugin, fail_closed=True).request(ctx=ctx)
     assert info.value.status == 400
     assert info.value.code == "content_filter"
     assert "'no-secrets'" in info.value.message
@@ -494,7 +486,7 @@ async def test_prompt_without_matches_passes() -> None:
     plugin = make()
     body = {"messages": [{"role": "user", "content": "hello there"}]}
     ctx = RequestContext("r", Endpoint.CHAT, body=body)
-    await plugin.on_request(ctx)
+    await PluginRunner(plugin, fail_closed=True).request(ctx=ctx)
     assert ctx.body is body
     assert ctx.require(FILTER).count() == 0
 
@@ -513,7 +505,7 @@ async def test_prompt_redact_rewrites_chat_contents_and_text_parts() -> None:
     }
     original = orjson.loads(orjson.dumps(body))
     ctx = RequestContext("r", Endpoint.CHAT, body=body)
-    await plugin.on_request(ctx)
+    await PluginRunner(plugin, fail_closed=True).request(ctx=ctx)
     messages = ctx.body["messages"]
     assert messages[0] is body["messages"][0]
     assert messages[1]["content"] == "mail [REDACTED:email] please"
@@ -539,17 +531,17 @@ async def test_prompt_redact_rewrites_chat_contents_and_text_parts() -> None:
 async def test_prompt_redact_rewrites_completions_prompts(prompt: Any, expected: Any) -> None:
     plugin = make(prompt_action="redact")
     ctx = RequestContext("r", Endpoint.COMPLETIONS, body={"model": "m", "prompt": prompt})
-    await plugin.on_request(ctx)
+    await PluginRunner(plugin, fail_closed=True).request(ctx=ctx)
     assert ctx.body["prompt"] == expected
 
 
 async def test_prompt_action_off_and_embeddings_are_left_alone() -> None:
     body = {"messages": [{"role": "user", "content": KEY}]}
     ctx = RequestContext("r", Endpoint.CHAT, body=body)
-    await make(prompt_action="off").on_request(ctx)
+    await PluginRunner(make(prompt_action="off"), fail_closed=True).request(ctx=ctx)
     assert ctx.body is body
     emb = RequestContext("r", Endpoint.EMBEDDINGS, body={"input": KEY, "prompt": KEY})
-    await make().on_request(emb)
+    await PluginRunner(make(), fail_closed=True).request(ctx=emb)
     assert emb.require(FILTER).count() == 0
 
 
@@ -605,10 +597,11 @@ async def test_stop_releases_the_safe_text_held_in_the_same_event() -> None:
 
 async def test_text_not_in_a_match_is_released_at_once() -> None:
     plugin = make(rules=[{"detector": "api_key"}])
-    ctx = await start(plugin)
+    runner = await start(plugin)
+    ctx = runner.ctx
     event = chunk("Hello, world. ")
-    assert plugin.on_event(ctx, event) is None, "passes unchanged with its original bytes"
-    out = plugin.on_event(ctx, chunk(" a sk"))
+    assert runner.events([event]) == [event], "passes unchanged with its original bytes"
+    out = runner.events([chunk(" a sk")])
     assert out is not None
     assert event_texts(ctx, out[0]) == {0: " a "}
     assert ctx.require(FILTER).held_max == 2
@@ -629,7 +622,8 @@ async def test_no_text_is_held_without_a_possible_match_even_for_regex_rules() -
 
 async def test_events_without_text_keep_their_place() -> None:
     plugin = make(rules=WORD_RULES)
-    ctx = await start(plugin)
+    runner = await start(plugin)
+    ctx = runner.ctx
     role = chunk("", role=True)
     usage = SSEEvent(
         orjson.dumps(
@@ -641,7 +635,7 @@ async def test_events_without_text_keep_their_place() -> None:
             }
         )
     )
-    run = feed(plugin, ctx, [role, chunk("say fo"), chunk(None, finish="stop"), usage])
+    run = feed(runner, [role, chunk("say fo"), chunk(None, finish="stop"), usage])
     assert run.events[0] is role
     assert event_texts(ctx, run.events[1]) == {0: "say "}
     assert event_texts(ctx, run.events[2]) == {0: "fo"}, "held text goes out before the finish"
@@ -652,8 +646,9 @@ async def test_events_without_text_keep_their_place() -> None:
 
 async def test_text_and_finish_in_one_event_release_everything_into_it() -> None:
     plugin = make(rules=WORD_RULES)
-    ctx = await start(plugin)
-    run = feed(plugin, ctx, [chunk("say fo"), chunk("o", finish="length")])
+    runner = await start(plugin)
+    ctx = runner.ctx
+    run = feed(runner, [chunk("say fo"), chunk("o", finish="length")])
     assert [event_texts(ctx, e) for e in run.events] == [{0: "say "}, {0: "[REDACTED:banned]"}]
     assert run.finishes() == ["length"]
 
@@ -677,8 +672,8 @@ async def test_a_match_found_only_at_flush_stops_there() -> None:
 
 async def test_the_final_finish_chunk_can_carry_the_stop() -> None:
     plugin = make(rules=WORD_RULES, completion_action="stop")
-    ctx = await start(plugin)
-    run = feed(plugin, ctx, [chunk("ok foo"), chunk(None, finish="stop")])
+    runner = await start(plugin)
+    run = feed(runner, [chunk("ok foo"), chunk(None, finish="stop")])
     assert run.ended
     assert run.text() == "ok "
     assert run.finishes() == ["content_filter"], "the upstream's own finish is replaced"
@@ -699,8 +694,8 @@ async def test_held_text_is_bounded_by_the_window() -> None:
 
 async def test_completions_streams_are_filtered_too() -> None:
     plugin = make(rules=WORD_RULES)
-    ctx = await start(plugin, endpoint=Endpoint.COMPLETIONS)
-    run = feed(plugin, ctx, [text_chunk("a fo"), text_chunk("o b"), text_chunk("", finish="stop")])
+    runner = await start(plugin, endpoint=Endpoint.COMPLETIONS)
+    run = feed(runner, [text_chunk("a fo"), text_chunk("o b"), text_chunk("", finish="stop")])
     assert run.text() == "a [REDACTED:banned] b"
     assert run.events[-1].json()["object"] == "text_completion"
 
@@ -708,21 +703,21 @@ async def test_completions_streams_are_filtered_too() -> None:
 async def test_state_is_per_request() -> None:
     plugin = make(rules=WORD_RULES)
     one, two = await start(plugin), await start(plugin)
-    a = feed(plugin, one, [chunk("fo")], flush=False)
-    b = feed(plugin, two, [chunk("bar"), chunk(" ba")], flush=False)
-    a2 = feed(plugin, one, [chunk("o!")])
-    b2 = feed(plugin, two, [chunk("z.")])
+    a = feed(one, [chunk("fo")], flush=False)
+    b = feed(two, [chunk("bar"), chunk(" ba")], flush=False)
+    a2 = feed(one, [chunk("o!")])
+    b2 = feed(two, [chunk("z.")])
     assert a.text() + a2.text() == "[REDACTED:banned]!"
     assert b.text() + b2.text() == "[REDACTED:banned]."
-    assert one.require(FILTER).count() == two.require(FILTER).count() == 1
+    assert one.ctx.require(FILTER).count() == two.ctx.require(FILTER).count() == 1
 
 
 async def test_no_stream_state_when_completions_are_off() -> None:
     plugin = make(completion_action="off")
-    ctx = await start(plugin)
+    runner = await start(plugin)
     event = chunk(KEY)
-    assert plugin.on_event(ctx, event) is None
-    assert plugin.on_flush(ctx) is None
+    assert runner.events([event]) == [event]
+    assert runner.flush() == []
 
 
 # ----- streams: several choices -------------------------------------------------------------------
@@ -745,8 +740,8 @@ async def test_two_choices_interleaved_are_redacted_independently() -> None:
         0: ["mail ", "jane@exa", "mple.com", " fo"],
         1: ["fo", "o and ", "4111 1111", " 1111 1111", "!"],
     }
-    ctx = await start(plugin, body={"stream": True, "n": 2})
-    run = feed(plugin, ctx, interleave(texts))
+    runner = await start(plugin, body={"stream": True, "n": 2})
+    run = feed(runner, interleave(texts))
     assert run.text(0) == "mail [REDACTED:email] fo"
     assert run.text(1) == "[REDACTED:banned] and [REDACTED:credit_card]!"
     assert run.finishes(0) == run.finishes(1) == ["stop"]
@@ -754,16 +749,19 @@ async def test_two_choices_interleaved_are_redacted_independently() -> None:
 
 async def test_two_choices_stop_independently_and_the_stream_ends_when_both_did() -> None:
     plugin = make(rules=WORD_RULES, completion_action="stop")
-    ctx = await start(plugin, body={"stream": True, "n": 2})
-    first = feed(plugin, ctx, interleave({0: ["a fo", "o b", "c"], 1: ["fine", " text"]}))
+    runner = await start(plugin, body={"stream": True, "n": 2})
+    ctx = runner.ctx
+    first = feed(runner, interleave({0: ["a fo", "o b", "c"], 1: ["fine", " text"]}))
     assert not first.ended
     assert first.text(0) == "a "
     assert first.finishes(0) == ["content_filter"]
     assert first.text(1) == "fine text"
     assert first.finishes(1) == ["stop"]
 
-    ctx = await start(plugin, body={"stream": True, "n": 2})
-    both = feed(plugin, ctx, interleave({0: ["x foo", " y"], 1: ["bar baz", " z"]}))
+    runner = await start(plugin, body={"stream": True, "n": 2})
+
+    ctx = runner.ctx
+    both = feed(runner, interleave({0: ["x foo", " y"], 1: ["bar baz", " z"]}))
     assert both.ended
     assert (both.text(0), both.text(1)) == ("x ", "")
     assert both.finishes(0) == both.finishes(1) == ["content_filter"]
@@ -848,8 +846,8 @@ async def test_two_choices_match_their_own_whole_text(
     a: tuple[str, list[str]], b: tuple[str, list[str]]
 ) -> None:
     plugin = make(rules=FUZZ_RULES)
-    ctx = await start(plugin, body={"stream": True, "n": 2})
-    run = feed(plugin, ctx, interleave({0: a[1], 1: b[1]}))
+    runner = await start(plugin, body={"stream": True, "n": 2})
+    run = feed(runner, interleave({0: a[1], 1: b[1]}))
     assert run.text(0) == plugin.scanner.redact(a[0])[0]
     assert run.text(1) == plugin.scanner.redact(b[0])[0]
 
@@ -858,9 +856,15 @@ async def test_two_choices_match_their_own_whole_text(
 
 
 def feed_batches(
-    plugin: ContentFilter, ctx: RequestContext, events: Sequence[SSEEvent], sizes: Sequence[int]
+    runner: PluginRunner[ContentFilter],
+    events: Sequence[SSEEvent],
+    sizes: Sequence[int],
+    *,
+    flush: bool = True,
 ) -> Run:
-    """Like `feed`, through `on_events` with the events cut into batches of `sizes` (cycled)."""
+    """The events as reads of `sizes` events (cycled) through the runner (the chain calls
+    `on_events`, whose one-event batches are `on_event`), then (with `flush`) its flush."""
+    ctx = runner.ctx
     out: list[SSEEvent] = []
     held: list[int] = []
     pos = i = 0
@@ -868,21 +872,22 @@ def feed_batches(
         while pos < len(events):
             batch = list(events[pos : pos + sizes[i % len(sizes)]])
             pos, i = pos + len(batch), i + 1
-            result = plugin.on_events(ctx, batch)
-            out.extend(batch if result is None else result)
+            out.extend(runner.events(batch))
             held.append(ctx.require(FILTER).held_max)
     except EndStream as end:
         return Run([*out, *end.events], True, ctx, held)
-    out.extend(plugin.on_flush(ctx) or [])
+    if flush:
+        out.extend(runner.flush())
     return Run(out, False, ctx, held)
 
 
 async def test_one_word_events_pass_as_they_came() -> None:
     plugin = make()  # the default detectors: any word may start an e-mail address
-    ctx = await start(plugin)
+    runner = await start(plugin)
+    ctx = runner.ctx
     events = [chunk("", role=True), *(chunk(w) for w in [" Hello", ",", " world", "."])]
     events.append(chunk(None, finish="stop"))
-    run = feed(plugin, ctx, events)
+    run = feed(runner, events)
     assert len(run.events) == len(events)
     assert all(a is b for a, b in zip(run.events, events, strict=True)), "no event rewritten"
     assert ctx.require(FILTER).held_max == len(" world.")
@@ -890,20 +895,20 @@ async def test_one_word_events_pass_as_they_came() -> None:
 
 async def test_an_event_waits_whole_until_its_word_is_decided() -> None:
     plugin = make()
-    ctx = await start(plugin)
+    runner = await start(plugin)
     first, second = chunk(" Hello"), chunk(" world")
-    assert plugin.on_event(ctx, first) == [], "' Hello' may be the start of an address"
-    assert plugin.on_event(ctx, second) == [first], "decided by the next word: sent as it came"
+    assert runner.events([first]) == [], "' Hello' may be the start of an address"
+    assert runner.events([second]) == [first], "decided by the next word: sent as it came"
     finish = chunk(None, finish="stop")
-    assert plugin.on_event(ctx, finish) == [second, finish]
+    assert runner.events([finish]) == [second, finish]
 
 
 async def test_a_match_split_across_waiting_events_is_still_redacted() -> None:
     plugin = make()
-    ctx = await start(plugin)
+    runner = await start(plugin)
     tokens = [" mail", " jane", ".doe", "@", "example", ".com", " now", " and", " then", "."]
     events = [chunk(t) for t in tokens]
-    run = feed(plugin, ctx, [*events, chunk(None, finish="stop")])
+    run = feed(runner, [*events, chunk(None, finish="stop")])
     assert run.text() == " mail [REDACTED:email] now and then."
     assert run.events[0] is events[0], "the word before the address went out as it came"
     assert run.events[-4:-1] == events[-3:], "so did the text after it, after one word"
@@ -912,23 +917,24 @@ async def test_a_match_split_across_waiting_events_is_still_redacted() -> None:
 
 async def test_without_whole_events_released_text_goes_out_at_once() -> None:
     plugin = make(hold_whole_events=False)
-    ctx = await start(plugin)
-    out = [plugin.on_event(ctx, chunk(w)) for w in [" Hello", " world", "."]]
+    runner = await start(plugin)
+    ctx = runner.ctx
+    out = [runner.events([chunk(w)]) for w in [" Hello", " world", "."]]
     assert [[event_texts(ctx, e) for e in events or []] for events in out] == [
         [{0: " "}],
         [{0: "Hello "}],
         [{}],  # "world." may still be an address: nothing released, the event is empty
     ]
-    assert [event_texts(ctx, e) for e in plugin.on_flush(ctx) or []] == [{0: "world."}]
+    assert [event_texts(ctx, e) for e in runner.flush()] == [{0: "world."}]
 
 
 @pytest.mark.parametrize("sizes", [[1], [3], [100]], ids=["per-event", "by-3", "one-batch"])
 async def test_only_the_events_carrying_a_match_are_rewritten(sizes: list[int]) -> None:
     plugin = make()
-    ctx = await start(plugin)
+    runner = await start(plugin)
     tokens = [" Write", " to", " jane", ".doe", "@", "example", ".com", " or", " not", "."]
     events = [chunk(t) for t in tokens]
-    run = feed_batches(plugin, ctx, [*events, chunk(None, finish="stop")], sizes)
+    run = feed_batches(runner, [*events, chunk(None, finish="stop")], sizes)
     assert run.text() == " Write to [REDACTED:email] or not."
     same = [e for e in run.events if any(e is original for original in events)]
     assert same == [events[i] for i in (0, 1, 7, 8, 9)]
@@ -936,32 +942,33 @@ async def test_only_the_events_carrying_a_match_are_rewritten(sizes: list[int]) 
 
 async def test_released_text_with_words_goes_out_at_once() -> None:
     plugin = make()
-    ctx = await start(plugin)
-    out = plugin.on_event(ctx, chunk("Hello, wor"))
+    runner = await start(plugin)
+    ctx = runner.ctx
+    out = runner.events([chunk("Hello, wor")])
     assert out is not None
     assert [event_texts(ctx, e) for e in out] == [{0: "Hello, "}], "not held for 'wor'"
     # the held word, released with the next one, goes out in an event of its own while the
     # next one waits whole
     last = chunk("ld again")
-    out = plugin.on_event(ctx, last)
+    out = runner.events([last])
     assert out is not None
     assert [event_texts(ctx, e) for e in out] == [{0: "world "}]
 
 
 async def test_waiting_is_bounded_by_the_window() -> None:
     plugin = make()
-    ctx = await start(plugin)
+    runner = await start(plugin)
     digits = [chunk(" 1")] * 30  # a phone number may still follow: held
-    run = feed(plugin, ctx, [*digits, chunk(None, finish="stop")])
+    run = feed(runner, [*digits, chunk(None, finish="stop")])
     assert run.text() == " 1" * 30
     assert max(run.held) <= plugin.window
 
 
 async def test_a_stop_drops_the_waiting_events_and_keeps_the_text_before_the_match() -> None:
     plugin = make(completion_action="stop")
-    ctx = await start(plugin)
+    runner = await start(plugin)
     tokens = [" my", " key", " sk-", "proj", "-" + "a" * 30, " ok"]
-    run = feed(plugin, ctx, [chunk(t) for t in tokens])
+    run = feed(runner, [chunk(t) for t in tokens])
     assert run.ended
     assert run.text() == " my key "
     assert run.finishes() == ["content_filter"]
@@ -969,24 +976,25 @@ async def test_a_stop_drops_the_waiting_events_and_keeps_the_text_before_the_mat
 
 async def test_comments_in_a_batch_keep_their_place_and_skip_the_filter() -> None:
     plugin = make(rules=WORD_RULES)
-    ctx = await start(plugin)
+    runner = await start(plugin)
+    ctx = runner.ctx
     comment = SSEEvent(comments=("keep-alive",))
     events = [chunk("The"), comment, chunk(" fo"), chunk("o.")]
-    out = plugin.on_events(ctx, events)
+    out = runner.events(events)
     assert out is not None
     assert out[:2] == [events[0], comment]
-    run = Run([*out, *(plugin.on_flush(ctx) or [])], False, ctx, [])
+    run = Run([*out, *runner.flush()], False, ctx, [])
     assert run.text() == "The [REDACTED:banned]."
-    assert plugin.on_events(ctx, [comment]) is None
+    assert runner.events([comment]) == [comment]
 
 
 async def test_usage_on_a_stopped_event_is_kept() -> None:
     plugin = make(rules=WORD_RULES, completion_action="stop")
-    ctx = await start(plugin)
+    runner = await start(plugin)
     obj = openai_chunk("a foo!", cid="chatcmpl-xyz")
     obj["usage"] = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
     with pytest.raises(EndStream) as ended:
-        plugin.on_event(ctx, SSEEvent(orjson.dumps(obj)))
+        runner.events([SSEEvent(orjson.dumps(obj))])
     kept = [e.json() for e in ended.value.events if "usage" in e.json()]
     assert [k["usage"]["total_tokens"] for k in kept] == [3]
     assert kept[0]["choices"] == []
@@ -1009,8 +1017,8 @@ async def test_without_a_match_one_word_events_all_pass_unchanged(
     assume(plugin.scanner.redact(text)[0] == text)
     events = [chunk("", role=True), *(chunk(w) for w in words), chunk(None, finish="stop")]
     for run in (
-        feed(plugin, await start(plugin), events),
-        feed_batches(plugin, await start(plugin), events, sizes),
+        feed(await start(plugin), events),
+        feed_batches(await start(plugin), events, sizes),
     ):
         assert len(run.events) == len(events)
         assert all(a is b for a, b in zip(run.events, events, strict=True))
@@ -1031,9 +1039,9 @@ async def test_held_events_and_batches_give_the_redacted_whole(
     plugin = make(rules=STREAM_RULES, hold_whole_events=whole)
     expected = plugin.scanner.redact(text)[0]
     events = [chunk("", role=True), *(chunk(t) for t in tokens), chunk(None, finish="stop")]
-    one = feed(plugin, await start(plugin), events)
-    batched = feed_batches(plugin, await start(plugin), events, sizes)
-    unfinished = feed_batches(plugin, await start(plugin), events[:-1], sizes)
+    one = feed(await start(plugin), events)
+    batched = feed_batches(await start(plugin), events, sizes)
+    unfinished = feed_batches(await start(plugin), events[:-1], sizes)
     for run in (one, batched, unfinished):
         assert run.text() == expected
         assert max(run.held, default=0) <= plugin.window
@@ -1050,8 +1058,8 @@ async def test_held_events_and_batches_stop_before_the_first_match(
     safe, rule = plugin.scanner.first(text)
     events = [chunk("", role=True), *(chunk(t) for t in tokens), chunk(None, finish="stop")]
     for run in (
-        feed(plugin, await start(plugin), events),
-        feed_batches(plugin, await start(plugin), events, sizes),
+        feed(await start(plugin), events),
+        feed_batches(await start(plugin), events, sizes),
     ):
         assert run.text() == safe
         assert run.finishes() == (["content_filter"] if rule >= 0 else ["stop"])
@@ -1088,9 +1096,10 @@ def test_needs_are_met_by_every_detectors_examples() -> None:
 
 async def test_response_is_redacted() -> None:
     plugin = make()
-    ctx = await start(plugin, stream=False)
+    runner = await start(plugin, stream=False)
+    ctx = runner.ctx
     body = openai_completion(f"write to {EMAIL} or call {PHONE}")
-    out = await plugin.on_response(ctx, body)
+    out = await runner.response(body)
     assert out is not None
     assert (
         out["choices"][0]["message"]["content"]
@@ -1104,8 +1113,8 @@ async def test_response_is_redacted() -> None:
 
 async def test_response_is_cut_with_a_content_filter_finish() -> None:
     plugin = make(completion_action="stop")
-    ctx = await start(plugin, stream=False)
-    out = await plugin.on_response(ctx, openai_completion(f"the key: {KEY}. done"))
+    runner = await start(plugin, stream=False)
+    out = await runner.response(openai_completion(f"the key: {KEY}. done"))
     assert out is not None
     choice = out["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "the key: "}
@@ -1114,20 +1123,24 @@ async def test_response_is_cut_with_a_content_filter_finish() -> None:
 
 async def test_response_without_matches_is_left_alone() -> None:
     plugin = make()
-    ctx = await start(plugin, stream=False)
-    assert await plugin.on_response(ctx, openai_completion("nothing to see")) is None
-    assert await plugin.on_response(ctx, {"object": "list", "data": []}) is None
-    assert await make(completion_action="off").on_response(ctx, openai_completion(KEY)) is None
+    runner = await start(plugin, stream=False)
+    answer = openai_completion("nothing to see")
+    assert await runner.response(answer) is answer
+    listing = {"object": "list", "data": []}
+    assert await runner.response(listing) is listing
+    off = await start(make(completion_action="off"), stream=False)
+    keyed = openai_completion(KEY)
+    assert await off.response(keyed) is keyed
 
 
 async def test_completions_response_text_is_redacted() -> None:
     plugin = make(rules=WORD_RULES)
-    ctx = await start(plugin, endpoint=Endpoint.COMPLETIONS, stream=False)
+    runner = await start(plugin, endpoint=Endpoint.COMPLETIONS, stream=False)
     body = {
         "object": "text_completion",
         "choices": [{"index": 0, "text": "foo!", "finish_reason": "stop"}],
     }
-    out = await plugin.on_response(ctx, body)
+    out = await runner.response(body)
     assert out is not None
     assert out["choices"][0]["text"] == "[REDACTED:banned]!"
 
@@ -1138,7 +1151,7 @@ async def test_completions_response_text_is_redacted() -> None:
 async def test_per_event_cost_stays_small() -> None:
     """A loose bound only (the measured figures are in the module docstring)."""
     plugin = make()
-    ctx = await start(plugin)
+    ctx = (await start(plugin)).ctx
     raws = [orjson.dumps(openai_chunk(w)) for w in (" world", " and", " the", " quick")] * 500
     events = iter([SSEEvent(raw) for raw in raws])
     seconds = timeit.timeit(lambda: plugin.on_event(ctx, next(events)), number=len(raws))
