@@ -124,12 +124,16 @@ class StreamHealer:
 
     async def resume(self, relay: StreamRelay, failed: StreamFailed) -> bool:
         """Continue the stream after `failed`; True if the relay now reads a continuation."""
-        if not self._mendable(relay, failed):
-            return False
         ctx = self.ctx
         broken = ctx.upstream_name or ""
+        mendable = self._mendable(relay, failed)
+        if mendable or (self.record.heals and failed.kind in _MENDABLE):
+            # the broken upstream's failure; a continuation that broke in turn counts
+            # against its own even when no heal is left (the proxy counts no healed stream)
+            self._count_failure(broken)
+        if not mendable:
+            return False
         self.metrics.upstream_error(broken, failed.kind)
-        self._count_failure(broken)
         relay.call.abort()
         relay.watchdog.cancel()
         self._settle(relay)

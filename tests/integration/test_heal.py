@@ -4,7 +4,8 @@ continues the answer, and the client seeing one answer (raw SSE and the official
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -13,16 +14,20 @@ import openai
 import orjson
 import pytest
 
+from gateway.chain import discover_plugins
+from gateway.context import Outcome
+from gateway.heal import HEALED
 from gateway.testing.fake_upstream import (
     Exchange,
     FakeUpstream,
     Script,
+    json_script,
     openai_chunk,
     openai_stream,
     sse,
 )
 from gateway.testing.harness import run_gateway
-from tests.integration._support import BOUND, CHAT
+from tests.integration._support import BOUND, CHAT, ProbeLog, make_probe
 from tests.integration.provider_fakes import (
     anthropic_message_end,
     anthropic_message_start,
@@ -68,8 +73,16 @@ async def pair() -> AsyncIterator[tuple[FakeUpstream, FakeUpstream]]:
 
 
 def _config(
-    pair: tuple[FakeUpstream, FakeUpstream], heal: Any = True, **route: Any
+    pair: tuple[FakeUpstream, FakeUpstream],
+    heal: Any = True,
+    *,
+    upstream: Mapping[str, Any] | None = None,
+    only: str | None = None,
+    probe: bool = False,
+    **route: Any,
 ) -> dict[str, Any]:
+    """Upstreams `one` and `two` (`upstream`: extra settings for both); a route `m` over both,
+    or over `only`; `probe`: the Probe plugin last (registry from `_registry`)."""
     one, two = pair
     ups = {
         name: {
@@ -77,15 +90,23 @@ def _config(
             "base_url": fake.base_url,
             "include_usage": False,
             "continuation": "vllm",
+            **(upstream or {}),
         }
         for name, fake in (("one", one), ("two", two))
     }
-    deployments = [{"upstream": "one"}, {"upstream": "two"}]
+    names = ["one", "two"] if only is None else [only]
+    deployments = [{"upstream": name} for name in names]
+    plugins = [{"name": "token_count"}, {"name": "access_log"}]
     return {
         "upstreams": ups,
         "routes": [{"model": "m", "deployments": deployments, "heal": heal, **route}],
-        "plugins": [{"name": "token_count"}, {"name": "access_log"}],
+        "plugins": [*plugins, *([{"name": "probe"}] if probe else [])],
     }
+
+
+def _registry() -> tuple[dict[str, type[Any]], ProbeLog]:
+    probe, ends = make_probe()
+    return {**discover_plugins(), "probe": probe}, ends
 
 
 def _use(pair: tuple[FakeUpstream, FakeUpstream], healing: Healing) -> None:
@@ -245,6 +266,232 @@ async def test_the_openai_sdk_sees_one_answer(
     assert {chunk.id for chunk in chunks} == {"chatcmpl-test"}
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def _broken_first(pair: tuple[FakeUpstream, FakeUpstream]) -> tuple[str, str]:
+    """(the upstream whose stream broke, the one that continued it), from what each saw."""
+    one, _ = pair
+    first = one.exchanges[0].body["messages"][-1]["role"] == "user" if one.exchanges else False
+    return ("one", "two") if first else ("two", "one")
+
+
+@pytest.mark.parametrize("threshold", [1, 5])
+async def test_the_breaker_counts_the_break_against_the_broken_upstream_only(
+    pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession, threshold: int
+) -> None:
+    healing = Healing(4)
+    _use(pair, healing)
+    async with run_gateway(_config(pair, upstream={"failure_threshold": threshold})) as gw:
+        _, raw = await _stream(http, gw.url)
+        health = gw.state.health
+    assert _text(_events(raw)) == ANSWER
+    assert [len(fake.exchanges) for fake in pair] == [1, 1]
+    broken, continued = (health[name] for name in _broken_first(pair))
+    assert (broken.failures, broken.successes) == (1, 0)
+    assert broken.breaker.consecutive_failures == 1
+    assert broken.breaker.state == ("open" if threshold == 1 else "closed")
+    assert broken.breaker.times_opened == (1 if threshold == 1 else 0)
+    assert (continued.failures, continued.successes) == (0, 1)
+    assert continued.breaker.consecutive_failures == 0
+    assert continued.breaker.state == "closed"
+    assert broken.outstanding == continued.outstanding == 0
+
+
+async def test_a_single_deployment_route_heals_on_the_same_upstream(
+    pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession
+) -> None:
+    healing = Healing(4)
+    one, two = pair
+    one.responder = healing.respond
+    async with run_gateway(_config(pair, only="one")) as gw:
+        _, raw = await _stream(http, gw.url)
+        health = gw.state.health["one"]
+    events = _events(raw)
+    assert _text(events) == ANSWER
+    assert events[-1] == ("data", "[DONE]")
+    assert (len(one.exchanges), len(two.exchanges)) == (2, 0)
+    continuation = one.exchanges[1].body
+    assert continuation["continue_final_message"] is True
+    assert continuation["messages"][-1] == {"role": "assistant", "content": "Once upon a"}
+    assert (health.failures, health.successes) == (1, 1)
+    assert health.breaker.consecutive_failures == 0  # the continuation's success
+    assert health.outstanding == 0
+
+
+async def test_an_upstream_its_break_ejected_is_not_asked_to_continue(
+    pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession
+) -> None:
+    healing = Healing(4)
+    one, _ = pair
+    one.responder = healing.respond
+    config = _config(pair, only="one", upstream={"failure_threshold": 1})
+    async with run_gateway(config) as gw:
+        _, raw = await _stream(http, gw.url)
+        metrics = await (await http.get(gw.url + "/metrics")).text()
+        breaker = gw.state.health["one"].breaker
+    events = _events(raw)
+    assert len(one.exchanges) == 1
+    assert breaker.state == "open"
+    assert _text(events) == "Once upon a"
+    assert "error" in events[-1][1]
+    assert 'sluice_stream_heals_total{result="failed",route="m"} 1.0' in metrics
+
+
+async def test_a_continuation_that_breaks_in_turn_is_a_failure_of_its_own_upstream(
+    pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession
+) -> None:
+    healing = Breaking(3)
+    _use(pair, healing)
+    async with run_gateway(_config(pair)) as gw:
+        _, raw = await _stream(http, gw.url)
+        health = gw.state.health
+    assert "error" in _events(raw)[-1][1]
+    assert [len(fake.exchanges) for fake in pair] == [1, 1]
+    for name in ("one", "two"):
+        assert (health[name].failures, health[name].successes) == (1, 0), name
+        assert health[name].breaker.consecutive_failures == 1, name
+        assert health[name].outstanding == 0
+
+
+class Refusing(Healing):
+    """The first request is refused before the first byte (503); the next streams whole."""
+
+    def respond(self, exchange: Exchange) -> Script:
+        self.requests.append(exchange.body)
+        if len(self.requests) == 1:
+            return json_script({"error": {"message": "busy", "type": "server_error"}}, 503)
+        return Script(EVENTS)
+
+
+async def test_a_failure_before_the_first_byte_is_a_retry_not_a_heal(
+    pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession
+) -> None:
+    healing = Refusing(0)
+    _use(pair, healing)
+    registry, ends = _registry()
+    async with run_gateway(_config(pair, probe=True), registry=registry) as gw:
+        _, raw = await _stream(http, gw.url)
+        (ctx,) = await ends.wait_ends(1)
+        metrics = await (await http.get(gw.url + "/metrics")).text()
+    events = _events(raw)
+    assert _text(events) == ANSWER
+    assert not any(kind == "comment" and "sluice-healed" in p for kind, p in events)
+    assert ctx.retries == 1
+    assert ctx.get(HEALED) is None
+    assert "continue_final_message" not in healing.requests[1]
+    assert healing.requests[1]["messages"] == healing.requests[0]["messages"]
+    assert "sluice_stream_heals_total{" not in metrics
+
+
+PROMPT = 10  # the first attempt's prompt tokens; the continuation's adds the prefix's 3
+
+
+def _metered(content: str | None, completion: int, *, role: bool = False) -> bytes:
+    """A chunk carrying vLLM's continuous usage stats (running totals)."""
+    chunk = openai_chunk(content, role=role)
+    chunk["usage"] = {
+        "prompt_tokens": PROMPT,
+        "completion_tokens": completion,
+        "total_tokens": PROMPT + completion,
+    }
+    return sse(chunk)
+
+
+class Metered(Healing):
+    """Both attempts report usage: the first (broken after 3 tokens) as running totals on
+    every chunk, the continuation in a final usage-only chunk."""
+
+    def respond(self, exchange: Exchange) -> Script:
+        self.requests.append(exchange.body)
+        if len(self.requests) == 1:
+            events = [_metered("", 0, role=True)]
+            events += [_metered(token, i + 1) for i, token in enumerate(TOKENS[:3])]
+            return Script(events, then="reset")
+        usage = {"prompt_tokens": PROMPT + 3, "completion_tokens": 5, "total_tokens": PROMPT + 8}
+        rest = openai_stream(TOKENS[3:], usage=usage)
+        return Script(rest)
+
+
+async def test_usage_is_the_sum_of_both_attempts_reports(
+    pair: tuple[FakeUpstream, FakeUpstream],
+    http: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    healing = Metered(4)
+    _use(pair, healing)
+    registry, ends = _registry()
+    config = _config(pair, upstream={"include_usage": True}, probe=True)
+    async with run_gateway(config, registry=registry) as gw:
+        _, raw = await _stream(http, gw.url, stream_options={"include_usage": True})
+        (ctx,) = await ends.wait_ends(1)
+        metrics = await (await http.get(gw.url + "/metrics")).text()
+    events = _events(raw)
+    assert _text(events) == ANSWER
+    summed = {"prompt_tokens": 2 * PROMPT + 3, "completion_tokens": 8, "total_tokens": 31}
+    usages = [p["usage"] for kind, p in events if isinstance(p, dict) and p.get("usage")]
+    assert usages[-1] == summed  # the client's final usage chunk
+    assert events[-2][1]["choices"] == []
+    assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens) == (23, 8)
+    (line,) = [
+        json.loads(out) for out in capsys.readouterr().out.splitlines() if '"request"' in out
+    ]
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (23, 8)
+    assert line["usage_source"] == "upstream"
+    assert line["healed"] == 1
+    assert isinstance(line["heal_gap_ms"], float | int)
+    assert line["heal_gap_ms"] >= 0
+    assert line["outcome"] == "completed"
+    assert 'sluice_stream_heal_gap_seconds_count{route="m"} 1.0' in metrics
+
+
+class ErrorEvent(Healing):
+    """The first stream sends an in-band error event after `k` events (and ends)."""
+
+    def respond(self, exchange: Exchange) -> Script:
+        if not self.requests:
+            self.requests.append(exchange.body)
+            error = {"error": {"message": "overloaded", "type": "server_error", "code": None}}
+            return Script([*EVENTS[: self.k], sse(error)])
+        return super().respond(exchange)
+
+
+async def test_an_in_band_error_event_mid_stream_heals(
+    pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession
+) -> None:
+    healing = ErrorEvent(4)
+    _use(pair, healing)
+    async with run_gateway(_config(pair)) as gw:
+        _, raw = await _stream(http, gw.url)
+    events = _events(raw)
+    assert _text(events) == ANSWER
+    assert events[-1] == ("data", "[DONE]")
+    assert not any("error" in p for kind, p in events if isinstance(p, dict))
+    assert any(kind == "comment" and "sluice-healed" in p for kind, p in events)
+    assert len(healing.requests) == 2
+    assert healing.requests[1]["messages"][-1]["content"] == "Once upon a"
+
+
+async def test_a_client_that_leaves_mid_stream_is_never_healed(
+    pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession
+) -> None:
+    healing = Healing(4, then="hang")
+    _use(pair, healing)
+    registry, ends = _registry()
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with run_gateway(_config(pair, probe=True), registry=registry) as gw:
+        async with asyncio.timeout(BOUND):
+            resp = await http.post(gw.url + "/v1" + CHAT, json=body)
+            got = b""
+            while got.count(b"\n\n") < 4:  # the role chunk and three tokens
+                got += await resp.content.readany()
+            resp.close()  # the client goes away mid-answer
+            (exchange,) = [e for fake in pair for e in fake.exchanges]
+            await exchange.finished.wait()  # the gateway cancelled the upstream
+        (ctx,) = await ends.wait_ends(1)
+    assert ctx.outcome is Outcome.CLIENT_DISCONNECTED
+    assert exchange.closed_by_peer
+    assert len(healing.requests) == 1
+    assert sum(len(fake.exchanges) for fake in pair) == 1
 
 
 # ----- the native Anthropic lane --------------------------------------------------------
