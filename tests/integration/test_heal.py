@@ -444,6 +444,70 @@ async def test_usage_is_the_sum_of_both_attempts_reports(
     assert 'sluice_stream_heal_gap_seconds_count{route="m"} 1.0' in metrics
 
 
+class Unmetered(Metered):
+    """The first attempt reports no usage (it broke before its usage chunk)."""
+
+    def respond(self, exchange: Exchange) -> Script:
+        if not self.requests:
+            self.requests.append(exchange.body)
+            return Script(EVENTS[: self.k], then="reset")
+        return super().respond(exchange)
+
+
+async def test_a_broken_attempt_without_a_report_adds_its_local_count(
+    pair: tuple[FakeUpstream, FakeUpstream],
+    http: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Usage = the local count of what the broken attempt streamed + the continuation's
+    report; the local count is what the same text costs in an unbroken, unreported stream."""
+    healing = Unmetered(4)
+    _use(pair, healing)
+    registry, ends = _registry()
+    config = _config(pair, upstream={"include_usage": True}, probe=True)
+    async with run_gateway(config, registry=registry) as gw:
+        _, raw = await _stream(http, gw.url, stream_options={"include_usage": True})
+        await ends.wait_ends(1)
+        for fake in pair:  # the oracle: the first attempt's text, unbroken, no usage
+            fake.responder = None
+            fake.queue(Script(openai_stream(TOKENS[:3])))
+        await _stream(http, gw.url)
+        await ends.wait_ends(2)
+    healed, oracle = [
+        json.loads(out) for out in capsys.readouterr().out.splitlines() if '"request"' in out
+    ]
+    assert oracle["usage_source"] == "local"
+    assert oracle["completion_tokens"] > 0
+    prompt = oracle["prompt_tokens"] + PROMPT + 3
+    completion = oracle["completion_tokens"] + 5
+    assert (healed["prompt_tokens"], healed["completion_tokens"]) == (prompt, completion)
+    assert healed["usage_source"] == "upstream"
+    assert healed["healed"] == 1
+    usages = [p["usage"] for kind, p in _events(raw) if isinstance(p, dict) and p.get("usage")]
+    assert usages == [
+        {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+    ]
+
+
+async def test_the_local_usage_chunk_of_a_healed_stream_is_part_of_the_same_answer(
+    pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession
+) -> None:
+    """No upstream reports usage: the chunk the gateway makes up carries the answer's id."""
+    healing = Healing(4)
+    _use(pair, healing)
+    async with run_gateway(_config(pair)) as gw:
+        _, raw = await _stream(http, gw.url, stream_options={"include_usage": True})
+    datas = [p for kind, p in _events(raw) if kind == "data" and isinstance(p, dict)]
+    assert _text(_events(raw)) == ANSWER
+    assert datas[-1]["choices"] == []
+    assert datas[-1]["usage"]["completion_tokens"] > 0
+    assert {p["id"] for p in datas} == {"chatcmpl-test"}
+
+
 class ErrorEvent(Healing):
     """The first stream sends an in-band error event after `k` events (and ends)."""
 
