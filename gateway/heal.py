@@ -24,7 +24,13 @@ from gateway.balancer import Slot, backoff_delay
 from gateway.config import HealConfig, ServerConfig
 from gateway.context import LOCAL_COUNT, Endpoint, Outcome, RequestContext, StateKey, Usage
 from gateway.errors import GatewayError
-from gateway.heal_lanes import AnthropicTranscript, OpenAITranscript, Spent, Transcript
+from gateway.heal_lanes import (
+    AnthropicTranscript,
+    OpenAITranscript,
+    SeamObserver,
+    Spent,
+    Transcript,
+)
 from gateway.protocols import ANTHROPIC, OPENAI
 from gateway.routing import Target, UpstreamHealth
 from gateway.sse import SSEEvent
@@ -124,12 +130,16 @@ class StreamHealer:
 
     async def resume(self, relay: StreamRelay, failed: StreamFailed) -> bool:
         """Continue the stream after `failed`; True if the relay now reads a continuation."""
-        if not self._mendable(relay, failed):
-            return False
         ctx = self.ctx
         broken = ctx.upstream_name or ""
+        mendable = self._mendable(relay, failed)
+        if mendable or (self.record.heals and failed.kind in _MENDABLE):
+            # the broken upstream's failure; a continuation that broke in turn counts
+            # against its own even when no heal is left (the proxy counts no healed stream)
+            self._count_failure(broken)
+        if not mendable:
+            return False
         self.metrics.upstream_error(broken, failed.kind)
-        self._count_failure(broken)
         relay.call.abort()
         relay.watchdog.cancel()
         self._settle(relay)
@@ -223,7 +233,7 @@ class StreamHealer:
         leg.watchdog = watchdog = Watchdog(loop, upstream.timeouts, loop.time())
         watchdog.attach(call)
         decoder, observer = upstream.stream_parts(self.ctx, self.server)
-        relay.restart(call, decoder, observer, watchdog, seam.rewrite)
+        relay.restart(call, decoder, SeamObserver(observer, seam), watchdog, seam.rewrite)
         relay.upstream_failed = lambda kind: self.metrics.upstream_error(name, kind)
         first = await relay.first_batch()
         if first.error is not None and not first.has_data:

@@ -19,9 +19,19 @@ from typing import Any
 
 import orjson
 
+from gateway.context import RequestContext
+from gateway.errors import GatewayError
 from gateway.sse import SSEEvent
+from gateway.upstreams.base import Batch, StreamObserver
 
-__all__ = ["AnthropicTranscript", "OpenAITranscript", "Seam", "Spent", "Transcript"]
+__all__ = [
+    "AnthropicTranscript",
+    "OpenAITranscript",
+    "Seam",
+    "SeamObserver",
+    "Spent",
+    "Transcript",
+]
 
 
 @dataclass(slots=True)
@@ -180,6 +190,11 @@ class Seam:
     def _change(self, event: SSEEvent, payload: dict[str, Any]) -> SSEEvent | None:
         raise NotImplementedError
 
+    def stamp(self, event: SSEEvent) -> SSEEvent:
+        """A usage event the gateway made up from the continuation's last event, as part of
+        the first attempt's answer (its usage is the local count: nothing is added)."""
+        return event
+
     def _skip_withheld(self, text: str) -> str:
         """The continuation's text minus the whitespace the client already has."""
         while self._withheld and text and text[0] == self._withheld[0]:
@@ -216,6 +231,12 @@ class _OpenAISeam(Seam):
             _add(usage, "total_tokens", self.spent.prompt + self.spent.completion)
         return SSEEvent.from_json(payload)
 
+    def stamp(self, event: SSEEvent) -> SSEEvent:
+        payload = _payload(event, fresh=True)
+        if payload is None or not self._ids:
+            return event
+        return SSEEvent.from_json({**payload, **self._ids}, event=event.event)
+
 
 class _AnthropicSeam(Seam):
     def __init__(self, started: bool, spent: Spent, withheld: str) -> None:
@@ -241,6 +262,36 @@ class _AnthropicSeam(Seam):
                 _add(usage, "input_tokens", self.spent.prompt)
             return SSEEvent.from_json(payload, event=event.event)
         return event
+
+
+class SeamObserver(StreamObserver):
+    """A continuation's observer, its made-up usage event stamped by the seam."""
+
+    def __init__(self, inner: StreamObserver, seam: Seam) -> None:
+        self._inner, self._seam = inner, seam
+
+    def observe(self, ctx: RequestContext, event: SSEEvent) -> GatewayError | None:
+        error = self._inner.observe(ctx, event)
+        self.done = self._inner.done
+        return error
+
+    def classify(self, ctx: RequestContext, events: list[SSEEvent]) -> Batch:
+        batch = self._inner.classify(ctx, events)
+        self.done = self._inner.done
+        return batch
+
+    def finish(self, ctx: RequestContext) -> None:
+        self._inner.finish(ctx)
+
+    def usage_event(self, ctx: RequestContext) -> SSEEvent | None:
+        event = self._inner.usage_event(ctx)
+        return None if event is None else self._seam.stamp(event)
+
+    def error_event(self, err: GatewayError) -> SSEEvent:
+        return self._inner.error_event(err)
+
+    def terminal_event(self) -> SSEEvent | None:
+        return self._inner.terminal_event()
 
 
 def _add(usage: dict[str, Any], key: str, amount: int) -> None:

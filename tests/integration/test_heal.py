@@ -4,7 +4,7 @@ continues the answer, and the client seeing one answer (raw SSE and the official
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -13,6 +13,8 @@ import openai
 import orjson
 import pytest
 
+from gateway.chain import discover_plugins
+from gateway.context import Outcome
 from gateway.testing.fake_upstream import (
     Exchange,
     FakeUpstream,
@@ -22,7 +24,7 @@ from gateway.testing.fake_upstream import (
     sse,
 )
 from gateway.testing.harness import run_gateway
-from tests.integration._support import BOUND, CHAT
+from tests.integration._support import BOUND, CHAT, ProbeLog, make_probe
 from tests.integration.provider_fakes import (
     anthropic_message_end,
     anthropic_message_start,
@@ -68,8 +70,16 @@ async def pair() -> AsyncIterator[tuple[FakeUpstream, FakeUpstream]]:
 
 
 def _config(
-    pair: tuple[FakeUpstream, FakeUpstream], heal: Any = True, **route: Any
+    pair: tuple[FakeUpstream, FakeUpstream],
+    heal: Any = True,
+    *,
+    upstream: Mapping[str, Any] | None = None,
+    only: str | None = None,
+    probe: bool = False,
+    **route: Any,
 ) -> dict[str, Any]:
+    """Upstreams `one` and `two` (`upstream`: extra settings for both); a route `m` over both,
+    or over `only`; `probe`: the Probe plugin last (registry from `_registry`)."""
     one, two = pair
     ups = {
         name: {
@@ -77,15 +87,23 @@ def _config(
             "base_url": fake.base_url,
             "include_usage": False,
             "continuation": "vllm",
+            **(upstream or {}),
         }
         for name, fake in (("one", one), ("two", two))
     }
-    deployments = [{"upstream": "one"}, {"upstream": "two"}]
+    names = ["one", "two"] if only is None else [only]
+    deployments = [{"upstream": name} for name in names]
+    plugins = [{"name": "token_count"}, {"name": "access_log"}]
     return {
         "upstreams": ups,
         "routes": [{"model": "m", "deployments": deployments, "heal": heal, **route}],
-        "plugins": [{"name": "token_count"}, {"name": "access_log"}],
+        "plugins": [*plugins, *([{"name": "probe"}] if probe else [])],
     }
+
+
+def _registry() -> tuple[dict[str, type[Any]], ProbeLog]:
+    probe, ends = make_probe()
+    return {**discover_plugins(), "probe": probe}, ends
 
 
 def _use(pair: tuple[FakeUpstream, FakeUpstream], healing: Healing) -> None:
@@ -245,6 +263,56 @@ async def test_the_openai_sdk_sees_one_answer(
     assert {chunk.id for chunk in chunks} == {"chatcmpl-test"}
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+class ErrorEvent(Healing):
+    """The first stream sends an in-band error event after `k` events (and ends)."""
+
+    def respond(self, exchange: Exchange) -> Script:
+        if not self.requests:
+            self.requests.append(exchange.body)
+            error = {"error": {"message": "overloaded", "type": "server_error", "code": None}}
+            return Script([*EVENTS[: self.k], sse(error)])
+        return super().respond(exchange)
+
+
+async def test_an_in_band_error_event_mid_stream_heals(
+    pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession
+) -> None:
+    healing = ErrorEvent(4)
+    _use(pair, healing)
+    async with run_gateway(_config(pair)) as gw:
+        _, raw = await _stream(http, gw.url)
+    events = _events(raw)
+    assert _text(events) == ANSWER
+    assert events[-1] == ("data", "[DONE]")
+    assert not any("error" in p for kind, p in events if isinstance(p, dict))
+    assert any(kind == "comment" and "sluice-healed" in p for kind, p in events)
+    assert len(healing.requests) == 2
+    assert healing.requests[1]["messages"][-1]["content"] == "Once upon a"
+
+
+async def test_a_client_that_leaves_mid_stream_is_never_healed(
+    pair: tuple[FakeUpstream, FakeUpstream], http: aiohttp.ClientSession
+) -> None:
+    healing = Healing(4, then="hang")
+    _use(pair, healing)
+    registry, ends = _registry()
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with run_gateway(_config(pair, probe=True), registry=registry) as gw:
+        async with asyncio.timeout(BOUND):
+            resp = await http.post(gw.url + "/v1" + CHAT, json=body)
+            got = b""
+            while got.count(b"\n\n") < 4:  # the role chunk and three tokens
+                got += await resp.content.readany()
+            resp.close()  # the client goes away mid-answer
+            (exchange,) = [e for fake in pair for e in fake.exchanges]
+            await exchange.finished.wait()  # the gateway cancelled the upstream
+        (ctx,) = await ends.wait_ends(1)
+    assert ctx.outcome is Outcome.CLIENT_DISCONNECTED
+    assert exchange.closed_by_peer
+    assert len(healing.requests) == 1
+    assert sum(len(fake.exchanges) for fake in pair) == 1
 
 
 # ----- the native Anthropic lane --------------------------------------------------------
