@@ -13,9 +13,9 @@ from typing import Any, Final, Literal, TypedDict
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, upstream_error
 from gateway.protocols.anthropic.errors import error_event
+from gateway.protocols.named_events import NamedEventObserver
 from gateway.sse import SSEEvent
 from gateway.translate.anthropic_openai import error_from_anthropic
-from gateway.upstreams.base import Batch, StreamObserver
 
 __all__ = [
     "AnthropicUsage",
@@ -100,19 +100,7 @@ def merge_usage(current: AnthropicUsage, update: Any) -> None:
             current[key] = value
 
 
-def _kind(event: SSEEvent) -> str | None:
-    """The event's type: its SSE name, else (an upstream that omits names) the JSON's."""
-    if event.event is not None:
-        return event.event
-    try:
-        payload = event.json()
-    except ValueError:
-        return None
-    kind = payload.get("type") if isinstance(payload, dict) else None
-    return kind if isinstance(kind, str) else None
-
-
-class NativeObserver(StreamObserver):
+class NativeObserver(NamedEventObserver):
     """An Anthropic stream relayed to an Anthropic client: ``message_stop`` ends it.
 
     Usage: ``message_start``'s input and cache counts, ``message_delta``'s output count;
@@ -120,39 +108,12 @@ class NativeObserver(StreamObserver):
     earlier is counted locally (``token_count``), as on the other lanes.
     """
 
+    WATCHED = _WATCHED
+
     def __init__(self) -> None:
         self.usage: AnthropicUsage = {}
         self.final = False
         self.model: str | None = None
-
-    def observe(self, ctx: RequestContext, event: SSEEvent) -> GatewayError | None:
-        kind = _kind(event)
-        if kind not in _WATCHED:
-            return None
-        return self._watched(kind, event)
-
-    def classify(self, ctx: RequestContext, events: list[SSEEvent]) -> Batch:
-        """The hot path: an event-name lookup per event; only watched events are parsed."""
-        batch = Batch([])
-        out = batch.events
-        for event in events:
-            if event.data_bytes is None:
-                out.append(event)
-                continue
-            batch.has_data = True
-            kind = event.event
-            if kind is None:
-                kind = _kind(event)
-            if kind in _WATCHED:
-                error = self._watched(kind, event)
-                if error is not None:
-                    batch.error = error
-                    break
-                if self.done:
-                    batch.terminal = event
-                    break
-            out.append(event)
-        return batch
 
     def _watched(self, kind: str | None, event: SSEEvent) -> GatewayError | None:
         if kind == "message_stop":

@@ -13,9 +13,9 @@ from typing import Any, Final
 
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, sanitise_message, upstream_error
+from gateway.protocols.named_events import NamedEventObserver
 from gateway.protocols.responses.errors import error_event_body, response_error
 from gateway.sse import SSEEvent
-from gateway.upstreams.base import Batch, StreamObserver
 
 __all__ = ["NativeResponsesObserver", "chat_usage", "error_of_event"]
 
@@ -69,19 +69,7 @@ def error_of_event(payload: Any) -> GatewayError:
     return upstream_error(text, code=code or "upstream_error")
 
 
-def _kind(event: SSEEvent) -> str | None:
-    """The event's type: its SSE name, else (an upstream that omits names) the JSON's."""
-    if event.event is not None:
-        return event.event
-    try:
-        payload = event.json()
-    except ValueError:
-        return None
-    kind = payload.get("type") if isinstance(payload, dict) else None
-    return kind if isinstance(kind, str) else None
-
-
-class NativeResponsesObserver(StreamObserver):
+class NativeResponsesObserver(NamedEventObserver):
     """A Responses stream relayed to a Responses client: ``response.completed`` (or
     ``response.incomplete``) ends it, ``response.failed`` and ``error`` are errors.
 
@@ -90,6 +78,8 @@ class NativeResponsesObserver(StreamObserver):
     The upstream's own error event is kept (`failed`) so that it, not a copy, ends the
     stream.
     """
+
+    WATCHED = _WATCHED
 
     def __init__(
         self,
@@ -103,37 +93,6 @@ class NativeResponsesObserver(StreamObserver):
         self.model: str | None = None
         self.failed: tuple[GatewayError, SSEEvent] | None = None
         self._last: SSEEvent | None = None  # the last data event (its sequence_number)
-
-    def observe(self, ctx: RequestContext, event: SSEEvent) -> GatewayError | None:
-        kind = _kind(event)
-        self._last = event
-        if kind not in _WATCHED:
-            return None
-        return self._watched(kind, event)
-
-    def classify(self, ctx: RequestContext, events: list[SSEEvent]) -> Batch:
-        """The hot path: an event-name lookup per event; only watched events are parsed."""
-        batch = Batch([])
-        out = batch.events
-        for event in events:
-            if event.data_bytes is None:
-                out.append(event)
-                continue
-            batch.has_data = True
-            self._last = event
-            kind = event.event
-            if kind is None:
-                kind = _kind(event)
-            if kind in _WATCHED:
-                error = self._watched(kind, event)
-                if error is not None:
-                    batch.error = error
-                    break
-                if self.done:
-                    batch.terminal = event
-                    break
-            out.append(event)
-        return batch
 
     def _watched(self, kind: str | None, event: SSEEvent) -> GatewayError | None:
         try:
